@@ -1,0 +1,63 @@
+"""Conversions between user images (PIL, uint8 arrays, tensors) and model tensors in [-1, 1] on the 8-bit grid."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+ImageInput = torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image] | Sequence[np.ndarray]
+
+
+def uint8_to_model_range(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """k in {0..255} -> k / 127.5 - 1 in [-1, 1] (float32): the grid the discretized decoder's bins are centred on."""
+    return torch.as_tensor(np.asarray(pixels), dtype=torch.float32) / 127.5 - 1.0
+
+
+def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
+    """Turn ``images`` into a float tensor (N, C, H, W) in [-1, 1] on the 256-level grid of 8-bit data.
+
+    Accepts a float tensor already in that form, a uint8 array/tensor (N, H, W) or (N, H, W, C), one PIL image or a
+    list of them (converted to ``channels`` = 1 -> "L", 3 -> "RGB"). Raises ``ValueError`` with what to fix when a
+    float tensor is outside [-1, 1] or off the 8-bit grid (likelihoods of 8-bit data are only defined there).
+    """
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("No images given.")
+        if isinstance(images[0], PIL.Image.Image):
+            mode = {1: "L", 3: "RGB"}.get(channels)
+            if mode is None:
+                raise ValueError(f"PIL images can be converted to 1 or 3 channels, the model has {channels}.")
+            images = np.stack([np.asarray(image.convert(mode)) for image in images])
+        else:
+            images = np.stack([np.asarray(image) for image in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"Expected a tensor, numpy array or PIL image(s), got {type(images).__name__}.")
+    if images.dtype == torch.uint8:
+        if images.dim() == 3:
+            images = images[:, None]
+        elif images.dim() == 4 and images.shape[-1] == channels and images.shape[1] != channels:
+            images = images.permute(0, 3, 1, 2)
+        tensor = uint8_to_model_range(images.numpy(force=True))
+    elif images.is_floating_point():
+        tensor = images
+        if tensor.min() < -1.0 - 1e-6 or tensor.max() > 1.0 + 1e-6:
+            raise ValueError("Float images must lie in [-1, 1] (x = k / 127.5 - 1 for 8-bit values k).")
+        levels = (tensor.double() + 1.0) * 127.5
+        if (levels - levels.round()).abs().max() > 1e-3:
+            raise ValueError(
+                "Float images must lie on the 256-level grid of 8-bit data (x = k / 127.5 - 1, k = 0..255): the "
+                "discretized likelihood is defined only there. Quantize them first, e.g. "
+                "x = torch.round((x + 1) * 127.5) / 127.5 - 1."
+            )
+    else:
+        raise ValueError(f"Images of dtype {images.dtype} are neither uint8 nor float.")
+    if tensor.dim() != 4 or tensor.shape[1] != channels:
+        raise ValueError(f"Expected images of shape (N, {channels}, H, W), got {tuple(tensor.shape)}.")
+    return tensor

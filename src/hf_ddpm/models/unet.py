@@ -1,0 +1,217 @@
+"""DenoisingUNet: the network behind p_theta(x_{t-1} | x_t), sized to train on a 2-core CPU.
+
+A plain DDPM U-Net read top to bottom: a sinusoidal embedding of the timestep, residual blocks with GroupNorm that
+add the embedding, optional self-attention at the coarse resolutions, and skip connections from every block of the
+down path to the up path. Downsampling is a stride-2 convolution with padding, so 28x28 goes 28 -> 14 -> 7 with no
+padding of the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class DenoisingUNetOutput(BaseOutput):
+    """Output of :class:`DenoisingUNet`.
+
+    Args:
+        sample (`torch.Tensor` of shape (B, out_channels, H, W)): the prediction (epsilon, x_0 or v, per the
+            scheduler's ``prediction_type``), followed by C variance channels when ``learn_variance``.
+    """
+
+    sample: torch.Tensor
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al.): [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2)), (B, dim)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    angles = timesteps.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + time embedding (scale and shift), GroupNorm -> SiLU -> dropout -> conv, + skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.embedding = nn.Linear(embedding_dim, 2 * out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # every block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.embedding(embedding)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} must be divisible by attention_heads={num_heads}.")
+        self.num_heads = num_heads
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
+        return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class DenoisingUNet(ModelMixin, ConfigMixin):
+    r"""U-Net denoiser eps_theta(x_t, t) (or x_0 / v), with optional learned variance channels.
+
+    Args:
+        sample_size (`int`): height and width of the images; must be divisible by 2^(len(block_out_channels)-1).
+        in_channels (`int`): C, image channels (1 for MNIST).
+        out_channels (`int`, *optional*): defaults to C, or 2C with ``learn_variance``.
+        learn_variance (`bool`): emit 2C channels, the prediction and the learned-range variance interpolation v.
+        block_out_channels (`tuple[int]`): channels at each resolution; one downsampling between consecutive levels.
+        layers_per_block (`int`): residual blocks per level on the down path (the up path has one more).
+        attention_resolutions (`tuple[int]`): feature-map sizes (e.g. 7) at which blocks are followed by
+            self-attention; the middle block always has attention when this is non-empty.
+        attention_heads (`int`): heads of each self-attention layer.
+        dropout (`float`): dropout inside the residual blocks.
+        norm_num_groups (`int`): GroupNorm groups (reduced to a divisor of the channels where needed).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 28,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        learn_variance: bool = True,
+        block_out_channels: Sequence[int] = (32, 64, 64),
+        layers_per_block: int = 1,
+        attention_resolutions: Sequence[int] = (7,),
+        attention_heads: int = 4,
+        dropout: float = 0.0,
+        norm_num_groups: int = 8,
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        if sample_size % (2 ** (levels - 1)):
+            raise ValueError(
+                f"sample_size={sample_size} cannot be halved {levels - 1} times (block_out_channels has {levels} "
+                f"levels); use a resolution divisible by {2 ** (levels - 1)} or fewer levels."
+            )
+        expected_out = in_channels * (2 if learn_variance else 1)
+        if out_channels is not None and out_channels != expected_out:
+            raise ValueError(
+                f"out_channels={out_channels} does not match in_channels={in_channels} with "
+                f"learn_variance={learn_variance} (expected {expected_out})."
+            )
+        base = block_out_channels[0]
+        self.embedding_dim = 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, self.embedding_dim), nn.SiLU(), nn.Linear(self.embedding_dim, self.embedding_dim))
+        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+
+        def block(cin: int, cout: int, size: int) -> nn.ModuleList:
+            layers = [ResidualBlock(cin, cout, self.embedding_dim, dropout, norm_num_groups)]
+            if size in attention_resolutions:
+                layers.append(SelfAttention(cout, attention_heads, norm_num_groups))
+            return nn.ModuleList(layers)
+
+        self.down = nn.ModuleList()
+        skip_channels = [base]
+        channels, size = base, sample_size
+        for level, width in enumerate(block_out_channels):
+            for _ in range(layers_per_block):
+                self.down.append(block(channels, width, size))
+                channels = width
+                skip_channels.append(channels)
+            if level < levels - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(channels, channels, 3, stride=2, padding=1)]))
+                size //= 2
+                skip_channels.append(channels)
+
+        self.mid = nn.ModuleList([ResidualBlock(channels, channels, self.embedding_dim, dropout, norm_num_groups)])
+        if attention_resolutions:
+            self.mid.append(SelfAttention(channels, attention_heads, norm_num_groups))
+        self.mid.append(ResidualBlock(channels, channels, self.embedding_dim, dropout, norm_num_groups))
+
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(block_out_channels))):
+            for _ in range(layers_per_block + 1):
+                self.up.append(block(channels + skip_channels.pop(), width, size))
+                channels = width
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1)]))
+                size *= 2
+
+        self.norm_out = _group_norm(channels, norm_num_groups)
+        self.conv_out = nn.Conv2d(channels, expected_out, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def _apply(layers: nn.ModuleList, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = layer(h, embedding) if isinstance(layer, ResidualBlock) else layer(h)
+        return h
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True) -> DenoisingUNetOutput | tuple:
+        """Predict from a noisy batch.
+
+        Args:
+            sample (`torch.Tensor`): x_t, (B, C, H, W) with H = W = ``sample_size``.
+            timestep (`torch.Tensor` or `int`): t, a scalar or (B,) integer timesteps.
+            return_dict (`bool`): return a :class:`DenoisingUNetOutput` rather than a tuple.
+
+        Returns:
+            :class:`DenoisingUNetOutput` with ``sample`` of shape (B, out_channels, H, W).
+        """
+        if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"DenoisingUNet expects (B, {self.config.in_channels}, H, W) input, got {tuple(sample.shape)}."
+            )
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(sample.shape[0])
+        embedding = self.time_mlp(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(sample.dtype))
+        h = self.conv_in(sample)
+        skips = [h]
+        for layers in self.down:
+            h = self._apply(layers, h, embedding)
+            skips.append(h)
+        h = self._apply(self.mid, h, embedding)
+        for layers in self.up:
+            if isinstance(layers[0], nn.Upsample):
+                h = self._apply(layers, h, embedding)
+            else:
+                h = self._apply(layers, torch.cat([h, skips.pop()], dim=1), embedding)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if not return_dict:
+            return (out,)
+        return DenoisingUNetOutput(sample=out)

@@ -1,0 +1,149 @@
+"""HFDDPMPipeline: ancestral sampling from p_theta and the exact ELBO of images, as a diffusers pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..image_utils import ImageInput, images_to_tensor
+from ..losses import full_elbo
+from ..models.unet import DenoisingUNet
+from ..scheduling_vdm import VDMScheduler
+from .registration import HFDDPMRegistrationMixin
+
+
+@dataclass
+class ELBOOutput(BaseOutput):
+    """The negative ELBO of each image in bits/dim, with its parts; each a float64 tensor of shape (N,).
+
+    Args:
+        bits_per_dim: the whole negative ELBO, an upper bound on -log2 p(x) / D.
+        prior_term: KL(q(x_T | x_0) || N(0, I)).
+        denoising_terms: the sum over t of KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
+        reconstruction_term: -log p_theta(x_0 | x_1) (discretized Gaussian decoder).
+    """
+
+    bits_per_dim: torch.Tensor
+    prior_term: torch.Tensor
+    denoising_terms: torch.Tensor
+    reconstruction_term: torch.Tensor
+
+
+class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
+    r"""Unconditional image generation with a :class:`DenoisingUNet`, and the exact likelihood bound of images.
+
+    Args:
+        unet (:class:`DenoisingUNet`): predicts the noise (or x_0, or v) and, with a learned variance, v.
+        scheduler (:class:`VDMScheduler` or any diffusers scheduler): the reverse process. Any diffusers scheduler
+            (DDIM, DPM-Solver, ...) can be swapped in; it receives the model's first C channels. For a model with
+            a learned variance, keep the :class:`VDMScheduler` and pass fewer ``num_inference_steps`` instead: its
+            respacing keeps the learned variances meaningful.
+
+    Example:
+
+    ```py
+    >>> from hf_ddpm import HFDDPMPipeline
+    >>> pipe = HFDDPMPipeline.from_pretrained("org/ddpm-mnist", revision="main")
+    >>> images = pipe(batch_size=16, num_inference_steps=100).images
+    >>> pipe.elbo(images).bits_per_dim
+    ```
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: DenoisingUNet, scheduler: VDMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _model_output_for(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        """The part of the model output the scheduler understands: all 2C channels for a scheduler with a learned
+        variance, the prediction's C channels otherwise."""
+        learned = str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned")
+        return model_output if learned else model_output[:, :channels]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Draw images by ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t).
+
+        Args:
+            batch_size (`int`): number of images.
+            generator (`torch.Generator`, *optional*): makes sampling deterministic.
+            num_inference_steps (`int`): length of the (respaced) reverse chain; 1000 = every training step.
+            output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) floats in [0, 1], or
+                ``"pt"`` (N, C, H, W) floats in [0, 1].
+            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        config = self.unet.config
+        channels = config.in_channels
+        shape = (batch_size, channels, config.sample_size, config.sample_size)
+        device = self._execution_device
+        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        image = image * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(image, t)
+            model_output = self._model_output_for(self.unet(model_input, t).sample, channels)
+            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    @torch.no_grad()
+    def elbo(
+        self,
+        images: ImageInput,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> ELBOOutput:
+        r"""The negative ELBO of each image in bits/dim: all T terms of the full training chain, summed exactly.
+
+        Costs T network evaluations per image. The bound is computed in float64 with the model's own variance
+        type and prediction type (from the scheduler's config, which must be a :class:`VDMScheduler`'s).
+
+        Args:
+            images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
+            batch_size (`int`): images per forward pass.
+            generator (`torch.Generator`, *optional*): for the x_t ~ q(x_t | x_0) draws.
+        """
+        x = images_to_tensor(images, self.unet.config.in_channels)
+        if x.shape[-1] != self.unet.config.sample_size or x.shape[-2] != self.unet.config.sample_size:
+            raise ValueError(f"Images must be {self.unet.config.sample_size}x{self.unet.config.sample_size}, got {tuple(x.shape[-2:])}.")
+        scheduler = VDMScheduler.from_config(self.scheduler.config)  # the full chain, whatever was sampled with
+        device = self._execution_device
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.unet(x_t.to(self.unet.dtype), t).sample
+
+        parts = []
+        batches = list(torch.split(x, batch_size))
+        with self.progress_bar(total=len(batches) * scheduler.config.num_train_timesteps) as bar:
+
+            def progress(steps):
+                for step in steps:
+                    yield step
+                    bar.update()
+
+            for batch in batches:
+                parts.append(full_elbo(scheduler, model_fn, batch.to(device), generator=generator, progress=progress))
+        return ELBOOutput(
+            **{name: torch.cat([getattr(p, name) for p in parts]).cpu() for name in ELBOOutput.__dataclass_fields__}
+        )

@@ -1,0 +1,74 @@
+"""Noise schedules: the variances beta_1..beta_T of the fixed Gaussian encoder q(x_t | x_{t-1}).
+
+Every function returns a float64 numpy array of shape (T,). Nothing else lives here: the scheduler turns the
+betas into alphas, cumulative products and posterior coefficients (all in float64), and casts at use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+#: Names accepted for ``beta_schedule``; ``squaredcos_cap_v2`` is diffusers' name for ``cosine``.
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Ho et al. (2020): beta_t = beta_start + (beta_end - beta_start) (t - 1) / (T - 1), for t = 1..T."""
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """Latent-diffusion schedule: sqrt(beta_t) linear in t, i.e. beta_t = linspace(sqrt(b0), sqrt(b1), T)_t^2."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+def cosine_betas(num_timesteps: int, max_beta: float = 0.999, offset: float = 0.008) -> np.ndarray:
+    """Nichol & Dhariwal (2021): alpha_bar(s) = cos^2(((s + offset) / (1 + offset)) * pi / 2), s in [0, 1],
+
+    beta_t = min(1 - alpha_bar(t / T) / alpha_bar((t - 1) / T), max_beta), for t = 1..T.
+    """
+
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+            for i in range(num_timesteps)
+        ],
+        dtype=np.float64,
+    )
+
+
+def make_betas(
+    beta_schedule: str,
+    num_timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    trained_betas: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """The betas of a named schedule (or the explicit ``trained_betas``), validated, as float64 of shape (T,)."""
+    if trained_betas is not None:
+        betas = np.asarray(trained_betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) != num_timesteps:
+            raise ValueError(
+                f"trained_betas must be a 1-D sequence of num_train_timesteps={num_timesteps} values, "
+                f"got shape {betas.shape}."
+            )
+    elif beta_schedule == "linear":
+        betas = linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule == "scaled_linear":
+        betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule in ("cosine", "squaredcos_cap_v2"):
+        betas = cosine_betas(num_timesteps)
+    else:
+        raise ValueError(
+            f"Unknown beta_schedule {beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)} "
+            "or pass trained_betas."
+        )
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError("Every beta_t must lie in (0, 1) so that q(x_t | x_{t-1}) is a proper Gaussian.")
+    return betas
