@@ -1,6 +1,7 @@
 """hf_ddpm: variational autoencoders and denoising diffusion models, derived from the ELBO, as diffusers components."""
 
 from . import losses
+from .hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
 from .models.unet import DenoisingUNet, DenoisingUNetOutput
 from .pipelines.ddpm import ELBOOutput, HFDDPMPipeline
 from .pipelines.registration import LOADING_BASE_CLASSES
@@ -20,7 +21,12 @@ __all__ = [
     "DenoisingUNetOutput",
     "ELBOOutput",
     "HFDDPMPipeline",
+    "NLLResult",
+    "TrainingReport",
     "VDMScheduler",
     "VDMSchedulerOutput",
     "losses",
+    "push_pipeline_to_hub",
+    "render_model_card",
+    "save_pipeline_repo",
 ]

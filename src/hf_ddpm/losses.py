@@ -144,18 +144,33 @@ def training_target(scheduler: VDMScheduler, x_start: torch.Tensor, noise: torch
     return scheduler.get_velocity(x_start, noise, timesteps)
 
 
+def min_snr_weight(scheduler: VDMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of the squared error, (B,): min(SNR_t, gamma) / SNR_t for epsilon prediction,
+    min(SNR_t, gamma) / (SNR_t + 1) for v prediction and min(SNR_t, gamma) for x_0 prediction,
+    SNR_t = abar_t / (1 - abar_t); all three weight the x_0-space error by min(SNR_t, gamma)."""
+    abar = torch.from_numpy(scheduler.alphas_cumprod64)[timesteps.detach().cpu().long()]
+    snr = abar / (1.0 - abar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    weight = clipped / snr if kind == "epsilon" else clipped / (snr + 1.0) if kind == "v_prediction" else clipped
+    return weight.float().to(timesteps.device)
+
+
 @dataclass
 class TrainingLoss:
     """Per-image training loss and its parts, all of shape (B,).
 
     Attributes:
-        loss: what to minimise (average it over the batch).
+        loss: what to minimise (average it over the batch): ``timestep_weights * per_timestep_loss``.
+        per_timestep_loss: the loss at each image's timestep before importance weighting (what a loss-aware
+            timestep sampler tracks).
         mse: mean squared error of the prediction (the ``simple`` loss), or None when not computed.
         vlb_bits_per_dim: the estimate of the whole negative ELBO in bits/dim from this timestep, or None.
         vlb_term_bits_per_dim: the bound's term at this timestep alone, bits/dim (for per-t importance sampling).
     """
 
     loss: torch.Tensor
+    per_timestep_loss: torch.Tensor
     mse: torch.Tensor | None
     vlb_bits_per_dim: torch.Tensor | None
     vlb_term_bits_per_dim: torch.Tensor | None
@@ -169,14 +184,24 @@ def training_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor | None = None,
     timestep_weights: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
 ) -> TrainingLoss:
     """The training loss of a batch of clean images ``x_start`` (B, C, H, W) at ``timesteps`` (B,).
 
     * ``simple``: || target - prediction ||^2 averaged over pixels (Ho et al.'s L_simple).
-    * ``vlb``: an unbiased estimate of the whole negative ELBO in bits/dim,
-      L_prior + w_t L_t with w_t = 1 / p(t) (``timestep_weights``; T for uniform sampling).
+    * ``vlb``: an unbiased estimate of the whole negative ELBO in bits/dim, L_prior + T w_t L_t (the constant
+      L_prior carries no gradient; it makes the value comparable to the bound).
     * ``hybrid``: L_simple + 0.001 * L_vlb with the model's mean detached in L_vlb, so the bound trains only the
       learned variance (Nichol & Dhariwal, 2021).
+
+    ``timestep_weights`` (B,) are the importance weights w_t = 1 / (T p(t)) of timesteps drawn from p(t) (ones,
+    the default, for uniform sampling); they multiply every per-image term, so each loss stays an unbiased
+    estimate of its expectation under uniform t (as improved-diffusion weights its losses).
+
+    ``snr_gamma`` applies Min-SNR-gamma weighting to the squared error (Hang et al., 2023; diffusers' flag of the same
+    name): the x_0-space error is weighted by min(SNR_t, gamma), SNR_t = abar_t / (1 - abar_t), which is
+    :func:`min_snr_weight` in the chosen parameterisation. It changes which timesteps the network spends its capacity
+    on, not the bound: the vlb part is never reweighted.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}.")
@@ -190,22 +215,28 @@ def training_loss(
         prediction, _ = scheduler.split_model_output(model_output, x_t)
         target = training_target(scheduler, x_start, noise, timesteps)
         mse = ((prediction.float() - target.float()) ** 2).reshape(x_start.shape[0], -1).mean(dim=1)
+        if snr_gamma is not None:
+            mse = mse * min_snr_weight(scheduler, timesteps, snr_gamma).to(mse)
+    T = scheduler.config.num_train_timesteps
     if loss_type in ("vlb", "hybrid"):
-        if timestep_weights is None:
-            timestep_weights = torch.full_like(timesteps, scheduler.config.num_train_timesteps, dtype=torch.float32)
         terms = variational_terms(
             scheduler, model_output.float(), x_start.float(), x_t.float(), timesteps, detach_mean=loss_type == "hybrid"
         )
         term_bpd = nats_to_bits_per_dim(terms, num_dims)
         prior_bpd = nats_to_bits_per_dim(prior_term(scheduler, x_start.float()), num_dims)
-        vlb = prior_bpd + timestep_weights.to(term_bpd) * term_bpd
     if loss_type == "simple":
-        loss = mse
+        per_timestep = mse
     elif loss_type == "vlb":
-        loss = vlb
+        per_timestep = T * term_bpd
     else:
-        loss = mse + HYBRID_VLB_WEIGHT * vlb
-    return TrainingLoss(loss=loss, mse=mse, vlb_bits_per_dim=vlb, vlb_term_bits_per_dim=term_bpd)
+        per_timestep = mse + HYBRID_VLB_WEIGHT * T * term_bpd
+    if timestep_weights is None:
+        timestep_weights = torch.ones_like(per_timestep)
+    weights = timestep_weights.to(per_timestep)
+    if term_bpd is not None:
+        vlb = prior_bpd + weights * T * term_bpd
+    loss = weights * per_timestep
+    return TrainingLoss(loss=loss, per_timestep_loss=per_timestep, mse=mse, vlb_bits_per_dim=vlb, vlb_term_bits_per_dim=term_bpd)
 
 
 # ---------------------------------------------------------------------------------------------- the whole bound

@@ -1,0 +1,94 @@
+"""Which timesteps a training batch sees: uniform, or importance sampling by each term's loss (improved-diffusion).
+
+The bound is a sum over t of terms whose sizes differ by orders of magnitude, so a uniform draw of t gives a noisy
+estimate of it. Drawing t with p(t) proportional to sqrt(E[L_t^2]) and weighting by w_t = 1 / (T p(t)) keeps the
+estimate unbiased and lowers its variance (Nichol & Dhariwal, 2021, section 3.3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+class UniformTimestepSampler:
+    """p(t) = 1 / T for t = 0..T-1; every weight is 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+
+    def probabilities(self) -> np.ndarray:
+        """p(t), float64 of shape (T,)."""
+        return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
+
+    def sample(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw (timesteps (B,) long, weights w_t = 1 / (T p(t)) (B,) float32) on ``device``."""
+        p = torch.from_numpy(self.probabilities())
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[t])
+        return t.to(device), weights.float().to(device)
+
+    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record the losses seen at ``timesteps`` (nothing to record for uniform sampling)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class LossSecondMomentSampler(UniformTimestepSampler):
+    """p(t) proportional to sqrt(mean of the last ``history`` squared losses at t), mixed with ``uniform_prob`` of
+    uniform; uniform until every t has a full history (improved-diffusion's LossSecondMomentResampler).
+
+    In multi-process training pass the losses of all processes (``accelerator.gather``) to :meth:`update` so every
+    process keeps the same history and draws from the same p(t).
+    """
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
+        super().__init__(num_timesteps)
+        self.history = history
+        self.uniform_prob = uniform_prob
+        self.losses = np.zeros((num_timesteps, history), dtype=np.float64)
+        self.counts = np.zeros(num_timesteps, dtype=np.int64)
+
+    def warmed_up(self) -> bool:
+        """True once every timestep has ``history`` recorded losses."""
+        return bool((self.counts == self.history).all())
+
+    def probabilities(self) -> np.ndarray:
+        if not self.warmed_up():
+            return super().probabilities()
+        weights = np.sqrt(np.mean(self.losses**2, axis=-1))
+        weights /= weights.sum()
+        return weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
+        for t, loss in zip(timesteps.tolist(), losses.detach().double().cpu().tolist()):
+            if self.counts[t] == self.history:
+                self.losses[t, :-1] = self.losses[t, 1:]
+                self.losses[t, -1] = loss
+            else:
+                self.losses[t, self.counts[t]] = loss
+                self.counts[t] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": torch.from_numpy(self.losses.copy()), "counts": torch.from_numpy(self.counts.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = state["losses"].numpy().copy()
+        self.counts = state["counts"].numpy().copy()
+
+
+def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:
+    """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`)."""
+    if name == "uniform":
+        return UniformTimestepSampler(num_timesteps)
+    if name == "loss-second-moment":
+        return LossSecondMomentSampler(num_timesteps)
+    raise ValueError(f"Unknown timestep sampler {name!r}: choose one of {', '.join(TIMESTEP_SAMPLERS)}.")

@@ -1,0 +1,183 @@
+"""training/train.py end to end, on real MNIST digits with a tiny model: outputs, 2 processes, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_ddpm import HFDDPMPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "training"))
+import train  # noqa: E402
+
+# A tiny model and run: 2 levels (28 -> 14), T = 50, a few steps on 512 embedded MNIST digits.
+TINY = [
+    "--block_out_channels", "8", "16", "--attention_resolutions", "14", "--num_train_timesteps", "50",
+    "--max_train_images", "512", "--num_eval_images", "16", "--train_batch_size", "16", "--eval_batch_size", "16",
+    "--num_sample_images", "4", "--sample_steps", "5", "--eval_timesteps_per_image", "4", "--lr_warmup_steps", "1",
+    "--mixed_precision", "no", "--logger", "none", "--seed", "3",
+]
+
+
+def run(output_dir: Path, *flags: str) -> Path:
+    return train.main(["--output_dir", str(output_dir), *TINY, *flags])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
+    out = run(tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps", "2")
+    for name in ("model_index.json", "samples.png", "eval_results.json", "README.md", "training_args.json", "checkpoint-2", "checkpoint-3"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["steps"] == 3 and results["images_seen"] == 3 * 16
+    nll = results["nll"]
+    assert 0 < nll["bits_per_dim"] < 50 and nll["standard_error"] > 0
+    assert nll["bits_per_dim"] == pytest.approx(nll["prior_term"] + nll["denoising_terms"] + nll["reconstruction_term"], rel=1e-9)
+    saved_args = json.loads((out / "training_args.json").read_text())
+    assert saved_args["num_train_timesteps"] == 50 and "hub_token" not in saved_args
+    pipe = HFDDPMPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 28, 28, 1) and 0 <= images.min() and images.max() <= 1
+    card = (out / "README.md").read_text()
+    assert f"{nll['bits_per_dim']:.4f}" in card
+
+
+def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
+    straight = run(tmp_path / "straight", "--max_train_steps", "4", "--checkpointing_steps", "2")
+    interrupted = tmp_path / "interrupted"
+    run(interrupted, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    # forget everything after step 2, as if the run had died there, then resume
+    for name in ("checkpoint-4", "unet", "scheduler", "model_index.json"):
+        path = interrupted / name
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    run(interrupted, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    a, b = weights(straight), weights(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "training" / "train.py"), "--output_dir", str(out), *TINY,
+               "--max_train_steps", "400", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(out.glob("checkpoint-6")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(out.glob("checkpoint-6")), "the run never reached its second checkpoint"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    latest = train.list_checkpoints(out)[-1]
+    step = int(latest.name.split("-")[1])
+    assert step >= 6
+    run(out, "--max_train_steps", str(step + 1), "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    assert json.loads((out / "eval_results.json").read_text())["steps"] == step + 1
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = train.Accelerator.save_state
+
+    def dying_save(self, output_dir=None, **kwargs):
+        if output_dir.endswith("checkpoint-4.tmp"):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed during save")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(train.Accelerator, "save_state", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2"]
+    assert train.resolve_resume_path("latest", out).name == "checkpoint-2"
+    monkeypatch.setattr(train.Accelerator, "save_state", real_save)
+    run(out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    assert not list(out.glob("*.tmp"))
+    assert json.loads((out / "eval_results.json").read_text())["steps"] == 6
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_loss = train.training_loss
+    calls = {"n": 0}
+
+    def loss_that_diverges(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "training_loss", loss_that_diverges)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2 .*checkpoint-2"):
+        run(out, "--max_train_steps", "5", "--checkpointing_steps", "2")
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss_type", "l2"], "--loss_type 'l2' is not one of: simple, vlb, hybrid"),
+        (["--prediction_type", "noise"], "--prediction_type 'noise' is not one of: epsilon, sample, v_prediction"),
+        (["--variance_type", "learned"], "--variance_type 'learned' is not one of"),
+        (["--beta_schedule", "sigmoid"], "--beta_schedule 'sigmoid' is not one of"),
+        (["--resolution", "30"], "--resolution 30 cannot be halved 1 times"),
+        (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint folder there"),
+        (["--loss_type", "simple"], "does not train a learned variance"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    ],
+)
+def test_bad_arguments_fail_with_a_message(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(tmp_path / "bad", "--max_train_steps", "1", *flags)
+
+
+def test_an_output_dir_holding_a_different_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--max_train_steps", "1")
+    with pytest.raises(SystemExit, match=r"holds a different model \(beta_schedule: 'cosine' -> 'linear'\)"):
+        run(out, "--max_train_steps", "1", "--beta_schedule", "linear")
+
+
+def test_config_file_gives_defaults_that_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.0005\nbeta_schedule: linear\n")
+    model_args, _, train_args = train.parse_arguments(["--config", str(config), "--beta_schedule", "cosine"])
+    assert train_args.learning_rate == 0.0005 and model_args.beta_schedule == "cosine"
+    config.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match=r"unknown argument\(s\) \['learning_rat'\]"):
+        train.parse_arguments(["--config", str(config)])
+
+
+def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "training/configs/cpu_2proc.yaml"),
+               "--main_process_port", "0", str(REPO / "training/train.py"), "--output_dir", str(out), *TINY,
+               "--max_train_steps", "2", "--record_seen_indices"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [set(json.loads((out / f"seen_indices_rank{rank}.json").read_text())) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 2 * 16
+    assert not seen[0] & seen[1], "both processes trained on the same images"
+    assert "32 per optimizer step" in result.stderr + result.stdout
+    assert json.loads((out / "eval_results.json").read_text())["num_processes"] == 2
+    pipe = HFDDPMPipeline.from_pretrained(out)
+    assert pipe(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 28, 28, 1)

