@@ -43,7 +43,7 @@ from transformers import HfArgumentParser
 from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
 from hf_ddpm.evaluation import estimate_bound
-from hf_ddpm.hub import TrainingReport, push_pipeline_to_hub, render_model_card
+from hf_ddpm.hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
 from hf_ddpm.losses import LOSS_TYPES, training_loss
 from hf_ddpm.schedules import BETA_SCHEDULES
 from hf_ddpm.scheduling_vdm import PREDICTION_TYPES, VARIANCE_TYPES
@@ -418,7 +418,7 @@ def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, im
             )
             result = {
                 "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
-                "prior_term": estimate.prior_term, "denoising_terms": estimate.denoising_terms, "reconstruction_term": estimate.reconstruction_term,
+                "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
                 "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
                 f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
             }
@@ -437,6 +437,36 @@ def sample_grid(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArgu
     while len(images) % rows:
         rows -= 1
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
+
+
+def hardware_description(accelerator: Accelerator) -> str:
+    """E.g. '1 x cpu (2 cores)' or '8 x NVIDIA A100-SXM4-80GB'."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def training_report(pipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
+    """What the model card says about this run, from the numbers the run measured."""
+    nll = results["nll"]
+    is_mnist = "MNIST" in held_out.source or "mnist" in held_out.source
+    return TrainingReport.for_pipeline(
+        pipeline,
+        train_args.hub_model_id or Path(train_args.output_dir).name,
+        datasets=["ylecun/mnist"] if is_mnist else [d for d in [arguments.get("dataset_name")] if d],
+        train_data=train_data.source,
+        training_args=arguments,
+        nll=NLLResult(
+            bits_per_dim=nll["bits_per_dim"], standard_error=nll["standard_error"], estimator=nll["estimator"],
+            num_images=nll["num_images"], split=results["held_out"], dataset_id="ylecun/mnist" if is_mnist else held_out.source,
+            dataset_name="MNIST" if is_mnist else held_out.source, terms=nll["terms"],
+        ),
+        steps=results["steps"],
+        images_seen=results["images_seen"],
+        wall_time_seconds=results["train_seconds_this_run"],
+        hardware=results["hardware"],
+        sampling_kwargs={} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps},
+    )
 
 
 # ================================================================================================ main
@@ -599,29 +629,28 @@ def main(argv: list[str] | None = None) -> Path:
     if train_args.record_seen_indices:
         (output_dir / f"seen_indices_rank{accelerator.process_index}.json").write_text(json.dumps(seen_indices))
 
-    # ---- outputs: the EMA weights as a pipeline, the NLL, samples, the card
+    # ---- outputs: the EMA weights as a pipeline, the NLL, samples, the card; then the Hub
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
             pipeline = make_pipeline(unwrapped, scheduler)
             nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
             grid = sample_grid(pipeline, train_args)
-            pipeline.save_pretrained(output_dir, safe_serialization=True)
-        grid.save(output_dir / "samples.png")
-        results = {"held_out": held_out_description, "nll": nll, "steps": global_step, "images_seen": global_step * global_batch,
-                   "train_seconds_this_run": train_seconds, "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
-                   "device": str(accelerator.device)}
+            results = {
+                "held_out": held_out_description, "nll": nll, "steps": global_step, "images_seen": global_step * global_batch,
+                "train_seconds_this_run": train_seconds, "mixed_precision": mixed_precision,
+                "num_processes": accelerator.num_processes, "hardware": hardware_description(accelerator),
+            }
+            card = render_model_card(training_report(pipeline, arguments, results, train_data, held_out, train_args))
+            save_pipeline_repo(pipeline, output_dir, card=card, sample_grid=grid, training_args=arguments)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         (output_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         logger.info(f"Held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim; pipeline saved to {output_dir}")
-        report = TrainingReport.from_run(arguments=arguments, results=results, sample_grid="samples.png")
-        card = render_model_card(report)
-        card.save(output_dir / "README.md")
         if train_args.logger == "tensorboard":
             accelerator.get_tracker("tensorboard").writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC")
         if train_args.push_to_hub:
             push_pipeline_to_hub(
-                pipeline, train_args.hub_model_id, card=card, sample_grid=output_dir / "samples.png", training_args=arguments,
+                pipeline, train_args.hub_model_id, card=card, sample_grid=grid, training_args=arguments,
                 token=train_args.hub_token, private=train_args.hub_private_repo,
             )
     accelerator.end_training()
