@@ -176,7 +176,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         if unknown:
             raise SystemExit(f"--config {config_path}: unknown argument(s) {unknown}.")
         parser.set_defaults(**values)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)[:3]  # [3]: the --config namespace
     validate_arguments(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
