@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -60,9 +60,10 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def _model_output_for(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The part of the model output the scheduler understands: all 2C channels for a scheduler with a learned
-        variance, the prediction's C channels otherwise."""
-        learned = str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned")
+        """The part of the model output the scheduler understands: all 2C channels for a VDMScheduler or
+        DDPMScheduler with a learned variance, the prediction's C channels for any other scheduler (DDIM, DPM-Solver,
+        ... have no use for a variance; their configs may still carry ``variance_type`` from ours)."""
+        learned = isinstance(self.scheduler, (VDMScheduler, DDPMScheduler)) and str(self.scheduler.config.variance_type).startswith("learned")
         return model_output if learned else model_output[:, :channels]
 
     @torch.no_grad()
