@@ -92,7 +92,7 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     expected = int(np.prod(shape))
     if len(raw) - offset != expected:
         raise ValueError(f"{path} holds {len(raw) - offset} data bytes, but its header promises {expected} for shape {shape}: truncated or corrupt.")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape).copy()
 
 
 def find_idx_images(source: Path, split: str) -> Path | None:

@@ -1,0 +1,159 @@
+"""The ``hf_ddpm`` command line: ``evaluate`` a model's likelihood and sample quality, ``sample`` images.
+
+    hf_ddpm evaluate ddpm-mnist --data ../shared/data/mnist --split test [--exact | --timesteps_per_image 8] [--json out.json]
+    hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --scheduler vdm --out grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from .data import ImageTensorDataset, load_images
+from .evaluation import estimate_bound, exact_bound
+from .pipelines.ddpm import HFDDPMPipeline
+from .scheduling_vdm import VDMScheduler
+
+SCHEDULERS = {"vdm": VDMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: printed as one line, exit code 2."""
+
+
+def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline:
+    """A pipeline from a local folder or a Hub repo id."""
+    if not Path(model).is_dir() and "/" not in model:
+        raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
+    try:
+        pipeline = HFDDPMPipeline.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Could not load {model}: {error}") from None
+    pipeline.set_progress_bar_config(leave=False)
+    return pipeline.to(device)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """NLL in bits/dim (exact or estimated) and, with --num_samples, sample quality."""
+    pipeline = load_pipeline(args.model, args.revision, args.device)
+    try:
+        data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=pipeline.unet.config.sample_size,
+                           channels=pipeline.unet.config.in_channels)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--data {args.data}: {error}") from None
+    images = ImageTensorDataset(data.images)[:].to(args.device)
+    scheduler = VDMScheduler.from_config(pipeline.scheduler.config)
+    unet = pipeline.unet.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x_t.to(unet.dtype), t).sample
+
+    progress = lambda batches: tqdm(batches, desc="bound", leave=False)  # noqa: E731
+    if args.exact:
+        bound = exact_bound(scheduler, model_fn, images, batch_size=args.batch_size, generator=generator, progress=progress)
+        estimator = f"exact: all {scheduler.config.num_train_timesteps} terms"
+    else:
+        bound = estimate_bound(scheduler, model_fn, images, timesteps_per_image=args.timesteps_per_image, batch_size=args.batch_size,
+                               generator=generator, progress=progress)
+        estimator = f"unbiased stratified estimate, {args.timesteps_per_image} timesteps per image + exact reconstruction and prior"
+    result = {
+        "model": args.model, "data": data.source, "num_images": bound.num_images, "estimator": estimator,
+        "bits_per_dim": bound.bits_per_dim, "standard_error": bound.standard_error,
+        "terms": {"prior": bound.prior_term, "denoising": bound.denoising_terms, "reconstruction": bound.reconstruction_term},
+    }
+    if args.num_samples:
+        from .metrics import sample_quality
+
+        samples = pipeline(batch_size=args.num_samples, num_inference_steps=args.steps, generator=generator, output_type="pt").images
+        quality = sample_quality(samples.cpu() * 2 - 1, images.cpu())
+        result["sample_quality"] = {**vars(quality), "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)"}
+    return result
+
+
+def sample(args: argparse.Namespace) -> Path:
+    """Draw images and write a grid PNG, or one PNG per image into a folder."""
+    pipeline = load_pipeline(args.model, args.revision, args.device)
+    if args.scheduler != "vdm":
+        pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
+        if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
+            print(f"note: {args.scheduler} ignores the model's learned variance (it uses the predicted noise only)", file=sys.stderr)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = []
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        images += pipeline(batch_size=count, num_inference_steps=args.steps, generator=generator).images
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        rows = int(math.sqrt(len(images)))
+        while len(images) % rows:
+            rows -= 1
+        out.parent.mkdir(parents=True, exist_ok=True)
+        make_image_grid(images, rows=rows, cols=len(images) // rows).save(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(out / f"{index:05d}.png")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf_ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("evaluate", "sample"):
+        command = commands.add_parser(name)
+        command.add_argument("model", help="a folder written by save_pretrained / train.py, or a Hub repo id")
+        command.add_argument("--revision", default=None, help="Hub revision (pass one for Hub repos, e.g. main)")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument("--batch_size", type=int, default=256)
+        command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced)")
+    evaluate_parser = commands.choices["evaluate"]
+    evaluate_parser.add_argument("--data", required=True, help="MNIST IDX folder, image folder, or dataset (see hf_ddpm.data)")
+    evaluate_parser.add_argument("--split", default="test")
+    evaluate_parser.add_argument("--max_images", type=int, default=None)
+    evaluate_parser.add_argument("--exact", action="store_true", help="all T terms (T network evaluations per image)")
+    evaluate_parser.add_argument("--timesteps_per_image", type=int, default=8)
+    evaluate_parser.add_argument("--num_samples", type=int, default=0, help="samples for the sample-quality metrics (0: skip)")
+    evaluate_parser.add_argument("--json", default=None, help="also write the results to this file")
+    sample_parser = commands.choices["sample"]
+    sample_parser.add_argument("--num_images", type=int, default=64)
+    sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
+    sample_parser.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "sample":
+            if args.scheduler not in SCHEDULERS:
+                raise UsageError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SCHEDULERS)}.")
+            print(f"wrote {sample(args)}")
+            return 0
+        result = evaluate(args)
+    except UsageError as error:
+        print(f"hf_ddpm: error: {error}", file=sys.stderr)
+        return 2
+    terms = result["terms"]
+    print(f"NLL {result['bits_per_dim']:.4f} ± {result['standard_error']:.4f} bits/dim on {result['num_images']} images of {result['data']} "
+          f"({result['estimator']}): prior {terms['prior']:.3g}, denoising {terms['denoising']:.4f}, reconstruction {terms['reconstruction']:.4f}")
+    if "sample_quality" in result:
+        q = result["sample_quality"]
+        print(f"samples: Fréchet distance {q['frechet_distance']:.3f} (MNIST-classifier features, not Inception-FID), "
+              f"confidence {q['mean_confidence']:.3f}, class KL from uniform {q['class_kl_from_uniform']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
