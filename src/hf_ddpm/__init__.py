@@ -3,8 +3,10 @@
 from . import losses
 from .hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
 from .models.unet import DenoisingUNet, DenoisingUNetOutput
+from .models.vae import GaussianVAE, IWAEOutput, VAEELBOOutput
 from .pipelines.ddpm import ELBOOutput, HFDDPMPipeline
 from .pipelines.registration import LOADING_BASE_CLASSES
+from .pipelines.vae import VAEPipeline
 from .scheduling_vdm import VDMScheduler, VDMSchedulerOutput
 
 # diffusers' component loader finds these base classes by name in the library named in model_index.json
@@ -20,11 +22,15 @@ __all__ = [
     "DenoisingUNet",
     "DenoisingUNetOutput",
     "ELBOOutput",
+    "GaussianVAE",
+    "IWAEOutput",
     "HFDDPMPipeline",
     "NLLResult",
     "TrainingReport",
     "VDMScheduler",
     "VDMSchedulerOutput",
+    "VAEELBOOutput",
+    "VAEPipeline",
     "losses",
     "push_pipeline_to_hub",
     "render_model_card",

@@ -51,6 +51,11 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, e^logvar) in nats: -1/2 (log 2 pi + logvar + (x - mean)^2 e^-logvar)."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
 def _log_gaussian_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """log(Phi(upper) - Phi(lower)) for standardised bounds lower < upper, accurate in both tails.
 

@@ -1,0 +1,65 @@
+"""VAEPipeline: sampling from the Gaussian VAE's prior, and its ELBO and IWAE bounds of images."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+from ..image_utils import ImageInput, images_to_tensor
+from ..models.vae import GaussianVAE, IWAEOutput, VAEELBOOutput
+from .registration import HFDDPMRegistrationMixin
+
+
+class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
+    r"""Unconditional image generation with a :class:`GaussianVAE`, and its likelihood bounds.
+
+    Args:
+        vae (:class:`GaussianVAE`): the encoder, the decoder and (with L > 1) the latent transitions.
+    """
+
+    def __init__(self, vae: GaussianVAE):
+        super().__init__()
+        self.register_modules(vae=vae)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Draw z ~ p(z) (ancestrally through the latent chain) and return the decoder's mean images.
+
+        The decoder's mean, clipped to [-1, 1], is shown rather than a draw of the discretized Gaussian, whose
+        independent per-pixel noise is what the likelihood needs but not what a picture of the model should show.
+
+        Args:
+            batch_size (`int`): number of images.
+            generator (`torch.Generator`, *optional*): makes sampling deterministic.
+            output_type (`str`): ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1] or ``"pt"`` (N, C, H, W) in [0, 1].
+            return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        image = (self.vae.sample_prior(batch_size, generator).clamp(-1, 1) / 2 + 0.5).float()
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def _to_model_input(self, images: ImageInput) -> torch.Tensor:
+        return images_to_tensor(images, self.vae.config.in_channels).to(self._execution_device)
+
+    @torch.no_grad()
+    def elbo(self, images: ImageInput, num_samples: int = 1, generator: torch.Generator | None = None) -> VAEELBOOutput:
+        """The ELBO of each image (see :meth:`GaussianVAE.elbo`); images as for :meth:`HFDDPMPipeline.elbo`."""
+        return self.vae.elbo(self._to_model_input(images), num_samples=num_samples, generator=generator)
+
+    @torch.no_grad()
+    def iwae(self, images: ImageInput, num_samples: int = 16, generator: torch.Generator | None = None) -> IWAEOutput:
+        """The importance-weighted bound with ``num_samples`` samples (see :meth:`GaussianVAE.iwae`)."""
+        return self.vae.iwae(self._to_model_input(images), num_samples=num_samples, generator=generator)
