@@ -69,6 +69,19 @@ def test_evaluate_reports_the_numbers_the_library_computes(tiny_model, tmp_path)
     assert result["num_images"] == 12
 
 
+def test_evaluate_a_vae_reports_elbo_and_iwae(tmp_path):
+    from hf_ddpm import GaussianVAE, VAEPipeline
+
+    torch.manual_seed(0)
+    VAEPipeline(GaussianVAE(latent_dim=4, block_out_channels=(8, 8), hidden_dim=8)).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "vae.json"
+    assert main(["evaluate", str(tmp_path / "vae"), "--data", "embedded", "--split", "train", "--max_images", "8",
+                 "--iwae_samples", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["bits_per_dim"] == pytest.approx(sum(result["terms"].values()), rel=1e-6)
+    assert result["iwae_bits_per_dim"] > 0 and result["num_images"] == 8
+
+
 def test_sample_writes_a_grid_of_the_requested_size(tiny_model, tmp_path):
     from PIL import Image
 

@@ -55,6 +55,18 @@ def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
     assert f"{nll['bits_per_dim']:.4f}" in card
 
 
+def test_vae_run_writes_a_loadable_vae_pipeline_with_its_bounds(tmp_path):
+    from hf_ddpm import VAEPipeline
+
+    out = run(tmp_path / "vae", "--model", "vae", "--max_train_steps", "2", "--iwae_samples", "4", "--num_latent_layers", "2")
+    nll = json.loads((out / "eval_results.json").read_text())["nll"]
+    assert nll["bits_per_dim"] == pytest.approx(sum(nll["terms"].values()), rel=1e-6)
+    assert nll["iwae_bits_per_dim"] > 0
+    pipe = VAEPipeline.from_pretrained(out)
+    assert pipe(batch_size=2, output_type="np").images.shape == (2, 28, 28, 1)
+    assert f"{nll['bits_per_dim']:.4f}" in (out / "README.md").read_text()
+
+
 def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
     straight = run(tmp_path / "straight", "--max_train_steps", "4", "--checkpointing_steps", "2")
     interrupted = tmp_path / "interrupted"

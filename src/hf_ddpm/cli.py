@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
 from .evaluation import estimate_bound, exact_bound
+from .metrics import sample_quality
 from .pipelines.ddpm import HFDDPMPipeline
+from .pipelines.vae import VAEPipeline
 from .scheduling_vdm import VDMScheduler
 
 SCHEDULERS = {"vdm": VDMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -29,12 +31,14 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit code 2."""
 
 
-def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline:
-    """A pipeline from a local folder or a Hub repo id."""
+def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline | VAEPipeline:
+    """A pipeline from a local folder or a Hub repo id: a VAEPipeline when model_index.json names one."""
     if not Path(model).is_dir() and "/" not in model:
         raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
+    index = Path(model) / "model_index.json"
+    is_vae = index.is_file() and json.loads(index.read_text()).get("_class_name") == "VAEPipeline"
     try:
-        pipeline = HFDDPMPipeline.from_pretrained(model, revision=revision)
+        pipeline = (VAEPipeline if is_vae else HFDDPMPipeline).from_pretrained(model, revision=revision)
     except (OSError, ValueError) as error:
         raise UsageError(f"Could not load {model}: {error}") from None
     pipeline.set_progress_bar_config(leave=False)
@@ -45,11 +49,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     """NLL in bits/dim (exact or estimated) and, with --num_samples, sample quality."""
     pipeline = load_pipeline(args.model, args.revision, args.device)
     try:
-        data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=pipeline.unet.config.sample_size,
-                           channels=pipeline.unet.config.in_channels)
+        network = pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet
+        data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=network.config.sample_size,
+                           channels=network.config.in_channels)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--data {args.data}: {error}") from None
     images = ImageTensorDataset(data.images)[:].to(args.device)
+    if isinstance(pipeline, VAEPipeline):
+        return evaluate_vae(pipeline, images, data.source, args)
     scheduler = VDMScheduler.from_config(pipeline.scheduler.config)
     unet = pipeline.unet.eval()
     generator = torch.Generator().manual_seed(args.seed)
@@ -70,10 +77,36 @@ def evaluate(args: argparse.Namespace) -> dict:
         "bits_per_dim": bound.bits_per_dim, "standard_error": bound.standard_error,
         "terms": {"prior": bound.prior_term, "denoising": bound.denoising_terms, "reconstruction": bound.reconstruction_term},
     }
-    if args.num_samples:
-        from .metrics import sample_quality
+    return add_sample_quality(result, pipeline, images, args, generator, {"num_inference_steps": args.steps})
 
-        samples = pipeline(batch_size=args.num_samples, num_inference_steps=args.steps, generator=generator, output_type="pt").images
+
+def evaluate_vae(pipeline: VAEPipeline, images: torch.Tensor, source: str, args: argparse.Namespace) -> dict:
+    """The VAE's ELBO (``--elbo_samples`` Monte-Carlo samples of z) and IWAE bound (``--iwae_samples``), bits/dim."""
+    generator = torch.Generator().manual_seed(args.seed)
+    elbos, iwaes = [], []
+    for batch in tqdm(images.split(args.batch_size), desc="bound", leave=False):
+        elbos.append(pipeline.elbo(batch, num_samples=args.elbo_samples, generator=generator))
+        iwaes.append(pipeline.iwae(batch, num_samples=args.iwae_samples, generator=generator).bits_per_dim)
+    to_bpd = 1.0 / (images[0].numel() * math.log(2))
+    elbo = torch.cat([e.bits_per_dim for e in elbos]).double()
+    iwae = torch.cat(iwaes).double()
+    result = {
+        "model": args.model, "data": source, "num_images": len(images),
+        "estimator": f"ELBO with {args.elbo_samples} sample(s) of z; IWAE with K={args.iwae_samples}",
+        "bits_per_dim": elbo.mean().item(), "standard_error": (elbo.std() / math.sqrt(len(elbo))).item(),
+        "terms": {
+            "reconstruction": torch.cat([e.reconstruction_nats for e in elbos]).double().mean().item() * to_bpd,
+            "kl": torch.cat([e.kl_nats + e.layer_nats.sum(1) for e in elbos]).double().mean().item() * to_bpd,
+        },
+        "iwae_bits_per_dim": iwae.mean().item(), "iwae_standard_error": (iwae.std() / math.sqrt(len(iwae))).item(),
+    }
+    return add_sample_quality(result, pipeline, images, args, generator, {})
+
+
+def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argparse.Namespace, generator: torch.Generator, call: dict) -> dict:
+    """With ``--num_samples``, the sample-quality metrics of that many samples against ``images``."""
+    if args.num_samples:
+        samples = pipeline(batch_size=args.num_samples, generator=generator, output_type="pt", **call).images
         quality = sample_quality(samples.cpu() * 2 - 1, images.cpu())
         result["sample_quality"] = {**vars(quality), "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)"}
     return result
@@ -82,7 +115,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 def sample(args: argparse.Namespace) -> Path:
     """Draw images and write a grid PNG, or one PNG per image into a folder."""
     pipeline = load_pipeline(args.model, args.revision, args.device)
-    if args.scheduler != "vdm":
+    if isinstance(pipeline, VAEPipeline):
+        call = {}
+    else:
+        call = {"num_inference_steps": args.steps}
+    if args.scheduler != "vdm" and not isinstance(pipeline, VAEPipeline):
         pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
         if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
             print(f"note: {args.scheduler} ignores the model's learned variance (it uses the predicted noise only)", file=sys.stderr)
@@ -90,7 +127,7 @@ def sample(args: argparse.Namespace) -> Path:
     images = []
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
-        images += pipeline(batch_size=count, num_inference_steps=args.steps, generator=generator).images
+        images += pipeline(batch_size=count, generator=generator, **call).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         rows = int(math.sqrt(len(images)))
@@ -124,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--timesteps_per_image", type=int, default=8)
     evaluate_parser.add_argument("--num_samples", type=int, default=0, help="samples for the sample-quality metrics (0: skip)")
     evaluate_parser.add_argument("--json", default=None, help="also write the results to this file")
+    evaluate_parser.add_argument("--elbo_samples", type=int, default=1, help="VAE: Monte-Carlo samples of z for the ELBO")
+    evaluate_parser.add_argument("--iwae_samples", type=int, default=64, help="VAE: K of the IWAE bound")
     sample_parser = commands.choices["sample"]
     sample_parser.add_argument("--num_images", type=int, default=64)
     sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
@@ -143,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"hf_ddpm: error: {error}", file=sys.stderr)
         return 2
-    terms = result["terms"]
+    terms = ", ".join(f"{name} {value:.4f}" for name, value in result["terms"].items())
     print(f"NLL {result['bits_per_dim']:.4f} ± {result['standard_error']:.4f} bits/dim on {result['num_images']} images of {result['data']} "
-          f"({result['estimator']}): prior {terms['prior']:.3g}, denoising {terms['denoising']:.4f}, reconstruction {terms['reconstruction']:.4f}")
+          f"({result['estimator']}): {terms}")
+    if "iwae_bits_per_dim" in result:
+        print(f"IWAE bound {result['iwae_bits_per_dim']:.4f} ± {result['iwae_standard_error']:.4f} bits/dim")
     if "sample_quality" in result:
         q = result["sample_quality"]
         print(f"samples: Fréchet distance {q['frechet_distance']:.3f} (MNIST-classifier features, not Inception-FID), "
