@@ -82,6 +82,9 @@ def test_configs_interchange_with_diffusers_schedulers():
         theirs = cls.from_config(ours.config)
         assert torch.allclose(theirs.alphas_cumprod, ours.alphas_cumprod.float(), atol=1e-6)
         assert theirs.config.prediction_type == "v_prediction"
+    cosine = VDMScheduler(beta_schedule="cosine")
+    assert cosine.config.beta_schedule == "squaredcos_cap_v2"
+    assert torch.allclose(DDIMScheduler.from_config(cosine.config).alphas_cumprod, cosine.alphas_cumprod.float(), atol=1e-6)
     back = VDMScheduler.from_config(DDPMScheduler(beta_schedule="linear", beta_end=0.03).config)
     assert torch.allclose(back.alphas_cumprod.float(), DDPMScheduler(beta_end=0.03).alphas_cumprod, atol=1e-6)
     assert "DDIMScheduler" in VDMScheduler._compatibles

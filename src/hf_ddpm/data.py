@@ -165,7 +165,10 @@ def open_dataset(source: str, split: str, dataset_config: str | None):
 
     path = Path(source)
     if is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except IndexError:  # what datasets raises for a saved dataset without data files
+            raise ValueError(f"{source} is an empty saved dataset (no data files): nothing to train on.") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}: pass one of them.")

@@ -160,6 +160,8 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}.")
         betas64 = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        if beta_schedule == "cosine":  # recorded under diffusers' name, so every diffusers scheduler reads the config
+            self.register_to_config(beta_schedule="squaredcos_cap_v2")
         self.alphas_cumprod64 = np.cumprod(1.0 - betas64)
         #: float64 tensors, for users and for diffusers-style code that reads them.
         self.betas = torch.from_numpy(betas64)

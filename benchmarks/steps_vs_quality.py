@@ -1,0 +1,57 @@
+"""Sampling steps vs sample quality for one trained model: 1000 ancestral steps, respaced chains with the learned
+and with fixed variances, and DDIM; time per image and the MNIST-classifier metrics (NOT Inception-FID) for each.
+
+    python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data ../shared/data/mnist [--num_samples 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+from hf_ddpm import HFDDPMPipeline, VDMScheduler
+from hf_ddpm.data import ImageTensorDataset, load_images
+from hf_ddpm.metrics import sample_quality
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def configurations(config) -> list[tuple[str, object, int]]:
+    """(label, scheduler, steps) for every sampler compared."""
+    learned = [(f"VDM learned variance, {n} steps", VDMScheduler.from_config(config), n) for n in (1000, 250, 100, 50, 25)]
+    fixed = [(f"VDM fixed_small variance, {n} steps", VDMScheduler.from_config(config, variance_type="fixed_small"), n) for n in (250, 100, 50, 25)]
+    return learned + fixed + [("DDIM (eta 0), 50 steps", DDIMScheduler.from_config(config), 50)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--eval_data", required=True)
+    parser.add_argument("--num_samples", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "steps_vs_quality.json")
+    args = parser.parse_args()
+    reference = ImageTensorDataset(load_images(args.eval_data, split="test").images)[-2000:]
+    pipe = HFDDPMPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    rows = []
+    for label, scheduler, steps in configurations(base_config):
+        pipe.scheduler = scheduler
+        start = time.time()
+        samples = pipe(batch_size=args.num_samples, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        seconds = (time.time() - start) / args.num_samples
+        quality = sample_quality(samples * 2 - 1, reference)
+        rows.append({"sampler": label, "steps": steps, "seconds_per_image": seconds, **vars(quality)})
+        print(f"{label:36s} {seconds * 1000:8.1f} ms/image  FD {quality.frechet_distance:8.2f}  confidence {quality.mean_confidence:.3f}  "
+              f"class KL {quality.class_kl_from_uniform:.4f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
