@@ -438,6 +438,21 @@ def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, im
     return result
 
 
+def make_pipeline(model: torch.nn.Module, scheduler: VDMScheduler | None) -> HFDDPMPipeline | VAEPipeline:
+    """The diffusers pipeline around the model being trained."""
+    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=scheduler)
+
+
+def log_sample_grid(accelerator: Accelerator, train_args: TrainingArguments, grid, step: int) -> None:
+    """Send a sample grid to the tracker (TensorBoard or Weights & Biases); nothing without one."""
+    if train_args.logger == "tensorboard":
+        accelerator.get_tracker("tensorboard").writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    elif train_args.logger == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples": wandb.Image(grid)}, step=step)
+
+
 def sampling_kwargs(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments) -> dict:
     """Extra arguments of the pipeline's call: the respaced number of steps for the DDPM, none for the VAE."""
     return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps}
@@ -636,6 +651,8 @@ def main(argv: list[str] | None = None) -> Path:
             if global_step % train_args.eval_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
                 with ema_weights(ema, unwrapped):
                     nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
+                    if train_args.logger != "none":
+                        log_sample_grid(accelerator, train_args, sample_grid(make_pipeline(unwrapped, scheduler), train_args), global_step)
                 accelerator.log({"eval/bits_per_dim": nll["bits_per_dim"], "eval/standard_error": nll["standard_error"]}, step=global_step)
                 logger.info(f"step {global_step}: held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim ({nll['estimator']})")
             if global_step >= max_train_steps:
@@ -651,7 +668,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
-            pipeline = VAEPipeline(vae=unwrapped) if scheduler is None else HFDDPMPipeline(unet=unwrapped, scheduler=scheduler)
+            pipeline = make_pipeline(unwrapped, scheduler)
             nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
             grid = sample_grid(pipeline, train_args)
             results = {
@@ -664,8 +681,7 @@ def main(argv: list[str] | None = None) -> Path:
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         (output_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         logger.info(f"Held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim; pipeline saved to {output_dir}")
-        if train_args.logger == "tensorboard":
-            accelerator.get_tracker("tensorboard").writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC")
+        log_sample_grid(accelerator, train_args, grid, global_step)
         if train_args.push_to_hub:
             push_pipeline_to_hub(
                 pipeline, train_args.hub_model_id, card=card, sample_grid=grid, training_args=arguments,
