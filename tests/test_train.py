@@ -38,8 +38,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
-    out = run(tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps", "2")
-    for name in ("model_index.json", "samples.png", "eval_results.json", "README.md", "training_args.json", "checkpoint-2", "checkpoint-3"):
+    # eval at step 1 logs a sample grid to TensorBoard mid-run, and training must go on with the full chain
+    out = run(tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps", "2", "--eval_steps", "1", "--logger", "tensorboard")
+    for name in ("model_index.json", "samples.png", "eval_results.json", "README.md", "training_args.json", "checkpoint-2", "checkpoint-3", "logs/hf_ddpm"):
         assert (out / name).exists(), name
     results = json.loads((out / "eval_results.json").read_text())
     assert results["steps"] == 3 and results["images_seen"] == 3 * 16

@@ -439,8 +439,9 @@ def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, im
 
 
 def make_pipeline(model: torch.nn.Module, scheduler: VDMScheduler | None) -> HFDDPMPipeline | VAEPipeline:
-    """The diffusers pipeline around the model being trained."""
-    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=scheduler)
+    """The diffusers pipeline around the model being trained, with its own copy of the scheduler (sampling respaces
+    the pipeline's scheduler; training keeps the full chain)."""
+    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=VDMScheduler.from_config(scheduler.config))
 
 
 def log_sample_grid(accelerator: Accelerator, train_args: TrainingArguments, grid, step: int) -> None:

@@ -2,24 +2,37 @@
 
     log p(x) >= ELBO = E_q(z|x)[log p_theta(x|z)] - KL(q_phi(z|x) || p(z)),
 
-and, with ``num_latent_layers = L > 1``, the Markovian hierarchical VAE: latents z_1..z_L with
-q(z_1|x) prod_l q(z_{l+1}|z_l) and p(z_L) prod_l p(z_l|z_{l+1}) p(x|z_1), whose ELBO splits into a reconstruction
-term, one term per intermediate layer, E_q[log q(z_l|z_{l-1}) - log p(z_l|z_{l+1})], and the top prior-matching
-KL(q(z_L|z_{L-1}) || N(0, I)). The decoder p_theta(x|z_1) is the discretized Gaussian over the 256 levels of 8-bit
-data that the diffusion model's reconstruction term uses, so bits/dim are comparable between the two models.
+and, with ``num_latent_layers = L > 1``, the source's Markovian hierarchical VAE: latents z_1..z_L with
+
+    q(z_1:L | x) = q(z_1 | x) prod_{l=2}^{L} q(z_l | z_{l-1}),    p(x, z_1:L) = p(z_L) prod_{l=1}^{L-1} p(z_l | z_{l+1}) p(x | z_1),
+
+whose ELBO splits, per image, into
+
+    -ELBO = -E_q[log p(x | z_1)]                                          reconstruction term
+            + sum_{l=1}^{L-1} E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})]   one term per intermediate layer (z_0 = x)
+            + E_q[KL(q(z_L | z_{L-1}) || N(0, I))]                         top prior-matching term.
+
+The decoder p_theta(x | z_1) is the discretized Gaussian over the 256 levels of 8-bit data that the diffusion model's
+reconstruction term uses (:func:`hf_ddpm.losses.discretized_gaussian_log_likelihood`), so bits/dim are comparable
+between the two models. The importance-weighted bound (Burda et al., 2016) with K samples z^(k) ~ q(z_1:L | x),
+
+    IWAE_K = log (1/K) sum_k p(x, z^(k)) / q(z^(k) | x),      ELBO = E[IWAE_1] <= E[IWAE_K] <= E[IWAE_{K+1}] <= log p(x),
+
+is the tighter estimate of log p(x).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
-from torch.nn import functional as F
 
 from ..losses import discretized_gaussian_log_likelihood, gaussian_log_density, nats_to_bits_per_dim, normal_kl, sum_over_pixels
 
@@ -29,47 +42,79 @@ LOG_SCALE_RANGE = (-7.0, 2.0)
 
 @dataclass
 class VAEELBOOutput(BaseOutput):
-    """The ELBO of each image and its terms; per-image tensors of shape (N,), as non-negative contributions to the
-    negative ELBO, in nats (``*_nats``) and the whole in bits/dim.
+    """The ELBO of each image and its terms, as non-negative contributions to the negative ELBO: tensors of shape (N,)
+    in nats per image (``*_nats``), the whole also in bits/dim. ``negative_elbo_nats = reconstruction_nats + kl_nats +
+    layer_nats.sum(1)``; :func:`hf_ddpm.losses.nats_to_bits_per_dim` converts any term.
 
     Args:
-        reconstruction_nats: -E_q[log p_theta(x | z_1)], Monte-Carlo average over the samples of z.
-        kl_nats: the top prior-matching term KL(q(z_L | z_{L-1}) || N(0, I)) in closed form (z_0 = x), averaged
-            over the samples of z_{L-1} (exact for L = 1).
-        layer_nats: (N, L-1), E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})] for l = 1..L-1 (empty for L = 1).
-        negative_elbo_nats: the sum of the above.
-        bits_per_dim: negative_elbo_nats in bits/dim.
+        reconstruction_nats: -E_q[log p_theta(x | z_1)], the Monte-Carlo average over the samples of z.
+        kl_nats: the top prior-matching term KL(q(z_L | z_{L-1}) || N(0, I)) in closed form (z_0 = x), averaged over
+            the samples of z_{L-1}; for L = 1 it is KL(q(z | x) || p(z)), exact.
+        layer_nats: (N, L-1), E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})] for l = 1..L-1, Monte-Carlo averages
+            (N, 0) for L = 1.
+        negative_elbo_nats: -ELBO, the sum of the above.
+        bits_per_dim: -ELBO in bits/dim, an upper bound on -log2 p(x) / D (in expectation over the samples).
     """
 
     reconstruction_nats: torch.Tensor
-    kl_nats: torch.Tensor = None  # defaults: diffusers' BaseOutput can then be rebuilt from a dict (accelerate does)
-    layer_nats: torch.Tensor = None
-    negative_elbo_nats: torch.Tensor = None
-    bits_per_dim: torch.Tensor = None
+    # Defaults, so that accelerate can rebuild the output from a dict (diffusers' BaseOutput fills them from it).
+    kl_nats: torch.Tensor | None = None
+    layer_nats: torch.Tensor | None = None
+    negative_elbo_nats: torch.Tensor | None = None
+    bits_per_dim: torch.Tensor | None = None
 
 
 @dataclass
 class IWAEOutput(BaseOutput):
-    """The importance-weighted bound -log (1/K sum_k p(x, z_k) / q(z_k | x)) of each image: nats and bits/dim, (N,)."""
+    """The negative importance-weighted bound -IWAE_K = -log (1/K sum_k p(x, z_k) / q(z_k | x)) of each image, (N,):
+    in nats per image and in bits/dim."""
 
     negative_bound_nats: torch.Tensor
-    bits_per_dim: torch.Tensor = None
+    bits_per_dim: torch.Tensor | None = None
+
+
+class LatentSample(NamedTuple):
+    """One layer of a draw from q: z_l and the parameters of the Gaussian it was drawn from, each (N, latent_dim)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    sample: torch.Tensor
+
+
+def log_mean_exp(values: torch.Tensor) -> torch.Tensor:
+    """log (1/K sum_k e^values_k) over the first dimension, computed stably: (K, N) -> (N,). With the log importance
+    weights log p(x, z_k) - log q(z_k | x) this is the IWAE_K estimate of log p(x)."""
+    return torch.logsumexp(values, dim=0) - math.log(values.shape[0])
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
 
 
+def _split_gaussian(parameters: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A network's (N, 2D) output as the (mean, logvar) of a diagonal Gaussian, each (N, D) in ``dtype``."""
+    mean, logvar = parameters.to(dtype).chunk(2, dim=1)
+    return mean, logvar
+
+
 class GaussianVAE(ModelMixin, ConfigMixin):
     r"""Convolutional VAE with a Gaussian encoder q_phi(z|x) = N(mu_phi(x), diag sigma_phi(x)^2), prior N(0, I) and a
     discretized Gaussian decoder; optionally a Markovian hierarchy of ``num_latent_layers`` latents.
+
+    The encoder is two stride-2 3x3 convolutions (H -> H/2 -> H/4) and a linear map to (mean, logvar) of z_1; the
+    decoder mirrors it (linear map, then nearest upsampling and a 3x3 convolution twice) and outputs 2C channels: the
+    per-pixel mean of the discretized Gaussian p_theta(x | z_1) and its per-pixel log standard deviation (learned
+    per pixel from the decoder output, clamped to ``LOG_SCALE_RANGE``). With L > 1, each transition q(z_{l+1} | z_l)
+    and p(z_l | z_{l+1}) is a diagonal Gaussian whose mean and log-variance come from a one-hidden-layer MLP.
+
+    The default (28x28x1, 32 latent dimensions) has 342k parameters.
 
     Args:
         sample_size (`int`): image height and width, divisible by 4.
         in_channels (`int`): C.
         latent_dim (`int`): dimension of every latent z_l.
         block_out_channels (`tuple[int, int]`): encoder channels at H/2 and H/4 (the decoder mirrors them).
-        hidden_dim (`int`): width of the MLPs between latent layers.
+        hidden_dim (`int`): width of the MLPs of the latent transitions (unused for L = 1).
         num_latent_layers (`int`): L; 1 is the plain VAE.
     """
 
@@ -87,10 +132,12 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         if sample_size % 4:
             raise ValueError(f"GaussianVAE halves the image twice: sample_size must be divisible by 4, got {sample_size}.")
         if num_latent_layers < 1:
-            raise ValueError(f"num_latent_layers must be at least 1, got {num_latent_layers}.")
+            raise ValueError(f"num_latent_layers must be at least 1 (1 is the plain VAE), got {num_latent_layers}.")
+        if len(block_out_channels) != 2:
+            raise ValueError(f"block_out_channels gives the channels at H/2 and H/4: two numbers, got {tuple(block_out_channels)}.")
         c1, c2 = block_out_channels
-        self.coarse = sample_size // 4
-        flat = c2 * self.coarse * self.coarse
+        self.coarse_size = sample_size // 4
+        flat = c2 * self.coarse_size**2
         self.encoder = nn.Sequential(
             nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(flat, 2 * latent_dim),
@@ -100,104 +147,174 @@ class GaussianVAE(ModelMixin, ConfigMixin):
             nn.SiLU(), nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, padding=1), nn.SiLU(),
             nn.Upsample(scale_factor=2), nn.Conv2d(c1, 2 * in_channels, 3, padding=1),
         )
-        # q(z_{l+1} | z_l) and p(z_l | z_{l+1}) for l = 1..L-1
-        self.up_transitions = nn.ModuleList([_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in range(num_latent_layers - 1)])
-        self.down_transitions = nn.ModuleList([_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in range(num_latent_layers - 1)])
+        # encoder_transitions[l - 1]: q(z_{l+1} | z_l); decoder_transitions[l - 1]: p(z_l | z_{l+1}); l = 1..L-1
+        self.encoder_transitions = nn.ModuleList(_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in range(num_latent_layers - 1))
+        self.decoder_transitions = nn.ModuleList(_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in range(num_latent_layers - 1))
 
-    # ------------------------------------------------------------------ the distributions
+    # ------------------------------------------------------------------------------------ the distributions
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_phi(z_1 | x) = N(mu, diag e^logvar): (mean, logvar), each (N, latent_dim), in at least float32 (the
-        bound's terms are never computed in a mixed-precision network's bf16/fp16)."""
-        return self.encoder(x).to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=1)
+        """q_phi(z_1 | x) = N(mean, diag e^logvar), mean = mu_phi(x), logvar = log sigma_phi(x)^2.
 
-    @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + e^(logvar/2) * eps, eps ~ N(0, I): a sample of N(mean, e^logvar) differentiable in both."""
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) if generator is not None else torch.randn_like(mean)
-        return mean + torch.exp(0.5 * logvar) * eps
+        Args:
+            x: (N, C, H, W) images in [-1, 1].
+
+        Returns:
+            (mean, logvar), each (N, latent_dim), in at least float32 (the bound is never computed in the bf16/fp16
+            of a mixed-precision network).
+        """
+        return _split_gaussian(self.encoder(x), torch.promote_types(x.dtype, torch.float32))
+
+    def encoder_transition(self, layer: int, z_below: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_layer | z_{layer-1}) = N(mean, diag e^logvar) for layer = 2..L: (mean, logvar), each (N, latent_dim)."""
+        return _split_gaussian(self.encoder_transitions[layer - 2](z_below), z_below.dtype)
+
+    def decoder_transition(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z_layer | z_{layer+1}) = N(mean, diag e^logvar) for layer = 1..L-1: (mean, logvar), each (N, latent_dim)."""
+        return _split_gaussian(self.decoder_transitions[layer - 1](z_above), z_above.dtype)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p_theta(x | z_1): the discretized Gaussian's per-pixel (mean, log_scale), each (N, C, H, W)."""
-        h = self.decoder_in(z).view(len(z), -1, self.coarse, self.coarse)
+        """p_theta(x | z_1): the discretized Gaussian's per-pixel (mean, log_scale), each (N, C, H, W), log_scale =
+        log sigma clamped to ``LOG_SCALE_RANGE``; z is (N, latent_dim)."""
+        h = self.decoder_in(z).view(len(z), -1, self.coarse_size, self.coarse_size)
         mean, log_scale = self.decoder(h).to(torch.promote_types(z.dtype, torch.float32)).chunk(2, dim=1)
         return mean, log_scale.clamp(*LOG_SCALE_RANGE)
 
-    def reconstruction_log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p_theta(x | z_1) per image, nats: the discretized Gaussian summed over pixels, (N,)."""
-        mean, log_scale = self.decode(z)
-        return sum_over_pixels(discretized_gaussian_log_likelihood(x, mean, log_scale))
+    @staticmethod
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + e^(logvar / 2) * eps, eps ~ N(0, I): a sample of N(mean, diag e^logvar), differentiable in both
+        parameters; the shape of ``mean``."""
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * eps
 
     @staticmethod
     def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(N(mean, e^logvar) || N(0, I)) in closed form, = 1/2 sum(mean^2 + e^logvar - 1 - logvar), (N,)."""
+        """KL(N(mean, diag e^logvar) || N(0, I)) in closed form, 1/2 sum_i (mean_i^2 + e^logvar_i - 1 - logvar_i):
+        (N, D) -> (N,) nats."""
         zeros = torch.zeros_like(mean)
         return sum_over_pixels(normal_kl(mean, logvar, zeros, zeros))
 
-    def encode_chain(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """One draw z_1..z_L ~ q: [(mean_l, logvar_l, z_l)] for l = 1..L, each parameter of q(z_l | z_{l-1})."""
-        mean, logvar = self.encode(x)
-        chain = [(mean, logvar, self.reparameterize(mean, logvar, generator))]
-        for transition in self.up_transitions:
-            mean, logvar = transition(chain[-1][2]).to(mean.dtype).chunk(2, dim=1)
-            chain.append((mean, logvar, self.reparameterize(mean, logvar, generator)))
+    @staticmethod
+    def prior_log_density(z: torch.Tensor) -> torch.Tensor:
+        """log p(z_L) = log N(z_L; 0, I) = -1/2 sum_i (log 2 pi + z_i^2): (N, D) -> (N,) nats."""
+        zeros = torch.zeros_like(z)
+        return sum_over_pixels(gaussian_log_density(z, zeros, zeros))
+
+    def reconstruction_log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p_theta(x | z_1) = sum over pixels of log P(bin of x | mean, log_scale) from :meth:`decode` (the
+        discretized Gaussian): x (N, C, H, W) on the 8-bit grid, z (N, latent_dim) -> (N,) nats."""
+        mean, log_scale = self.decode(z)
+        return sum_over_pixels(discretized_gaussian_log_likelihood(x, mean, log_scale))
+
+    # ------------------------------------------------------------------------------------ one draw of the chain
+    def sample_posterior(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list[LatentSample]:
+        """One ancestral draw z_1 ~ q(z_1 | x), z_l ~ q(z_l | z_{l-1}) for l = 2..L: L :class:`LatentSample`, layer 1
+        first."""
+        chain: list[LatentSample] = []
+        for layer in range(1, self.config.num_latent_layers + 1):
+            mean, logvar = self.encode(x) if layer == 1 else self.encoder_transition(layer, chain[-1].sample)
+            chain.append(LatentSample(mean, logvar, self.reparameterize(mean, logvar, generator)))
         return chain
 
-    def prior_transition(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(z_layer | z_{layer+1}) = N(mean, diag e^logvar) for layer = 1..L-1 (1-based): (mean, logvar)."""
-        return self.down_transitions[layer - 1](z_above).to(z_above.dtype).chunk(2, dim=1)
+    @staticmethod
+    def posterior_log_densities(chain: list[LatentSample]) -> torch.Tensor:
+        """log q(z_l | z_{l-1}) of the draw for l = 1..L (z_0 = x), each summed over dimensions: (N, L) nats."""
+        return torch.stack([sum_over_pixels(gaussian_log_density(z.sample, z.mean, z.logvar)) for z in chain], dim=1)
 
-    # ------------------------------------------------------------------ the bounds
-    def _terms(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """One-sample terms: (-log p(x|z_1), top KL, (N, L-1) layer terms, the chain)."""
-        chain = self.encode_chain(x, generator)
-        reconstruction = -self.reconstruction_log_likelihood(x, chain[0][2])
-        top_mean, top_logvar, _ = chain[-1]
-        kl = self.kl_to_prior(top_mean, top_logvar)
-        layers = [
-            sum_over_pixels(gaussian_log_density(z, mean, logvar) - gaussian_log_density(z, *self.prior_transition(l + 1, chain[l + 1][2])))
-            for l, (mean, logvar, z) in enumerate(chain[:-1])
+    def transition_log_densities(self, chain: list[LatentSample]) -> torch.Tensor:
+        """log p(z_l | z_{l+1}) of the draw for l = 1..L-1, each summed over dimensions: (N, L-1) nats."""
+        densities = [
+            sum_over_pixels(gaussian_log_density(below.sample, *self.decoder_transition(layer, above.sample)))
+            for layer, (below, above) in enumerate(zip(chain[:-1], chain[1:]), start=1)
         ]
-        layer_terms = torch.stack(layers, dim=1) if layers else x.new_zeros(len(x), 0)
-        return reconstruction, kl, layer_terms, chain
+        return torch.stack(densities, dim=1) if densities else chain[0].mean.new_zeros(len(chain[0].mean), 0)
 
+    def layer_terms(self, chain: list[LatentSample]) -> torch.Tensor:
+        """One-draw estimates of E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})] for l = 1..L-1: (N, L-1) nats."""
+        return self.posterior_log_densities(chain[:-1]) - self.transition_log_densities(chain) if len(chain) > 1 else self.transition_log_densities(chain)
+
+    def log_joint(self, x: torch.Tensor, chain: list[LatentSample]) -> torch.Tensor:
+        """log p(x, z_1:L) = log p(x | z_1) + sum_{l=1}^{L-1} log p(z_l | z_{l+1}) + log N(z_L; 0, I): (N,) nats."""
+        return (
+            self.reconstruction_log_likelihood(x, chain[0].sample)
+            + self.transition_log_densities(chain).sum(dim=1)
+            + self.prior_log_density(chain[-1].sample)
+        )
+
+    def log_posterior(self, chain: list[LatentSample]) -> torch.Tensor:
+        """log q(z_1:L | x) = sum_{l=1}^{L} log q(z_l | z_{l-1}) of the draw (z_0 = x): (N,) nats."""
+        return self.posterior_log_densities(chain).sum(dim=1)
+
+    def log_importance_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """log w = log p(x, z_1:L) - log q(z_1:L | x) for one draw z ~ q(z_1:L | x): (N,) nats. E_q[log w] is the
+        ELBO; log E_q[w] = log p(x)."""
+        chain = self.sample_posterior(x, generator)
+        return self.log_joint(x, chain) - self.log_posterior(chain)
+
+    # ------------------------------------------------------------------------------------ the bounds
     def elbo(self, x: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> VAEELBOOutput:
-        """The ELBO of each image (N, C, H, W) in [-1, 1] on the 8-bit grid, the reconstruction term averaged over
-        ``num_samples`` draws of z (Monte Carlo), the top KL in closed form."""
-        draws = [self._terms(x, generator)[:3] for _ in range(num_samples)]
-        reconstruction, kl, layers = (torch.stack([d[i] for d in draws]).mean(0) for i in range(3))
-        total = reconstruction + kl + layers.sum(dim=1)
+        """The ELBO of each image and its terms (see :class:`VAEELBOOutput`): the reconstruction and layer terms are
+        Monte-Carlo averages over ``num_samples`` draws z ~ q(z_1:L | x), (1/S) sum_s log p(x | z_1^(s)); the top KL
+        is in closed form.
+
+        Args:
+            x: (N, C, H, W) images in [-1, 1] on the 8-bit grid (``hf_ddpm.image_utils.images_to_tensor`` makes
+                them from uint8 or PIL images).
+            num_samples: S, draws of z per image.
+            generator: for the draws of z.
+        """
+        self._check_images(x, num_samples)
+        reconstruction, kl, layers = [], [], []
+        for _ in range(num_samples):
+            chain = self.sample_posterior(x, generator)
+            reconstruction.append(-self.reconstruction_log_likelihood(x, chain[0].sample))
+            kl.append(self.kl_to_prior(chain[-1].mean, chain[-1].logvar))
+            layers.append(self.layer_terms(chain))
+        reconstruction_nats, kl_nats, layer_nats = (torch.stack(draws).mean(0) for draws in (reconstruction, kl, layers))
+        total = reconstruction_nats + kl_nats + layer_nats.sum(dim=1)
         return VAEELBOOutput(
-            reconstruction_nats=reconstruction, kl_nats=kl, layer_nats=layers, negative_elbo_nats=total,
+            reconstruction_nats=reconstruction_nats, kl_nats=kl_nats, layer_nats=layer_nats, negative_elbo_nats=total,
             bits_per_dim=nats_to_bits_per_dim(total, x[0].numel()),
         )
 
-    def log_importance_weight(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """log p(x, z_1:L) - log q(z_1:L | x) for one draw of z ~ q, per image, (N,)."""
-        chain = self.encode_chain(x, generator)
-        log_p = self.reconstruction_log_likelihood(x, chain[0][2])
-        top = chain[-1][2]
-        log_p = log_p + sum_over_pixels(gaussian_log_density(top, torch.zeros_like(top), torch.zeros_like(top)))
-        for l in range(len(chain) - 1):
-            log_p = log_p + sum_over_pixels(gaussian_log_density(chain[l][2], *self.prior_transition(l + 1, chain[l + 1][2])))
-        log_q = sum(sum_over_pixels(gaussian_log_density(z, mean, logvar)) for mean, logvar, z in chain)
-        return log_p - log_q
-
     def iwae(self, x: torch.Tensor, num_samples: int = 16, generator: torch.Generator | None = None) -> IWAEOutput:
-        """The importance-weighted bound log (1/K sum_k w_k), w_k = p(x, z_k) / q(z_k | x), K = ``num_samples``:
-        ELBO <= IWAE_K <= log p(x), non-decreasing in K (Burda et al., 2016). Returned as its negative."""
+        """The importance-weighted bound IWAE_K = log (1/K) sum_k w_k, log w_k from :meth:`log_importance_weight`,
+        K = ``num_samples``, returned as its negative: E[IWAE_1] = ELBO <= E[IWAE_K] <= log p(x), non-decreasing in
+        K. ``x`` as for :meth:`elbo`; K network passes, one per draw."""
+        self._check_images(x, num_samples)
         log_weights = torch.stack([self.log_importance_weight(x, generator) for _ in range(num_samples)])
-        bound = torch.logsumexp(log_weights, dim=0) - math.log(num_samples)
-        return IWAEOutput(negative_bound_nats=-bound, bits_per_dim=nats_to_bits_per_dim(-bound, x[0].numel()))
+        negative_bound = -log_mean_exp(log_weights)
+        return IWAEOutput(negative_bound_nats=negative_bound, bits_per_dim=nats_to_bits_per_dim(negative_bound, x[0].numel()))
+
+    def training_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What training minimises: the one-sample negative ELBO of each image in bits/dim, (N,) (average it over the
+        batch). One encoder and one decoder pass. Under DistributedDataParallel call the wrapped model instead,
+        ``model(x).bits_per_dim``: the same number, through ``forward`` so that gradients are synchronised."""
+        return self.elbo(x, num_samples=1, generator=generator).bits_per_dim
 
     def forward(self, sample: torch.Tensor, generator: torch.Generator | None = None) -> VAEELBOOutput:
-        """The one-sample ELBO of a batch (what training minimises: ``output.bits_per_dim.mean()``)."""
+        """The one-sample ELBO of a batch (N, C, H, W), ``elbo(sample, num_samples=1)``; ``bits_per_dim`` is
+        :meth:`training_loss`."""
         return self.elbo(sample, num_samples=1, generator=generator)
 
+    # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def sample_prior(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral sample z_L ~ N(0, I), z_l ~ p(z_l | z_{l+1}), x = the decoder's mean; (N, C, H, W)."""
-        device = self.decoder_in.weight.device
-        z = torch.randn((batch_size, self.config.latent_dim), generator=generator, device=device if generator is None else generator.device).to(device)
+        """z_1 of one ancestral draw from the prior, z_L ~ N(0, I), z_l ~ p(z_l | z_{l+1}): (batch_size, latent_dim).
+        ``decode(z_1)`` gives p_theta(x | z_1)."""
+        parameter = self.decoder_in.weight
+        z = randn_tensor((batch_size, self.config.latent_dim), generator=generator, device=parameter.device, dtype=parameter.dtype)
         for layer in range(self.config.num_latent_layers - 1, 0, -1):
-            z = self.reparameterize(*self.prior_transition(layer, z), generator)
-        return self.decode(z)[0]
+            z = self.reparameterize(*self.decoder_transition(layer, z), generator)
+        return z
+
+    def _check_images(self, x: torch.Tensor, num_samples: int) -> None:
+        size, channels = self.config.sample_size, self.config.in_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size):
+            raise ValueError(f"GaussianVAE expects images of shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}.")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"GaussianVAE expects float images in [-1, 1], got {x.dtype}; convert uint8 pixels k with k / 127.5 - 1 "
+                "(hf_ddpm.image_utils.images_to_tensor)."
+            )
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
