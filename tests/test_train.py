@@ -194,3 +194,16 @@ def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(
     assert json.loads((out / "eval_results.json").read_text())["num_processes"] == 2
     pipe = HFDDPMPipeline.from_pretrained(out)
     assert pipe(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 28, 28, 1)
+
+
+def test_push_to_hub_sends_checkpoints_and_the_final_pipeline_and_never_the_token(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "push_pipeline_to_hub", lambda pipeline, repo_id, **kwargs: calls.append((repo_id, kwargs)))
+    out = run(tmp_path / "push", "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub", "--push_checkpoints",
+              "--hub_model_id", "org/ddpm-mnist", "--hub_token", "hf_secret_value")
+    assert [c[1].get("path_in_repo", "") for c in calls] == ["checkpoints/step-1", "checkpoints/step-2", ""]
+    assert all(repo == "org/ddpm-mnist" and kwargs["token"] == "hf_secret_value" for repo, kwargs in calls)
+    assert all("hub_token" not in kwargs["training_args"] for _, kwargs in calls)
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_value" not in path.read_bytes(), path

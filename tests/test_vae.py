@@ -1,116 +1,227 @@
-"""The Gaussian VAE's bounds: closed-form KL, ELBO <= IWAE_K <= log p(x) on an exactly solvable model, round trips."""
+"""The Gaussian VAE's bounds, checked against numbers computed independently: the closed-form KL against Monte Carlo,
+ELBO <= IWAE_K <= log p(x) against the exact log p(x) of linear-Gaussian latent chains, and the bookkeeping of the
+terms, the units, the inputs, training and saving."""
 
+import json
 import math
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from hf_ddpm import GaussianVAE, VAEPipeline
 from hf_ddpm.losses import gaussian_log_density, sum_over_pixels
 
+F64 = torch.float64
+
 
 def test_closed_form_kl_equals_a_monte_carlo_estimate():
-    mean, logvar = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), torch.tensor([[0.0, -1.5, 0.7]], dtype=torch.float64)
-    closed = GaussianVAE.kl_to_prior(mean, logvar).item()
-    generator = torch.Generator().manual_seed(0)
-    z = torch.stack([GaussianVAE.reparameterize(mean, logvar, generator) for _ in range(100_000)])
-    samples = sum_over_pixels((gaussian_log_density(z, mean, logvar) - gaussian_log_density(z, 0 * z, 0 * z)).reshape(len(z), -1))
-    assert abs(samples.mean().item() - closed) < 5 * samples.std().item() / math.sqrt(len(samples))
+    mean = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.3, -0.2]], dtype=F64)
+    logvar = torch.tensor([[0.0, -1.5, 0.7], [1.0, -0.3, 0.0]], dtype=F64)
+    closed = GaussianVAE.kl_to_prior(mean, logvar)
+    draws = 100_000
+    z = GaussianVAE.reparameterize(mean.repeat(draws, 1), logvar.repeat(draws, 1), torch.Generator().manual_seed(0))
+    log_ratio = sum_over_pixels(gaussian_log_density(z, mean.repeat(draws, 1), logvar.repeat(draws, 1))) - GaussianVAE.prior_log_density(z)
+    log_ratio = log_ratio.view(draws, len(mean))  # KL = E_q[log q(z) - log p(z)]
+    standard_error = log_ratio.std(0) / math.sqrt(draws)
+    assert ((log_ratio.mean(0) - closed).abs() < 5 * standard_error).all()
+    assert torch.allclose(closed, 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(1))
 
 
-class LinearGaussianVAE(GaussianVAE):
-    """p(z) = N(0, I), p(x|z) = N(W z + b, s^2 I) (continuous), q(z|x) = N(A (x - b), diag v): log p(x) is exact,
-    log N(x; b, W W^T + s^2 I), and the true posterior is N(S W^T (x - b) / s^2, S) with S = (I + W^T W / s^2)^-1."""
+# ---------------------------------------------------------------------------------------------- linear-Gaussian chains
+class LinearGaussianChain(GaussianVAE):
+    """A GaussianVAE whose distributions are linear-Gaussian, so that log p(x) and the true posterior are exact:
 
-    def setup(self, W, b, s2, A, logvar):
-        self.W, self.b, self.s2, self.A, self.q_logvar = W, b, s2, A, logvar
+        p(z_L) = N(0, I), p(z_l | z_{l+1}) = N(a_l z_{l+1}, diag v_l), p(x | z_1) = N(W z_1 + b, s I)  (x in R^16,
+        a continuous density), q(z_1 | x) = N(A (x - b), diag e^u_1), q(z_l | z_{l-1}) = N(g_l z_{l-1}, diag e^u_l).
+
+    W has orthogonal columns, so every true posterior factor is diagonal and q can equal it. Only the distributions
+    are replaced: the bounds (elbo, iwae, layer terms, closed-form KL, reparameterization) are GaussianVAE's own.
+    """
+
+    def __init__(self, num_latent_layers: int, latent_dim: int = 2, seed: int = 0):
+        super().__init__(sample_size=4, latent_dim=latent_dim, block_out_channels=(1, 1), hidden_dim=1, num_latent_layers=num_latent_layers)
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda *shape: torch.rand(*shape, generator=g, dtype=F64)  # noqa: E731
+        self.W = torch.linalg.qr(torch.randn(16, latent_dim, generator=g, dtype=F64))[0] * (1 + rand(latent_dim))
+        self.b, self.s = 0.1 * torch.randn(16, generator=g, dtype=F64), 0.3
+        self.a = [0.5 + rand(latent_dim) for _ in range(num_latent_layers - 1)]
+        self.v = [0.2 + 0.5 * rand(latent_dim) for _ in range(num_latent_layers - 1)]
+        self.use_true_posterior()
+
+    def marginal_variances(self) -> list[torch.Tensor]:
+        """Var z_l under p for l = 1..L: P_L = 1, P_l = a_l^2 P_{l+1} + v_l."""
+        variances = [torch.ones_like(self.b[: self.W.shape[1]])]
+        for a, v in zip(reversed(self.a), reversed(self.v)):
+            variances.insert(0, a**2 * variances[0] + v)
+        return variances
+
+    def use_true_posterior(self) -> None:
+        """q(z_1 | x) = p(z_1 | x) and q(z_l | z_{l-1}) = p(z_l | z_{l-1}), the Gaussian conditionals of the chain."""
+        variances = self.marginal_variances()
+        first = 1 / (1 / variances[0] + (self.W**2).sum(0) / self.s)
+        self.A = first[:, None] * self.W.T / self.s
+        self.gains, self.q_logvars = [], [first.log()]
+        for a, v, prior_variance in zip(self.a, self.v, variances[1:]):
+            variance = 1 / (1 / prior_variance + a**2 / v)
+            self.gains.append(variance * a / v)
+            self.q_logvars.append(variance.log())
+
+    def use_wrong_posterior(self) -> None:
+        self.use_true_posterior()
+        self.A, self.gains = 0.4 * self.A, [0.5 * g + 0.2 for g in self.gains]
+        self.q_logvars = [u + 1.2 for u in self.q_logvars]
 
     def encode(self, x):
-        flat = x.reshape(len(x), -1)
-        return (flat - self.b) @ self.A.T, self.q_logvar.expand(len(x), -1)
+        mean = (x.flatten(1) - self.b) @ self.A.T
+        return mean, self.q_logvars[0].expand_as(mean)
+
+    def encoder_transition(self, layer, z_below):
+        return self.gains[layer - 2] * z_below, self.q_logvars[layer - 1].expand_as(z_below)
+
+    def decoder_transition(self, layer, z_above):
+        return self.a[layer - 1] * z_above, self.v[layer - 1].log().expand_as(z_above)
 
     def reconstruction_log_likelihood(self, x, z):
         mean = z @ self.W.T + self.b
-        return sum_over_pixels(gaussian_log_density(x.reshape(len(x), -1), mean, torch.full_like(mean, math.log(self.s2))))
+        return sum_over_pixels(gaussian_log_density(x.flatten(1), mean, torch.full_like(mean, math.log(self.s))))
 
-    def log_marginal(self, x):
-        flat = x.reshape(len(x), -1)
-        covariance = self.W @ self.W.T + self.s2 * torch.eye(len(self.b), dtype=torch.float64)
-        return torch.distributions.MultivariateNormal(self.b, covariance).log_prob(flat)
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) = log N(x; b, W diag(Var z_1) W^T + s I), exact."""
+        covariance = self.W @ torch.diag(self.marginal_variances()[0]) @ self.W.T + self.s * torch.eye(16, dtype=F64)
+        return torch.distributions.MultivariateNormal(self.b, covariance).log_prob(x.flatten(1))
 
-    def true_posterior(self):
-        S = torch.linalg.inv(torch.eye(self.W.shape[1], dtype=torch.float64) + self.W.T @ self.W / self.s2)
-        return S @ self.W.T / self.s2, S
-
-
-@pytest.fixture
-def linear_model():
-    torch.manual_seed(0)
-    model = LinearGaussianVAE(latent_dim=2).double()
-    W, b = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64) * 0.1
-    model.setup(W, b, 0.3, torch.randn(2, 4, dtype=torch.float64) * 0.2, torch.tensor([[-0.5, 0.2]], dtype=torch.float64))
-    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
-    return model, x
+    def data(self, n: int) -> torch.Tensor:
+        """n draws x ~ p(x), (n, 1, 4, 4)."""
+        g = torch.Generator().manual_seed(123)
+        z = torch.randn(n, self.W.shape[1], generator=g, dtype=F64) * self.marginal_variances()[0].sqrt()
+        return (z @ self.W.T + self.b + math.sqrt(self.s) * torch.randn(n, 16, generator=g, dtype=F64)).view(n, 1, 4, 4)
 
 
-def test_elbo_below_iwae_below_log_likelihood_and_iwae_grows_with_k(linear_model):
-    model, x = linear_model
+def repeated(bound, x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``repeats`` independent draws of a per-image bound (in nats, as log p) of each image: (repeats, N)."""
+    return -bound(x.repeat(repeats, 1, 1, 1)).view(repeats, len(x))
+
+
+def standard_error(*draws: torch.Tensor) -> torch.Tensor:
+    """Standard error of the difference of the means of independent (R, N) draws, per image."""
+    return torch.sqrt(sum(d.var(0) / len(d) for d in draws))
+
+
+@pytest.mark.parametrize("num_latent_layers", [1, 3])
+def test_elbo_below_iwae_below_log_likelihood_and_iwae_grows_with_k(num_latent_layers):
+    model = LinearGaussianChain(num_latent_layers)
+    model.use_wrong_posterior()
+    x = model.data(4)
     log_p = model.log_marginal(x)
-    generator = torch.Generator().manual_seed(1)
-    repeats = 300
-    elbo = torch.stack([-model.elbo(x, generator=generator).negative_elbo_nats for _ in range(repeats)])
-    iwae = {k: torch.stack([-model.iwae(x, k, generator=generator).negative_bound_nats for _ in range(repeats)]) for k in (1, 4, 32)}
-    error = lambda a, b: 5 * torch.sqrt(a.var(0) / repeats + b.var(0) / repeats)  # noqa: E731
-    assert (iwae[1].mean(0) - elbo.mean(0)).abs().le(error(iwae[1], elbo)).all()  # IWAE_1 is the ELBO
-    assert (iwae[4].mean(0) >= iwae[1].mean(0) - error(iwae[4], iwae[1])).all()
-    assert (iwae[32].mean(0) >= iwae[4].mean(0) - error(iwae[32], iwae[4])).all()
-    assert (elbo.mean(0) < log_p).all() and (iwae[32].mean(0) <= log_p + 5 * iwae[32].std(0) / math.sqrt(repeats)).all()
-    assert (iwae[32].mean(0) > elbo.mean(0)).all()
+    g = torch.Generator().manual_seed(1)
+    repeats = 400
+    elbo = repeated(lambda v: model.elbo(v, generator=g).negative_elbo_nats, x, repeats)
+    iwae = {k: repeated(lambda v: model.iwae(v, k, generator=g).negative_bound_nats, x, repeats) for k in (1, 4, 32)}
+    assert ((iwae[1].mean(0) - elbo.mean(0)).abs() < 5 * standard_error(iwae[1], elbo)).all()  # E[IWAE_1] = ELBO
+    assert (iwae[4].mean(0) > iwae[1].mean(0) - 5 * standard_error(iwae[4], iwae[1])).all()
+    assert (iwae[32].mean(0) > iwae[4].mean(0) - 5 * standard_error(iwae[32], iwae[4])).all()
+    assert (iwae[32].mean(0) - elbo.mean(0) > 5 * standard_error(iwae[32], elbo)).all()  # strictly tighter here
+    assert (log_p - elbo.mean(0) > 5 * standard_error(elbo)).all()  # the gap is KL(q || p(z | x)) > 0
+    assert (iwae[32].mean(0) < log_p + 5 * standard_error(iwae[32])).all()
 
 
-def test_elbo_is_tight_when_q_is_the_true_posterior(linear_model):
-    model, x = linear_model
-    # a W with orthogonal columns makes the true posterior's covariance diagonal, which the encoder can represent
-    W = torch.linalg.qr(model.W)[0] * torch.tensor([1.5, 0.7], dtype=torch.float64)
-    model.setup(W, model.b, model.s2, None, None)
-    A, S = model.true_posterior()
-    model.setup(W, model.b, model.s2, A, torch.log(torch.diagonal(S))[None])
+@pytest.mark.parametrize("num_latent_layers", [1, 3])
+def test_bounds_are_tight_when_q_is_the_true_posterior(num_latent_layers):
+    model = LinearGaussianChain(num_latent_layers)
+    x = model.data(3)
     log_p = model.log_marginal(x)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(5):  # log p(x, z) - log q(z | x) = log p(x) for every z: the bound's integrand is constant
-        assert torch.allclose(model.log_importance_weight(x, generator), log_p, rtol=1e-10)
-    # the ELBO estimator (Monte-Carlo reconstruction, closed-form KL) is unbiased for it
-    draws = torch.stack([-model.elbo(x, generator=generator).negative_elbo_nats for _ in range(2000)])
-    assert ((draws.mean(0) - log_p).abs() < 5 * draws.std(0) / math.sqrt(len(draws))).all()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):  # log p(x, z) - log q(z | x) = log p(x) for every z
+        assert torch.allclose(model.log_importance_weight(x, g), log_p, rtol=1e-10)
+    assert torch.allclose(-model.iwae(x, 5, generator=g).negative_bound_nats, log_p, rtol=1e-10)
+    # the ELBO's estimator (Monte-Carlo reconstruction and layer terms, closed-form top KL) is unbiased for it
+    draws = repeated(lambda v: model.elbo(v, generator=g).negative_elbo_nats, x, 2000)
+    assert ((draws.mean(0) - log_p).abs() < 5 * standard_error(draws)).all()
 
 
-def test_hierarchical_terms_add_up_and_uint8_input_matches_float(tmp_path):
+# ---------------------------------------------------------------------------------------------- the convolutional model
+def tiny_vae(num_latent_layers: int = 1) -> GaussianVAE:
     torch.manual_seed(0)
-    pipe = VAEPipeline(GaussianVAE(latent_dim=8, block_out_channels=(8, 16), hidden_dim=32, num_latent_layers=3))
-    pixels = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
-    a = pipe.elbo(pixels[:, None].float() / 127.5 - 1, num_samples=2, generator=torch.Generator().manual_seed(0))
-    b = pipe.elbo(pixels.numpy(), num_samples=2, generator=torch.Generator().manual_seed(0))
-    assert a.layer_nats.shape == (2, 2)
-    assert torch.allclose(a.negative_elbo_nats, a.reconstruction_nats + a.kl_nats + a.layer_nats.sum(1))
-    assert torch.allclose(a.bits_per_dim, a.negative_elbo_nats / (784 * math.log(2)))
-    assert torch.equal(a.bits_per_dim, b.bits_per_dim)
-    iwae = pipe.iwae(pixels.numpy(), num_samples=3, generator=torch.Generator().manual_seed(0))
+    return GaussianVAE(latent_dim=8, block_out_channels=(8, 16), hidden_dim=16, num_latent_layers=num_latent_layers)
+
+
+def mnist_like_pixels(n: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_hierarchical_terms_add_up_and_convert_to_bits_per_dim():
+    vae = tiny_vae(num_latent_layers=3)
+    x = mnist_like_pixels(2)[:, None].float() / 127.5 - 1
+    out = vae.elbo(x, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert out.layer_nats.shape == (2, 2) and out.reconstruction_nats.shape == out.kl_nats.shape == (2,)
+    assert torch.allclose(out.negative_elbo_nats, out.reconstruction_nats + out.kl_nats + out.layer_nats.sum(1))
+    assert torch.allclose(out.bits_per_dim, out.negative_elbo_nats / (28 * 28 * math.log(2)))
+    assert (out.reconstruction_nats > 0).all() and (out.kl_nats > 0).all()
+    iwae = vae.iwae(x, 3, generator=torch.Generator().manual_seed(0))
     assert iwae.bits_per_dim.shape == (2,)
+    assert torch.allclose(iwae.bits_per_dim, iwae.negative_bound_nats / (28 * 28 * math.log(2)))
+
+
+def test_elbo_is_the_average_of_its_monte_carlo_draws():
+    vae = tiny_vae(num_latent_layers=2)
+    x = mnist_like_pixels(2)[:, None].float() / 127.5 - 1
+    averaged = vae.elbo(x, num_samples=3, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    singles = [vae.elbo(x, num_samples=1, generator=g) for _ in range(3)]
+    for name in ("reconstruction_nats", "kl_nats", "layer_nats", "negative_elbo_nats"):
+        assert torch.allclose(getattr(averaged, name), torch.stack([getattr(s, name) for s in singles]).mean(0), atol=1e-4)
+
+
+def test_uint8_and_pil_inputs_give_the_float_input_bounds():
+    pipe = VAEPipeline(tiny_vae(num_latent_layers=2))
+    pixels = mnist_like_pixels(2)
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    as_float = pipe.elbo(pixels[:, None].float() / 127.5 - 1, num_samples=2, generator=seeded())
+    for images in (pixels.numpy(), pixels, [PIL.Image.fromarray(p) for p in pixels.numpy()]):
+        assert torch.equal(pipe.elbo(images, num_samples=2, generator=seeded()).negative_elbo_nats, as_float.negative_elbo_nats)
+    assert torch.equal(
+        pipe.iwae(pixels.numpy(), 3, generator=seeded()).bits_per_dim,
+        pipe.iwae(pixels[:, None].float() / 127.5 - 1, 3, generator=seeded()).bits_per_dim,
+    )
+
+
+def test_training_loss_is_the_one_sample_bound_and_trains_every_parameter():
+    vae = tiny_vae(num_latent_layers=2)
+    x = mnist_like_pixels(4)[:, None].float() / 127.5 - 1
+    loss = vae.training_loss(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loss, vae(x, generator=torch.Generator().manual_seed(3)).bits_per_dim)
+    loss.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.parameters())
 
 
 def test_save_load_round_trip_gives_identical_samples(tmp_path):
-    torch.manual_seed(0)
-    pipe = VAEPipeline(GaussianVAE(latent_dim=8, block_out_channels=(8, 16), num_latent_layers=2, hidden_dim=16))
+    pipe = VAEPipeline(tiny_vae(num_latent_layers=2))
     first = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="pt").images
     pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == ["hf_ddpm", "GaussianVAE"]
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = VAEPipeline.from_pretrained(tmp_path)
-    assert type(loaded.vae) is GaussianVAE
+    assert type(loaded.vae) is GaussianVAE and loaded.vae.config.num_latent_layers == 2
     assert torch.equal(first, loaded(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="pt").images)
     assert first.shape == (3, 1, 28, 28) and 0 <= first.min() and first.max() <= 1
+    as_numpy = loaded(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="np").images
+    assert np.array_equal(as_numpy, first.permute(0, 2, 3, 1).numpy())
+    assert loaded(batch_size=2, output_type="pil").images[0].size == (28, 28)
 
 
-def test_bad_configs_are_rejected():
+def test_bad_configs_and_inputs_are_rejected():
     with pytest.raises(ValueError, match="divisible by 4"):
         GaussianVAE(sample_size=30)
     with pytest.raises(ValueError, match="at least 1"):
         GaussianVAE(num_latent_layers=0)
+    vae = tiny_vae()
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        vae.elbo(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="k / 127.5 - 1"):
+        vae.iwae(mnist_like_pixels(2)[:, None])
+    with pytest.raises(ValueError, match="num_samples"):
+        vae.elbo(torch.zeros(2, 1, 28, 28), num_samples=0)
+    with pytest.raises(ValueError, match="output_type"):
+        VAEPipeline(vae)(output_type="latent")

@@ -151,7 +151,9 @@ class TrainingArguments:
     hub_model_id: str | None = field(default=None)
     hub_token: str | None = field(default=None, metadata={"help": "Defaults to HF_TOKEN or the login cache; never saved."})
     hub_private_repo: bool = field(default=False)
-    push_checkpoints: bool = field(default=False, metadata={"help": "Also push each checkpoint to the Hub repo."})
+    push_checkpoints: bool = field(
+        default=False, metadata={"help": "Also push the EMA pipeline at each checkpoint to checkpoints/step-N in the Hub repo."}
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
@@ -649,6 +651,12 @@ def main(argv: list[str] | None = None) -> Path:
             history.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
                 save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
+                if train_args.push_to_hub and train_args.push_checkpoints and accelerator.is_main_process:
+                    with ema_weights(ema, unwrapped):
+                        push_pipeline_to_hub(
+                            make_pipeline(unwrapped, scheduler), train_args.hub_model_id, path_in_repo=f"checkpoints/step-{global_step}",
+                            training_args=arguments, token=train_args.hub_token, private=train_args.hub_private_repo,
+                        )
             if global_step % train_args.eval_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
                 with ema_weights(ema, unwrapped):
                     nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)

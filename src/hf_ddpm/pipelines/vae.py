@@ -13,9 +13,23 @@ from .registration import HFDDPMRegistrationMixin
 class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a :class:`GaussianVAE`, and its likelihood bounds.
 
+    Saved with ``save_pretrained`` (safetensors), the component is recorded as ``["hf_ddpm", "GaussianVAE"]`` in
+    ``model_index.json``; ``from_pretrained`` loads a folder or a Hub repo id.
+
     Args:
         vae (:class:`GaussianVAE`): the encoder, the decoder and (with L > 1) the latent transitions.
+
+    Example:
+
+    ```py
+    >>> from hf_ddpm import VAEPipeline
+    >>> pipe = VAEPipeline.from_pretrained("org/vae-mnist", revision="main")
+    >>> images = pipe(batch_size=16).images
+    >>> pipe.elbo(images).bits_per_dim, pipe.iwae(images, num_samples=64).bits_per_dim
+    ```
     """
+
+    model_cpu_offload_seq = "vae"
 
     def __init__(self, vae: GaussianVAE):
         super().__init__()
@@ -31,22 +45,26 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         r"""Draw z ~ p(z) (ancestrally through the latent chain) and return the decoder's mean images.
 
-        The decoder's mean, clipped to [-1, 1], is shown rather than a draw of the discretized Gaussian, whose
-        independent per-pixel noise is what the likelihood needs but not what a picture of the model should show.
+        The decoder's mean of p_theta(x | z), clipped to [-1, 1], is shown rather than a draw of the discretized
+        Gaussian, whose independent per-pixel noise is what the likelihood needs but not what a picture of the model
+        should show.
 
         Args:
             batch_size (`int`): number of images.
             generator (`torch.Generator`, *optional*): makes sampling deterministic.
-            output_type (`str`): ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1] or ``"pt"`` (N, C, H, W) in [0, 1].
+            output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) floats in [0, 1] or ``"pt"``
+                (N, C, H, W) floats in [0, 1].
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        image = (self.vae.sample_prior(batch_size, generator).clamp(-1, 1) / 2 + 0.5).float()
+        mean, _ = self.vae.decode(self.vae.sample_prior(batch_size, generator))
+        image = (mean.clamp(-1, 1) / 2 + 0.5).float()
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
@@ -56,10 +74,18 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def elbo(self, images: ImageInput, num_samples: int = 1, generator: torch.Generator | None = None) -> VAEELBOOutput:
-        """The ELBO of each image (see :meth:`GaussianVAE.elbo`); images as for :meth:`HFDDPMPipeline.elbo`."""
+        """The ELBO of each image with ``num_samples`` Monte-Carlo draws of z (see :meth:`GaussianVAE.elbo`).
+
+        Args:
+            images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images (as for
+                :meth:`HFDDPMPipeline.elbo`).
+            num_samples (`int`): draws of z per image.
+            generator (`torch.Generator`, *optional*): for the draws of z.
+        """
         return self.vae.elbo(self._to_model_input(images), num_samples=num_samples, generator=generator)
 
     @torch.no_grad()
     def iwae(self, images: ImageInput, num_samples: int = 16, generator: torch.Generator | None = None) -> IWAEOutput:
-        """The importance-weighted bound with ``num_samples`` samples (see :meth:`GaussianVAE.iwae`)."""
+        """The importance-weighted bound with K = ``num_samples`` draws of z (see :meth:`GaussianVAE.iwae`); images
+        as for :meth:`elbo`."""
         return self.vae.iwae(self._to_model_input(images), num_samples=num_samples, generator=generator)
