@@ -21,8 +21,9 @@ def test_closed_form_kl_equals_a_monte_carlo_estimate():
     logvar = torch.tensor([[0.0, -1.5, 0.7], [1.0, -0.3, 0.0]], dtype=F64)
     closed = GaussianVAE.kl_to_prior(mean, logvar)
     draws = 100_000
-    z = GaussianVAE.reparameterize(mean.repeat(draws, 1), logvar.repeat(draws, 1), torch.Generator().manual_seed(0))
-    log_ratio = sum_over_pixels(gaussian_log_density(z, mean.repeat(draws, 1), logvar.repeat(draws, 1))) - GaussianVAE.prior_log_density(z)
+    means, logvars = mean.repeat(draws, 1), logvar.repeat(draws, 1)
+    z = GaussianVAE.reparameterize(means, logvars, torch.Generator().manual_seed(0))
+    log_ratio = sum_over_pixels(gaussian_log_density(z, means, logvars)) - GaussianVAE.prior_log_density(z)
     log_ratio = log_ratio.view(draws, len(mean))  # KL = E_q[log q(z) - log p(z)]
     standard_error = log_ratio.std(0) / math.sqrt(draws)
     assert ((log_ratio.mean(0) - closed).abs() < 5 * standard_error).all()
@@ -41,7 +42,9 @@ class LinearGaussianChain(GaussianVAE):
     """
 
     def __init__(self, num_latent_layers: int, latent_dim: int = 2, seed: int = 0):
-        super().__init__(sample_size=4, latent_dim=latent_dim, block_out_channels=(1, 1), hidden_dim=1, num_latent_layers=num_latent_layers)
+        super().__init__(
+            sample_size=4, latent_dim=latent_dim, block_out_channels=(1, 1), hidden_dim=1, num_latent_layers=num_latent_layers
+        )
         g = torch.Generator().manual_seed(seed)
         rand = lambda *shape: torch.rand(*shape, generator=g, dtype=F64)  # noqa: E731
         self.W = torch.linalg.qr(torch.randn(16, latent_dim, generator=g, dtype=F64))[0] * (1 + rand(latent_dim))

@@ -94,9 +94,11 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 def prior_term(scheduler: VDMScheduler, x_start: torch.Tensor) -> torch.Tensor:
     """L_prior = KL(q(x_T | x_0) || N(0, I)) per image, nats; q(x_T | x_0) = N(sqrt(abar_T) x_0, (1 - abar_T) I).
 
-    No parameter enters it: it measures how well the third restriction, q(x_T) ~= N(0, I), holds.
+    x_T is the top of the scheduler's current chain: timestep T-1 for the full chain, the largest kept timestep for
+    a respaced one (whose top may be below T-1, e.g. with ``leading`` spacing). No parameter enters it: it measures
+    how well the third restriction, q(x_T) ~= N(0, I), holds.
     """
-    last = torch.full((x_start.shape[0],), scheduler.config.num_train_timesteps - 1, dtype=torch.long)
+    last = torch.full((x_start.shape[0],), int(scheduler.chain.timesteps[-1]), dtype=torch.long)
     mean, _, log_variance = scheduler.q_mean_variance(x_start, last)
     zeros = torch.zeros_like(mean)
     return sum_over_pixels(normal_kl(mean, log_variance, zeros, zeros))

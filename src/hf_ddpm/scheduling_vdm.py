@@ -316,19 +316,20 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
 
         fixed_small: log beta~_t (clipped at the first step); fixed_large: log beta_t (log beta~_1 at the first
         step, as improved-diffusion does, so the decoder's variance is that of the next step);
-        learned_range: (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t with v the model's variance output.
+        learned_range: (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t with v the model's variance output, at every
+        step including the first (between the clipped log beta~_1 and log beta_1 there, as improved-diffusion does,
+        so the decoder's variance is learned too).
         """
         k = self.chain_position(timesteps)
         min_log = _broadcast(self.chain.posterior_log_variance_clipped, k, sample)
         variance_type = self.config.variance_type
         if variance_type == "fixed_small":
             return min_log.expand_as(sample)
-        max_log_values = np.log(np.append(self.chain.posterior_variance[1:2], self.chain.betas[1:]))
-        if len(self.chain.timesteps) == 1:
-            max_log_values = np.log(self.chain.betas)
-        max_log = _broadcast(max_log_values, k, sample)
         if variance_type == "fixed_large":
-            return max_log.expand_as(sample)
+            chain = self.chain
+            large = chain.betas if len(chain.timesteps) == 1 else np.append(chain.posterior_variance[1], chain.betas[1:])
+            return _broadcast(np.log(large), k, sample).expand_as(sample)
+        max_log = _broadcast(np.log(self.chain.betas), k, sample)
         frac = (variance_output + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log
 

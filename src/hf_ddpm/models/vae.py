@@ -135,7 +135,9 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         if num_latent_layers < 1:
             raise ValueError(f"num_latent_layers must be at least 1 (1 is the plain VAE), got {num_latent_layers}.")
         if len(block_out_channels) != 2:
-            raise ValueError(f"block_out_channels gives the channels at H/2 and H/4: two numbers, got {tuple(block_out_channels)}.")
+            raise ValueError(
+                f"block_out_channels gives the channels at H/2 and H/4: two numbers, got {tuple(block_out_channels)}."
+            )
         c1, c2 = block_out_channels
         self.coarse_size = sample_size // 4
         flat = c2 * self.coarse_size**2
@@ -303,8 +305,8 @@ class GaussianVAE(ModelMixin, ConfigMixin):
     def sample_prior(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z_1 of one ancestral draw from the prior, z_L ~ N(0, I), z_l ~ p(z_l | z_{l+1}): (batch_size, latent_dim).
         ``decode(z_1)`` gives p_theta(x | z_1)."""
-        parameter = self.decoder_in.weight
-        z = randn_tensor((batch_size, self.config.latent_dim), generator=generator, device=parameter.device, dtype=parameter.dtype)
+        weight = self.decoder_in.weight
+        z = randn_tensor((batch_size, self.config.latent_dim), generator=generator, device=weight.device, dtype=weight.dtype)
         for layer in range(self.config.num_latent_layers - 1, 0, -1):
             z = self.reparameterize(*self.decoder_transition(layer, z), generator)
         return z

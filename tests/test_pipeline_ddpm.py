@@ -1,0 +1,177 @@
+"""HFDDPMPipeline: sampling against diffusers' schedulers, save/load, output types and the ELBO of images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+import hf_ddpm
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler, losses
+from hf_ddpm.pipelines.registration import HFDDPMRegistrationMixin
+
+T = 20
+SIZE = 8
+
+
+def tiny_unet(learn_variance: bool = True, perturb: bool = True) -> DenoisingUNet:
+    """A tiny U-Net; its output layer starts at zero, so ``perturb`` gives it a non-trivial output."""
+    torch.manual_seed(0)
+    unet = DenoisingUNet(sample_size=SIZE, block_out_channels=(8, 16), attention_resolutions=(4,), learn_variance=learn_variance)
+    if perturb:
+        with torch.no_grad():
+            unet.conv_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return unet.eval()
+
+
+def make_pipeline(unet: DenoisingUNet, scheduler) -> HFDDPMPipeline:
+    pipeline = HFDDPMPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run ~100x slower on two threads of a busy 2-core machine than on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(one_thread) -> HFDDPMPipeline:
+    return make_pipeline(tiny_unet(), VDMScheduler(num_train_timesteps=T, variance_type="learned_range"))
+
+
+def sample(pipeline: HFDDPMPipeline, seed: int, steps: int = T, **kwargs):
+    return pipeline(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_same_generator_gives_identical_images(pipeline):
+    first, again, other = sample(pipeline, 1, output_type="pt"), sample(pipeline, 1, output_type="pt"), sample(pipeline, 2, output_type="pt")
+    assert first.shape == (3, 1, SIZE, SIZE)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("learn_variance", [True, False])
+def test_sampling_equals_diffusers_ddpm_scheduler_with_the_same_noise(learn_variance):
+    """The same model and generator, with our scheduler or diffusers' DDPMScheduler built from its config, gives the
+    same images (to diffusers' float32 schedule constants)."""
+    variance_type = "learned_range" if learn_variance else "fixed_small"
+    ours = make_pipeline(tiny_unet(learn_variance), VDMScheduler(num_train_timesteps=T, variance_type=variance_type))
+    theirs = make_pipeline(ours.unet, DDPMScheduler.from_config(ours.scheduler.config))
+    assert theirs.scheduler.config.variance_type == variance_type
+    a, b = sample(ours, 3, output_type="pt"), sample(theirs, 3, output_type="pt")
+    assert 0.01 < a.std() and torch.equal(ours.scheduler.timesteps, theirs.scheduler.timesteps)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_ddim_swap_gives_the_closed_form_of_a_zero_noise_prediction():
+    """A fresh DenoisingUNet outputs exactly 0 (zero-initialised output layer). Deterministic DDIM with eps = 0
+    maps x_T to clip(x_T / sqrt(abar_top), -1, 1) at the first step and keeps it, so the image is that, rescaled."""
+    base = make_pipeline(tiny_unet(perturb=False), VDMScheduler(num_train_timesteps=T, variance_type="learned_range"))
+    ddim = make_pipeline(base.unet, DDIMScheduler.from_config(base.scheduler.config))
+    assert (ddim.scheduler.alphas_cumprod.double() - base.scheduler.alphas_cumprod).abs().max().item() <= 1e-6
+    images = sample(ddim, 4, steps=5, output_type="pt")
+    top = int(ddim.scheduler.timesteps[0])
+    x_T = torch.randn(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    expected = (x_T / ddim.scheduler.alphas_cumprod[top].sqrt()).clamp(-1, 1) / 2 + 0.5
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+def test_ddim_swap_with_a_learned_variance_model_returns_images_in_range(pipeline):
+    ddim = make_pipeline(pipeline.unet, DDIMScheduler.from_config(pipeline.scheduler.config))
+    images = sample(ddim, 5, steps=5, output_type="pt")
+    assert images.shape == (3, 1, SIZE, SIZE) and images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
+    assert torch.equal(images, sample(ddim, 5, steps=5, output_type="pt"))
+
+
+def test_output_types_hold_the_same_images(pipeline):
+    pt = sample(pipeline, 6, steps=4, output_type="pt")
+    array = sample(pipeline, 6, steps=4, output_type="np")
+    pil = sample(pipeline, 6, steps=4)
+    assert isinstance(array, np.ndarray) and array.shape == (3, SIZE, SIZE, 1)
+    np.testing.assert_array_equal(array, pt.permute(0, 2, 3, 1).numpy())
+    assert len(pil) == 3 and all(image.size == (SIZE, SIZE) and image.mode == "L" for image in pil)
+    np.testing.assert_array_equal(np.stack([np.asarray(image) for image in pil]), (array[..., 0] * 255).round().astype(np.uint8))
+    (as_tuple,) = pipeline(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(6), output_type="pt", return_dict=False)
+    assert torch.equal(as_tuple, pt)
+    with pytest.raises(ValueError, match="'pil', 'np' or 'pt'"):
+        pipeline(output_type="latent")
+
+
+# ---------------------------------------------------------------------------------------------- save and load
+def test_save_and_load_round_trip_with_our_classes(pipeline, tmp_path):
+    before = sample(pipeline, 7, output_type="pt")
+    pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["unet"] == ["hf_ddpm", "DenoisingUNet"] and index["scheduler"] == ["hf_ddpm", "VDMScheduler"]
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(tmp_path.rglob("*.bin"))
+    # diffusers' own component loader resolves hf_ddpm classes and checks them against the base classes it looks up
+    # by name in the hf_ddpm module: they must be there, and be diffusers' own
+    assert hf_ddpm.ModelMixin is ModelMixin and hf_ddpm.SchedulerMixin is SchedulerMixin
+    loaders = {
+        "HFDDPMPipeline.from_pretrained": HFDDPMPipeline.from_pretrained,
+        "diffusers' DiffusionPipeline.from_pretrained": super(HFDDPMRegistrationMixin, HFDDPMPipeline).from_pretrained,
+    }
+    for name, load in loaders.items():
+        loaded = load(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        assert isinstance(loaded, DiffusionPipeline), name
+        assert type(loaded.unet) is DenoisingUNet and type(loaded.scheduler) is VDMScheduler, name
+        public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+        assert public(loaded.scheduler.config) == public(pipeline.scheduler.config), name
+        for key, value in pipeline.unet.state_dict().items():
+            assert torch.equal(loaded.unet.state_dict()[key], value), (name, key)
+        assert torch.equal(sample(loaded, 7, output_type="pt"), before), name
+
+
+# ---------------------------------------------------------------------------------------------- the ELBO of images
+def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
+    pixels = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = pixels[:, None].float() / 127.5 - 1
+    result = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
+    assert all(getattr(result, name).shape == (3,) for name in ("bits_per_dim", "prior_term", "denoising_terms", "reconstruction_term"))
+    torch.testing.assert_close(result.bits_per_dim, result.prior_term + result.denoising_terms + result.reconstruction_term, rtol=1e-12, atol=0)
+    assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
+    # the same bound computed directly: every one of the T terms, the model's output as is
+    direct = losses.full_elbo(
+        VDMScheduler(num_train_timesteps=T, variance_type="learned_range"),
+        lambda x_t, t: pipeline.unet(x_t.float(), t).sample,
+        images,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(result.bits_per_dim, direct.bits_per_dim, rtol=1e-12, atol=0)
+    sample(pipeline, 0, steps=5)  # leaves the pipeline's scheduler respaced to 5 steps
+    after = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(after.bits_per_dim, result.bits_per_dim)
+
+
+def test_elbo_accepts_uint8_arrays_and_pil_images_and_rejects_off_grid_floats(pipeline):
+    pixels = torch.randint(0, 256, (2, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    reference = pipeline.elbo(pixels[:, None].float() / 127.5 - 1, generator=torch.Generator().manual_seed(3)).bits_per_dim
+    inputs = {
+        "uint8 (N, H, W)": pixels.numpy(),
+        "uint8 (N, H, W, C)": pixels[..., None].numpy(),
+        "PIL images": [PIL.Image.fromarray(p.numpy()) for p in pixels],
+    }
+    for name, images in inputs.items():
+        assert torch.equal(pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).bits_per_dim, reference), name
+    off_grid = pixels[:, None].double() / 127.5 - 1
+    off_grid[0, 0, 0, 0] = 0.3 / 127.5 - 1 + 1e-3  # between two pixel values
+    with pytest.raises(ValueError, match="256-level grid of 8-bit data"):
+        pipeline.elbo(off_grid)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        pipeline.elbo(off_grid.clamp(-1, 1) * 1.5)
+    with pytest.raises(ValueError, match="8x8"):
+        pipeline.elbo(-torch.ones(1, 1, 4, 4))
