@@ -11,6 +11,8 @@ from scipy.stats import norm
 
 from hf_ddpm import VDMScheduler, losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LN2 = math.log(2.0)
 GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0  # the 8-bit pixel values in [-1, 1]
 
@@ -27,7 +29,8 @@ def test_normal_kl_equals_torch_distributions():
     generator = torch.Generator().manual_seed(0)
     m1, m2, l1, l2 = (torch.randn(200, generator=generator, dtype=torch.float64) * 3 for _ in range(4))
     p, q = torch.distributions.Normal(m1, (0.5 * l1).exp()), torch.distributions.Normal(m2, (0.5 * l2).exp())
-    torch.testing.assert_close(losses.normal_kl(m1, l1, m2, l2), torch.distributions.kl_divergence(p, q), rtol=1e-12, atol=1e-14)
+    expected = torch.distributions.kl_divergence(p, q)
+    torch.testing.assert_close(losses.normal_kl(m1, l1, m2, l2), expected, rtol=1e-12, atol=1e-14)
     assert losses.normal_kl(m1, l1, m1, l1).abs().max().item() < 1e-15
 
 
@@ -104,7 +107,8 @@ def test_oracle_model_makes_every_denoising_term_zero(steps):
     if steps:
         scheduler.set_timesteps(steps)
     x0 = on_grid(3, 1, 4, 4)
-    result = losses.full_elbo(scheduler, lambda x_t, t: x0, x0, generator=torch.Generator().manual_seed(0), keep_per_timestep=True)
+    oracle = lambda x_t, t: x0  # noqa: E731
+    result = losses.full_elbo(scheduler, oracle, x0, generator=torch.Generator().manual_seed(0), keep_per_timestep=True)
     assert result.per_timestep.shape == (3, steps or 100)
     assert result.per_timestep[:, 1:].abs().max().item() < 1e-12
     assert result.denoising_terms.abs().max().item() < 1e-10
@@ -140,7 +144,7 @@ def test_denoising_term_is_ho_et_al_weighted_noise_error():
 
 
 # ---------------------------------------------------------------------------------------------- training losses
-def linear_model(T: int, learned: bool):
+def linear_model(T: int, learned: bool) -> losses.ModelFn:
     """A fixed, deterministic model: a per-timestep affine map of x_t (and tanh(x_t) as the variance channel)."""
     generator = torch.Generator().manual_seed(7)
     scale = 0.5 + 0.3 * torch.rand(T, generator=generator, dtype=torch.float64)
@@ -170,24 +174,22 @@ def test_vlb_loss_is_an_unbiased_estimate_of_the_exact_bound(variance_type):
 
     exact = losses.full_elbo(scheduler, recording_model, x0, generator=torch.Generator().manual_seed(5))
     abar = scheduler.alphas_cumprod
-    vlb, term_loss = [], []
-    for t in range(T):
+
+    def vlb_at(t: int, weight: float = 1.0) -> losses.TrainingLoss:
         noise = (seen[t] - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # the noise full_elbo drew at t
-        out = losses.training_loss("vlb", scheduler, model_fn, x0, torch.full((3,), t), noise=noise)
-        vlb.append(out.vlb_bits_per_dim.double())
-        term_loss.append(out.loss.double())
-    vlb, term_loss = torch.stack(vlb), torch.stack(term_loss)  # (T, B)
+        weights = torch.full((3,), weight)
+        return losses.training_loss("vlb", scheduler, model_fn, x0, torch.full((3,), t), noise=noise, timestep_weights=weights)
+
+    uniform = [vlb_at(t) for t in range(T)]
+    vlb = torch.stack([out.vlb_bits_per_dim.double() for out in uniform])  # (T, B)
+    loss = torch.stack([out.loss.double() for out in uniform])
     # the training path computes in float32 (here ~5e-6 off), the bound in float64; a wrong scale would be >= 1/T
     torch.testing.assert_close(vlb.mean(dim=0), exact.bits_per_dim, rtol=3e-5, atol=0)
-    torch.testing.assert_close(term_loss.mean(dim=0), exact.bits_per_dim - exact.prior_term, rtol=3e-5, atol=0)
+    torch.testing.assert_close(loss.mean(dim=0), exact.bits_per_dim - exact.prior_term, rtol=3e-5, atol=0)
     p = torch.rand(T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
     p /= p.sum()
-    weighted = []
-    for t in range(T):
-        noise = (seen[t] - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
-        weights = torch.full((3,), 1.0 / (T * p[t].item()))
-        weighted.append(losses.training_loss("vlb", scheduler, model_fn, x0, torch.full((3,), t), noise=noise, timestep_weights=weights).vlb_bits_per_dim.double())
-    torch.testing.assert_close((p[:, None] * torch.stack(weighted)).sum(dim=0), exact.bits_per_dim, rtol=3e-5, atol=0)
+    weighted = torch.stack([vlb_at(t, 1.0 / (T * p[t].item())).vlb_bits_per_dim.double() for t in range(T)])
+    torch.testing.assert_close((p[:, None] * weighted).sum(dim=0), exact.bits_per_dim, rtol=3e-5, atol=0)
 
 
 def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb():
@@ -230,4 +232,4 @@ def test_simple_loss_is_zero_for_the_true_target_and_positive_otherwise(predicti
 
 def test_unknown_loss_type_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid"):
-        losses.training_loss("l2", VDMScheduler(num_train_timesteps=20), lambda x, t: x, torch.zeros(1, 1, 2, 2), torch.tensor([3]))
+        losses.training_loss("l2", VDMScheduler(num_train_timesteps=20), lambda x, t: x, -torch.ones(1, 1, 2, 2), torch.tensor([3]))

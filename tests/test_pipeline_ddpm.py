@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -16,6 +17,8 @@ import hf_ddpm
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler, losses
 from hf_ddpm.pipelines.registration import HFDDPMRegistrationMixin
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 20
 SIZE = 8
 
@@ -23,40 +26,36 @@ SIZE = 8
 def tiny_unet(learn_variance: bool = True, perturb: bool = True) -> DenoisingUNet:
     """A tiny U-Net; its output layer starts at zero, so ``perturb`` gives it a non-trivial output."""
     torch.manual_seed(0)
-    unet = DenoisingUNet(sample_size=SIZE, block_out_channels=(8, 16), attention_resolutions=(4,), learn_variance=learn_variance)
+    unet = DenoisingUNet(
+        sample_size=SIZE, block_out_channels=(8, 16), attention_resolutions=(4,), learn_variance=learn_variance
+    )
     if perturb:
         with torch.no_grad():
             unet.conv_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     return unet.eval()
 
 
-def make_pipeline(unet: DenoisingUNet, scheduler) -> HFDDPMPipeline:
+def make_pipeline(unet: DenoisingUNet, scheduler: SchedulerMixin) -> HFDDPMPipeline:
+    """A pipeline of ``unet`` and ``scheduler`` without progress bars."""
     pipeline = HFDDPMPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run ~100x slower on two threads of a busy 2-core machine than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def pipeline(one_thread) -> HFDDPMPipeline:
+def pipeline() -> HFDDPMPipeline:
+    """A tiny learned-variance pipeline with a T = 20 chain."""
     return make_pipeline(tiny_unet(), VDMScheduler(num_train_timesteps=T, variance_type="learned_range"))
 
 
-def sample(pipeline: HFDDPMPipeline, seed: int, steps: int = T, **kwargs):
+def sample(pipeline: HFDDPMPipeline, seed: int, steps: int = T, **kwargs: Any) -> Any:
+    """Three images drawn with a generator seeded with ``seed``."""
     return pipeline(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
 # ---------------------------------------------------------------------------------------------- sampling
 def test_same_generator_gives_identical_images(pipeline):
-    first, again, other = sample(pipeline, 1, output_type="pt"), sample(pipeline, 1, output_type="pt"), sample(pipeline, 2, output_type="pt")
+    first, again, other = (sample(pipeline, seed, output_type="pt") for seed in (1, 1, 2))
     assert first.shape == (3, 1, SIZE, SIZE)
     assert torch.equal(first, again)
     assert (first - other).abs().max() > 0.1
@@ -102,11 +101,22 @@ def test_output_types_hold_the_same_images(pipeline):
     assert isinstance(array, np.ndarray) and array.shape == (3, SIZE, SIZE, 1)
     np.testing.assert_array_equal(array, pt.permute(0, 2, 3, 1).numpy())
     assert len(pil) == 3 and all(image.size == (SIZE, SIZE) and image.mode == "L" for image in pil)
-    np.testing.assert_array_equal(np.stack([np.asarray(image) for image in pil]), (array[..., 0] * 255).round().astype(np.uint8))
-    (as_tuple,) = pipeline(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(6), output_type="pt", return_dict=False)
+    pixels = np.stack([np.asarray(image) for image in pil])
+    np.testing.assert_array_equal(pixels, (array[..., 0] * 255).round().astype(np.uint8))
+    generator = torch.Generator().manual_seed(6)
+    (as_tuple,) = pipeline(batch_size=3, num_inference_steps=4, generator=generator, output_type="pt", return_dict=False)
     assert torch.equal(as_tuple, pt)
     with pytest.raises(ValueError, match="'pil', 'np' or 'pt'"):
         pipeline(output_type="latent")
+
+
+def test_images_are_clamped_to_the_unit_range_when_the_sampler_does_not_clip(pipeline):
+    scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range", clip_sample=False)
+    unclipped = make_pipeline(pipeline.unet, scheduler)
+    images = sample(unclipped, 8, output_type="pt")
+    assert images.min() == 0 and images.max() == 1  # x_0 beyond [-1, 1] is clamped, not wrapped or rescaled
+    inside = (images > 0) & (images < 1)
+    assert inside.float().mean() > 0.2
 
 
 # ---------------------------------------------------------------------------------------------- save and load
@@ -141,8 +151,9 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     pixels = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = pixels[:, None].float() / 127.5 - 1
     result = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
-    assert all(getattr(result, name).shape == (3,) for name in ("bits_per_dim", "prior_term", "denoising_terms", "reconstruction_term"))
-    torch.testing.assert_close(result.bits_per_dim, result.prior_term + result.denoising_terms + result.reconstruction_term, rtol=1e-12, atol=0)
+    parts = (result.prior_term, result.denoising_terms, result.reconstruction_term)
+    assert result.bits_per_dim.shape == (3,) and all(part.shape == (3,) for part in parts)
+    torch.testing.assert_close(result.bits_per_dim, sum(parts), rtol=1e-12, atol=0)
     assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
     # the same bound computed directly: every one of the T terms, the model's output as is
     direct = losses.full_elbo(
@@ -168,7 +179,7 @@ def test_elbo_accepts_uint8_arrays_and_pil_images_and_rejects_off_grid_floats(pi
     for name, images in inputs.items():
         assert torch.equal(pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).bits_per_dim, reference), name
     off_grid = pixels[:, None].double() / 127.5 - 1
-    off_grid[0, 0, 0, 0] = 0.3 / 127.5 - 1 + 1e-3  # between two pixel values
+    off_grid[0, 0, 0, 0] = 100.3 / 127.5 - 1  # between the pixel values 100 and 101
     with pytest.raises(ValueError, match="256-level grid of 8-bit data"):
         pipeline.elbo(off_grid)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):

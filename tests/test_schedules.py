@@ -12,6 +12,8 @@ from diffusers import DDPMScheduler
 from hf_ddpm import VDMScheduler
 from hf_ddpm.schedules import cosine_betas, linear_betas, make_betas
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def cosine_alpha_bar(s: np.ndarray) -> np.ndarray:
     """Nichol & Dhariwal's alpha_bar(s) = cos^2(((s + 0.008) / 1.008) pi / 2), written out here independently."""
@@ -43,12 +45,16 @@ def test_cosine_schedule_follows_alpha_bar_until_the_clip_at_0_999():
 
 @pytest.mark.parametrize(
     "ours, theirs",
-    [("linear", "linear"), ("cosine", "squaredcos_cap_v2"), ("squaredcos_cap_v2", "squaredcos_cap_v2"), ("scaled_linear", "scaled_linear")],
+    [
+        ("linear", "linear"),
+        ("cosine", "squaredcos_cap_v2"),
+        ("squaredcos_cap_v2", "squaredcos_cap_v2"),
+        ("scaled_linear", "scaled_linear"),
+    ],
 )
 def test_schedules_equal_diffusers(ours, theirs):
-    vdm = VDMScheduler(beta_schedule=ours, beta_start=0.00085, beta_end=0.012) if ours == "scaled_linear" else VDMScheduler(beta_schedule=ours)
-    kwargs = dict(beta_start=0.00085, beta_end=0.012) if theirs == "scaled_linear" else {}
-    ddpm = DDPMScheduler(beta_schedule=theirs, **kwargs)
+    ends = dict(beta_start=0.00085, beta_end=0.012) if ours == "scaled_linear" else {}  # latent diffusion's
+    vdm, ddpm = VDMScheduler(beta_schedule=ours, **ends), DDPMScheduler(beta_schedule=theirs, **ends)
     # diffusers keeps float32: equal to its rounding
     np.testing.assert_allclose(vdm.betas.numpy(), ddpm.betas.double().numpy(), rtol=3e-7)
     assert (vdm.alphas_cumprod - ddpm.alphas_cumprod.double()).abs().max().item() <= 1e-6
