@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,19 +30,15 @@ from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.evaluation import estimate_bound
 from hf_ddpm.metrics import sample_quality
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from budget import REPO, train, train_for_budget  # noqa: E402
+
 STOCK_FLAGS = [
     "--architecture", "diffusers_unet2d", "--layers_per_block", "2", "--loss_type", "simple", "--variance_type", "fixed_small",
     "--beta_schedule", "linear", "--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--adam_beta1", "0.95",
     "--adam_beta2", "0.999", "--adam_weight_decay", "1e-6", "--train_batch_size", "16", "--mixed_precision", "no",
 ]
-COMMON = ["--logger", "none", "--overwrite_output_dir", "--num_sample_images", "16"]
-
-
-def train(output_dir: Path, flags: list[str]) -> dict:
-    command = [sys.executable, str(REPO / "training" / "train.py"), "--output_dir", str(output_dir), *COMMON, *flags]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=open(output_dir.with_suffix(".log"), "w"))
-    return json.loads((output_dir / "eval_results.json").read_text())
+SMALL_GRID = ["--num_sample_images", "16"]
 
 
 def evaluate(folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool) -> dict:
@@ -84,12 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ours_dir = args.ours or args.work_dir / "hf_ddpm_default"
-    ours = json.loads((ours_dir / "eval_results.json").read_text()) if args.ours else train(ours_dir, [])
-    budget = ours["train_seconds_this_run"]
-    calibration = train(args.work_dir / "stock_calibration", [*STOCK_FLAGS, "--max_train_steps", "60", "--checkpointing_steps", "1000"])
-    seconds_per_step = calibration["train_seconds_this_run"] / calibration["steps"]
-    stock_steps = int(budget / seconds_per_step)
-    stock = train(args.work_dir / "stock_diffusers", [*STOCK_FLAGS, "--max_train_steps", str(stock_steps), "--checkpointing_steps", str(stock_steps)])
+    ours = json.loads((ours_dir / "eval_results.json").read_text()) if args.ours else train(ours_dir, SMALL_GRID)
+    stock = train_for_budget(args.work_dir / "stock_diffusers", [*STOCK_FLAGS, *SMALL_GRID], ours["train_seconds_this_run"])
 
     test = load_images(args.eval_data, split="test")
     images = ImageTensorDataset(test.images)[:]

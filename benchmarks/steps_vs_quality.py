@@ -2,6 +2,8 @@
 and with fixed variances, and DDIM; time per image and the MNIST-classifier metrics (NOT Inception-FID) for each.
 
     python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data ../shared/data/mnist [--num_samples 200]
+
+Writes the table as JSON and a plot of Fréchet distance and time per image against the number of steps.
 """
 
 from __future__ import annotations
@@ -28,6 +30,31 @@ def configurations(config) -> list[tuple[str, object, int]]:
     return learned + fixed + [("DDIM (eta 0), 50 steps", DDIMScheduler.from_config(config), 50)]
 
 
+def plot(rows: list[dict], out: Path) -> None:
+    """Fréchet distance (left) and milliseconds per image (right) against sampling steps, one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (quality_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for family in ("VDM learned variance", "VDM fixed_small variance", "DDIM (eta 0)"):
+        chosen = sorted((r for r in rows if r["sampler"].startswith(family)), key=lambda r: r["steps"])
+        steps = [r["steps"] for r in chosen]
+        style = "o-" if len(chosen) > 1 else "s"
+        quality_axis.plot(steps, [r["frechet_distance"] for r in chosen], style, label=family)
+        time_axis.plot(steps, [1000 * r["seconds_per_image"] for r in chosen], style, label=family)
+    for axis, label in ((quality_axis, "Fréchet distance (MNIST-classifier features)"), (time_axis, "ms per image")):
+        axis.set_xscale("log")
+        axis.set_xlabel("sampling steps")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    time_axis.set_yscale("log")
+    quality_axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -51,6 +78,7 @@ def main() -> None:
               f"class KL {quality.class_kl_from_uniform:.4f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
+    plot(rows, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

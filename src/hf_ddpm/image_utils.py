@@ -7,7 +7,9 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.utils import numpy_to_pil
 
+OUTPUT_TYPES = ("pil", "np", "pt")
 ImageInput = torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image] | Sequence[np.ndarray]
 
 
@@ -61,3 +63,20 @@ def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
     if tensor.dim() != 4 or tensor.shape[1] != channels:
         raise ValueError(f"Expected images of shape (N, {channels}, H, W), got {tuple(tensor.shape)}.")
     return tensor
+
+
+def check_output_type(output_type: str) -> None:
+    """Raise ``ValueError`` unless ``output_type`` is one a pipeline returns: "pil", "np" or "pt"."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+
+
+def model_range_to_output(images: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+    """Model images (N, C, H, W) in [-1, 1] (clipped) -> a pipeline's output: "pt" (N, C, H, W) float32 in [0, 1],
+    "np" (N, H, W, C) float32 in [0, 1], or "pil" (a list of N PIL images)."""
+    check_output_type(output_type)
+    images = (images.float().clamp(-1, 1) + 1) / 2
+    if output_type == "pt":
+        return images
+    array = images.cpu().permute(0, 2, 3, 1).numpy()
+    return array if output_type == "np" else numpy_to_pil(array)

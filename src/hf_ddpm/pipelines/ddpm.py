@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..image_utils import ImageInput, images_to_tensor
+from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
 from ..losses import full_elbo
 from ..models.unet import DenoisingUNet
 from ..scheduling_vdm import VDMScheduler
@@ -85,8 +85,7 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
                 ``"pt"`` (N, C, H, W) floats in [0, 1].
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        check_output_type(output_type)
         config = self.unet.config
         channels = config.in_channels
         shape = (batch_size, channels, config.sample_size, config.sample_size)
@@ -98,11 +97,7 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(image, t)
             model_output = self._model_output_for(self.unet(model_input, t).sample, channels)
             image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = model_range_to_output(image, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from ..image_utils import ImageInput, images_to_tensor
+from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
 from ..models.vae import GaussianVAE, IWAEOutput, VAEELBOOutput
 from .registration import HFDDPMRegistrationMixin
 
@@ -56,14 +56,9 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
                 (N, C, H, W) floats in [0, 1].
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        check_output_type(output_type)
         mean, _ = self.vae.decode(self.vae.sample_prior(batch_size, generator))
-        image = (mean.clamp(-1, 1) / 2 + 0.5).float()
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = model_range_to_output(mean, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -1,0 +1,46 @@
+"""Runs of ``training/train.py`` for the benchmarks, and equal wall-clock budgets between recipes.
+
+A recipe gets a CPU budget as a number of optimizer steps: its seconds per step are measured by a short calibration
+run of the same flags on the same machine, and the budget is divided by them. The run then trains with a full
+learning-rate schedule over exactly those steps, so no recipe is cut off in the middle of its schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--logger", "none", "--overwrite_output_dir"]
+FAST_OUTPUTS = ["--num_eval_images", "16", "--num_sample_images", "1", "--sample_steps", "2"]  # calibration runs only time steps
+
+
+def train(output_dir: Path, flags: list[str], launch_config: Path | None = None) -> dict:
+    """Run ``train.py --output_dir output_dir *flags`` (log beside the folder) and return its eval_results.json.
+    With ``launch_config``, through ``accelerate launch --config_file launch_config``."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(launch_config)] if launch_config else [sys.executable]
+    command = [*launcher, str(REPO / "training" / "train.py"), "--output_dir", str(output_dir), *QUIET, *flags]
+    with open(output_dir.with_suffix(".log"), "w") as log:
+        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log)
+    if completed.returncode != 0:
+        raise RuntimeError(f"train.py failed ({completed.returncode}); see {output_dir.with_suffix('.log')}")
+    return json.loads((output_dir / "eval_results.json").read_text())
+
+
+def seconds_per_step(work_dir: Path, flags: list[str], calibration_steps: int) -> float:
+    """Wall-clock seconds per optimizer step of ``flags``, from a ``calibration_steps``-step run (warm-up included)."""
+    calibration = train(work_dir, [*flags, *FAST_OUTPUTS, "--max_train_steps", str(calibration_steps),
+                                   "--checkpointing_steps", str(calibration_steps), "--lr_warmup_steps", "0"])
+    return calibration["train_seconds_this_run"] / calibration["steps"]
+
+
+def train_for_budget(output_dir: Path, flags: list[str], budget_seconds: float, calibration_steps: int = 60) -> dict:
+    """Train ``flags`` for as many steps as fit in ``budget_seconds`` on this machine; returns eval_results.json
+    with ``seconds_per_step_calibrated`` added."""
+    per_step = seconds_per_step(output_dir.with_name(output_dir.name + "_calibration"), flags, calibration_steps)
+    steps = max(1, int(budget_seconds / per_step))
+    result = train(output_dir, [*flags, "--max_train_steps", str(steps), "--checkpointing_steps", str(steps)])
+    return {**result, "seconds_per_step_calibrated": per_step}
