@@ -24,20 +24,18 @@ import torch
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import FAST_OUTPUTS, REPO, train  # noqa: E402
-
-HELD_OUT = 256  # train.py holds this many of the training images out for its NLL estimate
+from budget import FAST_EVAL_IMAGES, FAST_OUTPUTS, REPO, train  # noqa: E402
 
 
 def epoch(work_dir: Path, name: str, images: int, batch_per_process: int, processes: int = 1) -> dict:
-    """Train one epoch of ``images`` images (minus the held-out ones); seconds and images/s of the training loop."""
-    steps = (images - HELD_OUT) // (batch_per_process * processes)
+    """Train one epoch of ``images`` images (minus the ones held out); seconds and images/s of the training loop."""
+    steps = (images - FAST_EVAL_IMAGES) // (batch_per_process * processes)
     flags = [*FAST_OUTPUTS, "--max_train_images", str(images), "--train_batch_size", str(batch_per_process),
              "--max_train_steps", str(steps), "--checkpointing_steps", str(steps)]
     config = REPO / "training" / "configs" / ("cpu_2proc.yaml" if processes == 2 else "cpu_1proc.yaml")
     run = train(work_dir / name, flags, launch_config=config)
     seconds = run["train_seconds_this_run"]
-    row = {"images": images, "batch_per_process": batch_per_process, "processes": processes, "steps": steps,
+    row = {"images": images, "trained_images": images - FAST_EVAL_IMAGES, "batch_per_process": batch_per_process, "processes": processes, "steps": steps,
            "epoch_seconds": seconds, "images_per_second": run["images_seen"] / seconds}
     print(f"{name:24s} {steps:5d} steps  {seconds:7.1f} s/epoch  {row['images_per_second']:6.1f} img/s", flush=True)
     return row
