@@ -212,6 +212,8 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path):
     as_numpy = loaded(batch_size=3, generator=torch.Generator().manual_seed(5), output_type="np").images
     assert np.array_equal(as_numpy, first.permute(0, 2, 3, 1).numpy())
     assert loaded(batch_size=2, output_type="pil").images[0].size == (28, 28)
+    with pytest.raises(ValueError, match="output_type must be 'pil', 'np' or 'pt', got 'latent'"):
+        loaded(output_type="latent")
 
 
 def test_bad_configs_and_inputs_are_rejected():
