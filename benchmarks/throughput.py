@@ -6,6 +6,7 @@ Measures, in one run and interleaved (so machine drift hits both alike):
   * the machine's float32 matmul peak (torch.mm, square matrices), and the achieved fraction of it.
 
     python benchmarks/throughput.py [--batch_size 128] [--repeats 5] [--json benchmarks/results/throughput.json]
+    python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -61,16 +62,36 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def print_profile(x: torch.Tensor, t: torch.Tensor, steps: int = 3) -> None:
+    """Share of CPU time per operator over ``steps`` fp32 training steps of the default DenoisingUNet."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = DenoisingUNet()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    training_step(model, optimizer, x, t, bf16=False)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            training_step(model, optimizer, x, t, bf16=False)
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    for event in events[:10]:
+        print(f"{event.key:40s} {100 * event.self_cpu_time_total / total:5.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28)
     t = torch.randint(0, 1000, (args.batch_size,))
+    if args.profile:
+        print_profile(x, t)
+        return
     models = {"hf_ddpm DenoisingUNet": DenoisingUNet(), "diffusers UNet2DModel": diffusers_unet()}
     optimizers = {name: torch.optim.AdamW(m.parameters(), 1e-4) for name, m in models.items()}
     flops = {name: flops_per_step(m, x, t) for name, m in models.items()}
