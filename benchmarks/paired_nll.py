@@ -2,7 +2,7 @@
 
     python benchmarks/paired_nll.py MODEL_A MODEL_B --eval_data ../shared/data/mnist [--timesteps_per_image 16]
 
-Both bounds are estimated by ``hf_ddpm.evaluation.estimate_bound`` (unbiased, stratified timesteps) on the same first
+Both bounds are estimated by ``hf_ddpm.evaluation.evaluate_bound`` (the unbiased stratified estimate) on the same first
 --num_images t10k digits with generators of the same seed, so both models see the same timesteps and the same noise
 for each image. The estimator's randomness is then largely shared, and the standard error of the per-image
 difference is much smaller than the two standard errors combined.
@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from hf_ddpm import HFDDPMPipeline, VDMScheduler
+from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.data import ImageTensorDataset, load_images
-from hf_ddpm.evaluation import BoundEstimate, estimate_bound
+from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound, mean_and_standard_error
 
 
-def bound_of(model: Path, images: torch.Tensor, timesteps_per_image: int, seed: int) -> BoundEstimate:
+def bound_of(model: Path, images: torch.Tensor, timesteps_per_image: int, seed: int) -> BoundResult:
     """The stratified bound estimate of ``model`` (a saved HFDDPMPipeline folder) on ``images``."""
     pipe = HFDDPMPipeline.from_pretrained(model)
-    unet = pipe.unet.eval()
-    return estimate_bound(VDMScheduler.from_config(pipe.scheduler.config), lambda x, t: unet(x.float(), t).sample, images,
-                          timesteps_per_image=timesteps_per_image, generator=torch.Generator().manual_seed(seed))
+    pipe.unet.eval()
+    options = BoundOptions(timesteps_per_image=timesteps_per_image)
+    return evaluate_bound(pipe, images, options, generator=torch.Generator().manual_seed(seed))
 
 
 def main() -> None:
@@ -43,13 +42,12 @@ def main() -> None:
     images = ImageTensorDataset(load_images(args.eval_data, split="test", max_images=args.num_images).images)[:]
     bounds = {str(m): bound_of(m, images, args.timesteps_per_image, args.seed) for m in (args.model_a, args.model_b)}
     a, b = bounds.values()
-    difference = (a.per_image - b.per_image).double()
+    difference, difference_error = mean_and_standard_error(a.per_image - b.per_image)
     result = {
         "num_images": len(images), "timesteps_per_image": args.timesteps_per_image,
-        "models": {name: {"bits_per_dim": e.bits_per_dim, "standard_error": e.standard_error, "prior": e.prior_term,
-                          "denoising": e.denoising_terms, "reconstruction": e.reconstruction_term} for name, e in bounds.items()},
-        "a_minus_b_bits_per_dim": difference.mean().item(),
-        "a_minus_b_standard_error": (difference.std() / math.sqrt(len(difference))).item(),
+        "models": {name: {"bits_per_dim": e.bits_per_dim, "standard_error": e.standard_error, **e.terms} for name, e in bounds.items()},
+        "a_minus_b_bits_per_dim": difference,
+        "a_minus_b_standard_error": difference_error,
     }
     for name, e in bounds.items():
         print(f"{name}: {e.bits_per_dim:.4f} ± {e.standard_error:.4f} bits/dim")

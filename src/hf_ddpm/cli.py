@@ -2,27 +2,28 @@
 
     hf_ddpm evaluate ddpm-mnist --data ../shared/data/mnist --split test [--exact | --timesteps_per_image 8] [--json out.json]
     hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --scheduler vdm --out grid.png
+    hf_ddpm demo ddpm-mnist [--export_space space/]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
-from .evaluation import estimate_bound, exact_bound
+from .demo import add_demo_arguments, run_demo
+from .evaluation import BoundOptions, evaluate_bound
 from .metrics import sample_quality
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
-from .scheduling_vdm import VDMScheduler
+from .training_utils import image_grid
+from .vdm.scheduler import VDMScheduler
 
 SCHEDULERS = {"vdm": VDMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -46,7 +47,8 @@ def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeli
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    """NLL in bits/dim (exact or estimated) and, with --num_samples, sample quality."""
+    """The NLL bound in bits/dim (:func:`hf_ddpm.evaluation.evaluate_bound`: exact or estimated for diffusion
+    models, ELBO and IWAE for VAEs) and, with --num_samples, sample quality."""
     pipeline = load_pipeline(args.model, args.revision, args.device)
     try:
         network = pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet
@@ -55,58 +57,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--data {args.data}: {error}") from None
     images = ImageTensorDataset(data.images)[:].to(args.device)
-    if isinstance(pipeline, VAEPipeline):
-        return evaluate_vae(pipeline, images, data.source, args)
-    scheduler = VDMScheduler.from_config(pipeline.scheduler.config)
-    unet = pipeline.unet.eval()
     generator = torch.Generator().manual_seed(args.seed)
-
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x_t.to(unet.dtype), t).sample
-
-    progress = lambda batches: tqdm(batches, desc="bound", leave=False)  # noqa: E731
-    if args.exact:
-        bound = exact_bound(scheduler, model_fn, images, batch_size=args.batch_size, generator=generator, progress=progress)
-        estimator = f"exact: all {scheduler.config.num_train_timesteps} terms"
-    else:
-        bound = estimate_bound(scheduler, model_fn, images, timesteps_per_image=args.timesteps_per_image, batch_size=args.batch_size,
-                               generator=generator, progress=progress)
-        estimator = f"unbiased stratified estimate, {args.timesteps_per_image} timesteps per image + exact reconstruction and prior"
-    result = {
-        "model": args.model, "data": data.source, "num_images": bound.num_images, "estimator": estimator,
-        "bits_per_dim": bound.bits_per_dim, "standard_error": bound.standard_error,
-        "terms": {"prior": bound.prior_term, "denoising": bound.denoising_terms, "reconstruction": bound.reconstruction_term},
-    }
-    return add_sample_quality(result, pipeline, images, args, generator, {"num_inference_steps": args.steps})
+    options = BoundOptions(exact=args.exact, timesteps_per_image=args.timesteps_per_image,
+                           elbo_samples=args.elbo_samples, iwae_samples=args.iwae_samples)
+    pipeline.set_progress_bar_config(disable=True)
+    bound = evaluate_bound(pipeline, images, options, batch_size=args.batch_size, generator=generator,
+                           progress=lambda batches: tqdm(batches, desc="bound", leave=False))
+    result = {"model": args.model, "data": data.source, **bound.to_dict()}
+    return add_sample_quality(result, pipeline, images, args, generator)
 
 
-def evaluate_vae(pipeline: VAEPipeline, images: torch.Tensor, source: str, args: argparse.Namespace) -> dict:
-    """The VAE's ELBO (``--elbo_samples`` Monte-Carlo samples of z) and IWAE bound (``--iwae_samples``), bits/dim."""
-    generator = torch.Generator().manual_seed(args.seed)
-    elbos, iwaes = [], []
-    for batch in tqdm(images.split(args.batch_size), desc="bound", leave=False):
-        elbos.append(pipeline.elbo(batch, num_samples=args.elbo_samples, generator=generator))
-        iwaes.append(pipeline.iwae(batch, num_samples=args.iwae_samples, generator=generator).bits_per_dim)
-    to_bpd = 1.0 / (images[0].numel() * math.log(2))
-    elbo = torch.cat([e.bits_per_dim for e in elbos]).double()
-    iwae = torch.cat(iwaes).double()
-    result = {
-        "model": args.model, "data": source, "num_images": len(images),
-        "estimator": f"ELBO with {args.elbo_samples} sample(s) of z; IWAE with K={args.iwae_samples}",
-        "bits_per_dim": elbo.mean().item(), "standard_error": (elbo.std() / math.sqrt(len(elbo))).item(),
-        "terms": {
-            "reconstruction": torch.cat([e.reconstruction_nats for e in elbos]).double().mean().item() * to_bpd,
-            "kl": torch.cat([e.kl_nats + e.layer_nats.sum(1) for e in elbos]).double().mean().item() * to_bpd,
-        },
-        "iwae_bits_per_dim": iwae.mean().item(), "iwae_standard_error": (iwae.std() / math.sqrt(len(iwae))).item(),
-    }
-    return add_sample_quality(result, pipeline, images, args, generator, {})
+def sampling_call(pipeline: HFDDPMPipeline | VAEPipeline, args: argparse.Namespace) -> dict:
+    """Arguments of the pipeline's call: the respaced ``--steps`` of a diffusion model, none for a VAE."""
+    return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": args.steps}
 
 
-def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argparse.Namespace, generator: torch.Generator, call: dict) -> dict:
+def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argparse.Namespace, generator: torch.Generator) -> dict:
     """With ``--num_samples``, the sample-quality metrics of that many samples against ``images``."""
     if args.num_samples:
-        samples = pipeline(batch_size=args.num_samples, generator=generator, output_type="pt", **call).images
+        samples = pipeline(batch_size=args.num_samples, generator=generator, output_type="pt", **sampling_call(pipeline, args)).images
         quality = sample_quality(samples.cpu() * 2 - 1, images.cpu())
         result["sample_quality"] = {**vars(quality), "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)"}
     return result
@@ -115,10 +84,7 @@ def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argpa
 def sample(args: argparse.Namespace) -> Path:
     """Draw images and write a grid PNG, or one PNG per image into a folder."""
     pipeline = load_pipeline(args.model, args.revision, args.device)
-    if isinstance(pipeline, VAEPipeline):
-        call = {}
-    else:
-        call = {"num_inference_steps": args.steps}
+    call = sampling_call(pipeline, args)
     if args.scheduler != "vdm" and not isinstance(pipeline, VAEPipeline):
         pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
         if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
@@ -130,11 +96,8 @@ def sample(args: argparse.Namespace) -> Path:
         images += pipeline(batch_size=count, generator=generator, **call).images
     out = Path(args.out)
     if out.suffix.lower() == ".png":
-        rows = int(math.sqrt(len(images)))
-        while len(images) % rows:
-            rows -= 1
         out.parent.mkdir(parents=True, exist_ok=True)
-        make_image_grid(images, rows=rows, cols=len(images) // rows).save(out)
+        image_grid(images).save(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
@@ -167,11 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--num_images", type=int, default=64)
     sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
     sample_parser.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    add_demo_arguments(commands.add_parser("demo", help="a Gradio app to sample, watch the denoising and score digits"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args)
     try:
         if args.command == "sample":
             if args.scheduler not in SCHEDULERS:

@@ -1,129 +1,160 @@
-"""The negative ELBO of a data set in bits/dim: exact (all T terms) or an unbiased stratified estimate of it.
+"""The one way to measure a model's likelihood bound on a set of images, and the one type its result has.
 
-The exact bound costs T network evaluations per image (1,000 x 10,000 test digits is hours on 2 CPU cores).
-:func:`estimate_bound` estimates the same sum from K stratified timesteps per image plus the reconstruction term,
-with its standard error, in K + 1 evaluations per image. Both return a :class:`BoundEstimate`.
+:func:`evaluate_bound` takes any hf_ddpm pipeline and a set of images and returns a :class:`BoundResult`: the
+per-image bound in bits/dim and its terms, the estimator in words, and (for VAEs) the tighter importance-weighted
+bound. The pipelines' ``elbo``, ``training/train.py``, the ``hf_ddpm evaluate`` command and every benchmark call
+it. A pipeline takes part by implementing ``bound_terms(images, options, generator) -> BatchBound`` for one batch
+(its model's equations live in the model's own modules); this module only batches, concatenates and summarises.
+
+Each per-image value is an unbiased estimate of that image's bound (exact when every term is computed), so the
+standard error of the mean over N images, sd / sqrt(N), covers both the spread of the images and the randomness
+of the estimator.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from .losses import ModelFn, full_elbo, nats_to_bits_per_dim, prior_term, variational_terms
-from .scheduling_vdm import VDMScheduler
+from .image_utils import ImageInput, images_to_tensor
+
+
+@dataclass(frozen=True)
+class BoundOptions:
+    """How to compute a bound; each model kind reads the options that apply to it.
+
+    Attributes:
+        exact: diffusion models: every one of the T terms (T network evaluations per image) instead of the
+            stratified estimate.
+        timesteps_per_image: diffusion models: K stratified timesteps per image of the unbiased estimate (plus the
+            exact reconstruction and prior terms: K + 1 network evaluations per image).
+        elbo_samples: VAEs: Monte-Carlo samples of z per image for the ELBO.
+        iwae_samples: VAEs: K of the importance-weighted bound reported beside the ELBO (0: none).
+    """
+
+    exact: bool = False
+    timesteps_per_image: int = 8
+    elbo_samples: int = 1
+    iwae_samples: int = 64
 
 
 @dataclass
-class BoundEstimate:
-    """The mean negative ELBO of a set of images in bits/dim, its parts and their standard errors.
+class BatchBound:
+    """A pipeline's bound on one batch: per-image terms in bits/dim (they add up to the bound), the estimator in
+    words, and optionally the per-image importance-weighted bound."""
 
-    ``standard_error`` is the standard deviation of the per-image values over sqrt(N): it covers both the spread
-    of the images and the randomness of the estimator, so it is the error of ``bits_per_dim`` as an estimate of the
-    data set's mean bound.
+    terms: dict[str, torch.Tensor]
+    estimator: str
+    iwae: torch.Tensor | None = None
+
+
+class SupportsBound(Protocol):
+    """What :func:`evaluate_bound` needs of a pipeline."""
+
+    def bound_terms(
+        self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None
+    ) -> BatchBound: ...
+
+    @property
+    def image_channels(self) -> int: ...
+
+
+def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, sd / sqrt(N)) of N values (float64); the standard error is NaN for a single value."""
+    values = values.double()
+    spread = values.std().item() if len(values) > 1 else float("nan")
+    return values.mean().item(), spread / math.sqrt(len(values))
+
+
+@dataclass
+class BoundResult:
+    """A negative log-likelihood bound on a set of images, in bits/dim, per image and summarised.
+
+    Attributes:
+        per_image_terms: term name -> (N,) float64 bits/dim; the terms add up to the bound of each image
+            (diffusion: ``prior``, ``denoising``, ``reconstruction``; VAE: ``reconstruction``, ``kl``).
+        estimator: how it was computed, in words (shown in the model card and the CLI).
+        per_image_iwae: (N,) the importance-weighted bound of each image (VAEs), or None.
     """
 
-    bits_per_dim: float
-    standard_error: float
-    prior_term: float
-    denoising_terms: float
-    reconstruction_term: float
-    denoising_standard_error: float
-    per_image: torch.Tensor
-    num_images: int
-    timesteps_per_image: int | None  # None when every term was computed (exact)
+    per_image_terms: dict[str, torch.Tensor]
+    estimator: str
+    per_image_iwae: torch.Tensor | None = field(default=None)
+
+    @property
+    def per_image(self) -> torch.Tensor:
+        """(N,) the bound of each image, the sum of its terms."""
+        return sum(self.per_image_terms.values())
+
+    @property
+    def num_images(self) -> int:
+        return len(self.per_image)
+
+    @property
+    def bits_per_dim(self) -> float:
+        """The mean bound over the images."""
+        return mean_and_standard_error(self.per_image)[0]
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of :attr:`bits_per_dim` as an estimate of the data set's mean bound."""
+        return mean_and_standard_error(self.per_image)[1]
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """The mean of each term (they add up to :attr:`bits_per_dim`)."""
+        return {name: mean_and_standard_error(values)[0] for name, values in self.per_image_terms.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-able values: ``bits_per_dim``, ``standard_error``, ``terms``, ``estimator``,
+        ``num_images`` and, for VAEs, ``iwae_bits_per_dim`` and ``iwae_standard_error``."""
+        summary = {
+            "bits_per_dim": self.bits_per_dim,
+            "standard_error": self.standard_error,
+            "terms": self.terms,
+            "estimator": self.estimator,
+            "num_images": self.num_images,
+        }
+        if self.per_image_iwae is not None:
+            summary["iwae_bits_per_dim"], summary["iwae_standard_error"] = mean_and_standard_error(
+                self.per_image_iwae
+            )
+        return summary
 
 
-def _mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
-    mean = values.mean().item()
-    spread = values.std().item() if len(values) > 1 else float("nan")
-    return mean, spread / math.sqrt(len(values))
-
-
-def _summarise(prior: torch.Tensor, denoising: torch.Tensor, reconstruction: torch.Tensor, timesteps_per_image: int | None) -> BoundEstimate:
-    total = prior + denoising + reconstruction
-    mean, error = _mean_and_standard_error(total)
-    return BoundEstimate(
-        bits_per_dim=mean, standard_error=error, prior_term=prior.mean().item(), denoising_terms=denoising.mean().item(),
-        reconstruction_term=reconstruction.mean().item(), denoising_standard_error=_mean_and_standard_error(denoising)[1],
-        per_image=total, num_images=len(total), timesteps_per_image=timesteps_per_image,
-    )
-
-
-def strata(num_timesteps: int, num_strata: int) -> list[torch.Tensor]:
-    """The denoising timesteps 1..T-1 cut into ``num_strata`` contiguous strata of (nearly) equal size."""
-    if not 1 <= num_strata <= num_timesteps - 1:
-        raise ValueError(f"timesteps_per_image must be between 1 and T-1 = {num_timesteps - 1}, got {num_strata}.")
-    return list(torch.arange(1, num_timesteps).tensor_split(num_strata))
-
-
-@torch.no_grad()
-def estimate_bound(
-    scheduler: VDMScheduler,
-    model_fn: ModelFn,
-    images: torch.Tensor,
+def evaluate_bound(
+    pipeline: SupportsBound,
+    images: ImageInput,
+    options: BoundOptions = BoundOptions(),
     *,
-    timesteps_per_image: int = 8,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
-    progress: Callable | None = None,
-) -> BoundEstimate:
-    """Unbiased estimate of the full negative ELBO of each image, from K = ``timesteps_per_image`` timesteps.
-
-    The T-1 denoising terms are split into K strata S_k; one t_k is drawn uniformly in each, and
-    sum_{t=1}^{T-1} L_t is estimated by sum_k |S_k| L_{t_k} (unbiased: E[|S_k| L_{t_k}] = sum_{t in S_k} L_t).
-    The reconstruction term L_0 (the largest and most variable) and the prior term are computed exactly, so each
-    image costs K + 1 network evaluations. Works on the scheduler's full chain; float64 throughout.
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> BoundResult:
+    """The bound of ``pipeline``'s model on ``images``, batch by batch.
 
     Args:
-        scheduler: a :class:`VDMScheduler` with the full chain (not respaced).
-        model_fn: ``model_fn(x_t, timesteps) -> model_output``; receives float64 x_t.
-        images: (N, C, H, W) in [-1, 1] on the 8-bit grid.
-        progress: wraps the iterable of batches (e.g. tqdm).
+        pipeline: an hf_ddpm pipeline (:class:`~hf_ddpm.HFDDPMPipeline`, :class:`~hf_ddpm.VAEPipeline`, ...).
+        images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
+        options: which estimator (:class:`BoundOptions`).
+        batch_size: images per batch.
+        generator: for every random draw (noise, timesteps, latents); seed it for a reproducible estimate.
+        progress: wraps the iterable of batches (e.g. ``tqdm``).
     """
-    T = scheduler.config.num_train_timesteps
-    if len(scheduler.chain.timesteps) != T:
-        raise ValueError("estimate_bound needs the full chain: call scheduler.set_timesteps(num_train_timesteps) first.")
-    groups = strata(T, timesteps_per_image)
-    num_dims = images[0].numel()
-    priors, denoisings, reconstructions = [], [], []
-    batches = images.split(batch_size)
-    for batch in progress(batches) if progress is not None else batches:
-        x0 = batch.to(torch.float64)
-        n = len(x0)
-
-        def term_at(t: torch.Tensor) -> torch.Tensor:
-            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(torch.float64)
-            x_t = scheduler.add_noise(x0, noise, t)
-            return variational_terms(scheduler, model_fn(x_t, t).to(torch.float64), x0, x_t, t)
-
-        denoising = torch.zeros(n, dtype=torch.float64, device=x0.device)
-        for group in groups:
-            pick = torch.randint(len(group), (n,), generator=generator, device=generator.device if generator is not None else "cpu")
-            denoising += len(group) * term_at(group[pick.cpu()].to(x0.device))
-        reconstruction = term_at(torch.zeros(n, dtype=torch.long, device=x0.device))
-        priors.append(nats_to_bits_per_dim(prior_term(scheduler, x0), num_dims).cpu())
-        denoisings.append(nats_to_bits_per_dim(denoising, num_dims).cpu())
-        reconstructions.append(nats_to_bits_per_dim(reconstruction, num_dims).cpu())
-    return _summarise(torch.cat(priors), torch.cat(denoisings), torch.cat(reconstructions), timesteps_per_image)
-
-
-@torch.no_grad()
-def exact_bound(
-    scheduler: VDMScheduler,
-    model_fn: ModelFn,
-    images: torch.Tensor,
-    *,
-    batch_size: int = 256,
-    generator: torch.Generator | None = None,
-    progress: Callable | None = None,
-) -> BoundEstimate:
-    """The full negative ELBO of each image, every one of the T terms computed (:func:`hf_ddpm.losses.full_elbo`),
-    summarised like :func:`estimate_bound`. T network evaluations per image."""
-    parts = [full_elbo(scheduler, model_fn, batch, generator=generator) for batch in (progress(images.split(batch_size)) if progress else images.split(batch_size))]
-    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])  # noqa: E731
-    return _summarise(cat("prior_term"), cat("denoising_terms"), cat("reconstruction_term"), None)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    x = images_to_tensor(images, pipeline.image_channels)
+    if len(x) == 0:
+        raise ValueError("No images given: the bound of an empty set is undefined.")
+    batches = x.split(batch_size)
+    parts = [pipeline.bound_terms(batch, options, generator) for batch in (progress or iter)(batches)]
+    names = parts[0].terms
+    iwae = [part.iwae for part in parts]
+    return BoundResult(
+        per_image_terms={name: torch.cat([p.terms[name].double().cpu() for p in parts]) for name in names},
+        estimator=parts[0].estimator,
+        per_image_iwae=None if iwae[0] is None else torch.cat([v.double().cpu() for v in iwae]),
+    )

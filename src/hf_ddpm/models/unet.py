@@ -41,6 +41,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> torch.Tensor:
+    """VDM's Fourier features of the input: [sin(2^n pi x), cos(2^n pi x)] for every channel c and exponent n.
+
+    (B, C, H, W) -> (B, 2 C N, H, W) with N = len(exponents): the sines first, then the cosines, each ordered
+    channel by channel and, within a channel, exponent by exponent (VDM's ``Base2FourierFeatures``, whose
+    ``start=6, stop=8`` with w = 2^k 2 pi are the exponents n = k + 1 = 7, 8 here).
+    """
+    frequencies = math.pi * 2.0 ** torch.tensor(list(exponents), dtype=sample.dtype, device=sample.device)
+    angles = (sample[:, :, None] * frequencies[None, None, :, None, None]).flatten(1, 2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
@@ -104,6 +116,8 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         attention_heads (`int`): heads of each self-attention layer.
         dropout (`float`): dropout inside the residual blocks.
         norm_num_groups (`int`): GroupNorm groups (reduced to a divisor of the channels where needed).
+        fourier_features (`tuple[int]`): exponents n of :func:`base2_fourier_features` concatenated to the input
+            (VDM uses (7, 8): periods 2^(1-n), down to the 8-bit bin width, for data in [-1, 1]); empty for none.
     """
 
     @register_to_config
@@ -119,6 +133,7 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         dropout: float = 0.0,
         norm_num_groups: int = 8,
+        fourier_features: Sequence[int] = (),
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -136,7 +151,7 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         base = block_out_channels[0]
         self.embedding_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, self.embedding_dim), nn.SiLU(), nn.Linear(self.embedding_dim, self.embedding_dim))
-        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(fourier_features)), base, 3, padding=1)
 
         def block(cin: int, cout: int, size: int) -> nn.ModuleList:
             layers = [ResidualBlock(cin, cout, self.embedding_dim, dropout, norm_num_groups)]
@@ -201,6 +216,8 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(sample.shape[0])
         embedding = self.time_mlp(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(sample.dtype))
+        if self.config.fourier_features:
+            sample = torch.cat([sample, base2_fourier_features(sample, self.config.fourier_features)], dim=1)
         h = self.conv_in(sample)
         skips = [h]
         for layers in self.down:

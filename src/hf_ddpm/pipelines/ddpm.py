@@ -1,36 +1,18 @@
-"""HFDDPMPipeline: ancestral sampling from p_theta and the exact ELBO of images, as a diffusers pipeline."""
+"""HFDDPMPipeline: ancestral sampling from p_theta and the ELBO of images, as a diffusers pipeline."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
-from ..losses import full_elbo
+from ..evaluation import BatchBound, BoundOptions, evaluate_bound
+from ..hub.registration import HFDDPMRegistrationMixin
+from ..image_utils import ImageInput, check_output_type, model_range_to_output
 from ..models.unet import DenoisingUNet
-from ..scheduling_vdm import VDMScheduler
-from .registration import HFDDPMRegistrationMixin
-
-
-@dataclass
-class ELBOOutput(BaseOutput):
-    """The negative ELBO of each image in bits/dim, with its parts; each a float64 tensor of shape (N,).
-
-    Args:
-        bits_per_dim: the whole negative ELBO, an upper bound on -log2 p(x) / D.
-        prior_term: KL(q(x_T | x_0) || N(0, I)).
-        denoising_terms: the sum over t of KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)).
-        reconstruction_term: -log p_theta(x_0 | x_1) (discretized Gaussian decoder).
-    """
-
-    bits_per_dim: torch.Tensor
-    prior_term: torch.Tensor
-    denoising_terms: torch.Tensor
-    reconstruction_term: torch.Tensor
+from ..vdm.chain import DiffusionChain
+from ..vdm.elbo import ELBOOutput, full_elbo, stratified_elbo
+from ..vdm.scheduler import VDMScheduler
 
 
 class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
@@ -63,7 +45,9 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         """The part of the model output the scheduler understands: all 2C channels for a VDMScheduler or
         DDPMScheduler with a learned variance, the prediction's C channels for any other scheduler (DDIM, DPM-Solver,
         ... have no use for a variance; their configs may still carry ``variance_type`` from ours)."""
-        learned = isinstance(self.scheduler, (VDMScheduler, DDPMScheduler)) and str(self.scheduler.config.variance_type).startswith("learned")
+        learned = isinstance(self.scheduler, (VDMScheduler, DDPMScheduler)) and str(
+            self.scheduler.config.variance_type
+        ).startswith("learned")
         return model_output if learned else model_output[:, :channels]
 
     @torch.no_grad()
@@ -103,43 +87,67 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
+    @property
+    def image_channels(self) -> int:
+        """C, the channels of the images the model generates and scores."""
+        return self.unet.config.in_channels
+
+    @property
+    def train_chain(self) -> DiffusionChain:
+        """The frozen constants of the full chain the model was trained on, from the scheduler's config: whatever
+        the scheduler was respaced or swapped to for sampling, the bound is that of the training chain."""
+        return DiffusionChain.from_config(self.scheduler.config)
+
+    def bound_terms(
+        self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None = None
+    ) -> BatchBound:
+        """The negative ELBO of one batch (N, C, H, W) in [-1, 1], per image and term, bits/dim: every term
+        (``options.exact``, T network evaluations per image) or the unbiased stratified estimate from
+        ``options.timesteps_per_image`` timesteps plus the exact reconstruction and prior terms. Float64. Called
+        by :func:`hf_ddpm.evaluation.evaluate_bound`, the one entry point for a bound on a set of images."""
+        size = self.unet.config.sample_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        chain = self.train_chain
+        x = images.to(self._execution_device)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.unet(x_t.to(self.unet.dtype), t).sample
+
+        T = chain.num_train_timesteps
+        if options.exact:
+            out, estimator = full_elbo(chain, model_fn, x, generator=generator), f"exact: all {T} terms"
+        else:
+            k = options.timesteps_per_image
+            out = stratified_elbo(chain, model_fn, x, timesteps_per_image=k, generator=generator)
+            estimator = (
+                f"unbiased stratified estimate of the full {T}-term bound, {k} timesteps per image "
+                "+ exact reconstruction and prior terms"
+            )
+        terms = {"prior": out.prior_term, "denoising": out.denoising_terms, "reconstruction": out.reconstruction_term}
+        return BatchBound(terms=terms, estimator=estimator)
+
     @torch.no_grad()
-    def elbo(
-        self,
-        images: ImageInput,
-        batch_size: int = 64,
-        generator: torch.Generator | None = None,
-    ) -> ELBOOutput:
+    def elbo(self, images: ImageInput, batch_size: int = 64, generator: torch.Generator | None = None) -> ELBOOutput:
         r"""The negative ELBO of each image in bits/dim: all T terms of the full training chain, summed exactly.
 
         Costs T network evaluations per image. The bound is computed in float64 with the model's own variance
-        type and prediction type (from the scheduler's config, which must be a :class:`VDMScheduler`'s).
+        type and prediction type (from the scheduler's config, which must carry a :class:`VDMScheduler`'s keys).
+        :func:`hf_ddpm.evaluation.evaluate_bound` gives the same numbers summarised, or the cheaper stratified
+        estimate.
 
         Args:
             images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
             batch_size (`int`): images per forward pass.
             generator (`torch.Generator`, *optional*): for the x_t ~ q(x_t | x_0) draws.
         """
-        x = images_to_tensor(images, self.unet.config.in_channels)
-        if x.shape[-1] != self.unet.config.sample_size or x.shape[-2] != self.unet.config.sample_size:
-            raise ValueError(f"Images must be {self.unet.config.sample_size}x{self.unet.config.sample_size}, got {tuple(x.shape[-2:])}.")
-        scheduler = VDMScheduler.from_config(self.scheduler.config)  # the full chain, whatever was sampled with
-        device = self._execution_device
-
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x_t.to(self.unet.dtype), t).sample
-
-        parts = []
-        batches = list(torch.split(x, batch_size))
-        with self.progress_bar(total=len(batches) * scheduler.config.num_train_timesteps) as bar:
-
-            def progress(steps):
-                for step in steps:
-                    yield step
-                    bar.update()
-
-            for batch in batches:
-                parts.append(full_elbo(scheduler, model_fn, batch.to(device), generator=generator, progress=progress))
+        bound = evaluate_bound(
+            self, images, BoundOptions(exact=True), batch_size=batch_size, generator=generator, progress=self.progress_bar
+        )
+        terms = bound.per_image_terms
         return ELBOOutput(
-            **{name: torch.cat([getattr(p, name) for p in parts]).cpu() for name in ELBOOutput.__dataclass_fields__}
+            bits_per_dim=bound.per_image,
+            prior_term=terms["prior"],
+            denoising_terms=terms["denoising"],
+            reconstruction_term=terms["reconstruction"],
         )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from ..distributions import nats_to_bits_per_dim
+from ..evaluation import BatchBound, BoundOptions
+from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
-from ..models.vae import GaussianVAE, IWAEOutput, VAEELBOOutput
-from .registration import HFDDPMRegistrationMixin
+from ..vae.model import GaussianVAE, IWAEOutput, VAEELBOOutput
 
 
 class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
@@ -63,6 +65,33 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    @property
+    def image_channels(self) -> int:
+        """C, the channels of the images the model generates and scores."""
+        return self.vae.config.in_channels
+
+    @torch.no_grad()
+    def bound_terms(
+        self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None = None
+    ) -> BatchBound:
+        """The negative ELBO of one batch (N, C, H, W) in [-1, 1] with ``options.elbo_samples`` draws of z, per
+        image and term in bits/dim (``reconstruction``, and ``kl``: the top KL plus the hierarchy's layer terms),
+        and the importance-weighted bound with K = ``options.iwae_samples`` (none for 0). Called by
+        :func:`hf_ddpm.evaluation.evaluate_bound`, the one entry point for a bound on a set of images."""
+        x = images.to(self._execution_device)
+        elbo = self.vae.elbo(x, num_samples=options.elbo_samples, generator=generator)
+        dims = x[0].numel()
+        terms = {
+            "reconstruction": nats_to_bits_per_dim(elbo.reconstruction_nats, dims),
+            "kl": nats_to_bits_per_dim(elbo.kl_nats + elbo.layer_nats.sum(dim=1), dims),
+        }
+        iwae = None
+        estimator = f"ELBO with {options.elbo_samples} sample(s) of z"
+        if options.iwae_samples:
+            iwae = self.vae.iwae(x, num_samples=options.iwae_samples, generator=generator).bits_per_dim
+            estimator += f"; IWAE with K={options.iwae_samples}"
+        return BatchBound(terms=terms, estimator=estimator, iwae=iwae)
 
     def _to_model_input(self, images: ImageInput) -> torch.Tensor:
         return images_to_tensor(images, self.vae.config.in_channels).to(self._execution_device)

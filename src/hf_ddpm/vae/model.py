@@ -13,7 +13,7 @@ whose ELBO splits, per image, into
             + E_q[KL(q(z_L | z_{L-1}) || N(0, I))]                         top prior-matching term.
 
 The decoder p_theta(x | z_1) is the discretized Gaussian over the 256 levels of 8-bit data that the diffusion model's
-reconstruction term uses (:func:`hf_ddpm.losses.discretized_gaussian_log_likelihood`), so bits/dim are comparable
+reconstruction term uses (:func:`hf_ddpm.distributions.discretized_gaussian_log_likelihood`), so bits/dim are comparable
 between the two models. The importance-weighted bound (Burda et al., 2016) with K samples z^(k) ~ q(z_1:L | x),
 
     IWAE_K = log (1/K) sum_k p(x, z^(k)) / q(z^(k) | x),      ELBO = E[IWAE_1] <= E[IWAE_K] <= E[IWAE_{K+1}] <= log p(x),
@@ -34,7 +34,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..losses import discretized_gaussian_log_likelihood, gaussian_log_density, nats_to_bits_per_dim, normal_kl, sum_over_pixels
+from ..distributions import (
+    discretized_gaussian_log_likelihood,
+    gaussian_log_density,
+    kl_to_standard_normal,
+    nats_to_bits_per_dim,
+    sum_over_pixels,
+)
 
 #: Bounds of the decoder's per-pixel log standard deviation (e^-7 is far below one 8-bit bin, 2/255).
 LOG_SCALE_RANGE = (-7.0, 2.0)
@@ -44,7 +50,7 @@ LOG_SCALE_RANGE = (-7.0, 2.0)
 class VAEELBOOutput(BaseOutput):
     """The ELBO of each image and its terms, as non-negative contributions to the negative ELBO: tensors of shape (N,)
     in nats per image (``*_nats``), the whole also in bits/dim. ``negative_elbo_nats = reconstruction_nats + kl_nats +
-    layer_nats.sum(1)``; :func:`hf_ddpm.losses.nats_to_bits_per_dim` converts any term.
+    layer_nats.sum(1)``; :func:`hf_ddpm.distributions.nats_to_bits_per_dim` converts any term.
 
     Args:
         reconstruction_nats: -E_q[log p_theta(x | z_1)], the Monte-Carlo average over the samples of z.
@@ -191,13 +197,6 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         return mean + torch.exp(0.5 * logvar) * eps
 
     @staticmethod
-    def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(N(mean, diag e^logvar) || N(0, I)) in closed form, 1/2 sum_i (mean_i^2 + e^logvar_i - 1 - logvar_i):
-        (N, D) -> (N,) nats."""
-        zeros = torch.zeros_like(mean)
-        return sum_over_pixels(normal_kl(mean, logvar, zeros, zeros))
-
-    @staticmethod
     def prior_log_density(z: torch.Tensor) -> torch.Tensor:
         """log p(z_L) = log N(z_L; 0, I) = -1/2 sum_i (log 2 pi + z_i^2): (N, D) -> (N,) nats."""
         zeros = torch.zeros_like(z)
@@ -271,7 +270,7 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         for _ in range(num_samples):
             chain = self.sample_posterior(x, generator)
             reconstruction.append(-self.reconstruction_log_likelihood(x, chain[0].sample))
-            kl.append(self.kl_to_prior(chain[-1].mean, chain[-1].logvar))
+            kl.append(kl_to_standard_normal(chain[-1].mean, chain[-1].logvar))
             layers.append(self.layer_terms(chain))
         reconstruction_nats, kl_nats, layer_nats = (torch.stack(draws).mean(0) for draws in (reconstruction, kl, layers))
         total = reconstruction_nats + kl_nats + layer_nats.sum(dim=1)

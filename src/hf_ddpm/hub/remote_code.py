@@ -9,7 +9,7 @@ from hf_ddpm removed (the names they imported are defined earlier in the same fi
 the remote code is always the code that wrote the weights; :func:`remote_code_files` says where the copies go.
 
 The rules that make a module bundleable, checked here with an error that names the module and line: import from
-hf_ddpm only at module level, only names (``from .losses import full_elbo``, not ``from . import losses``), without
+hf_ddpm only at module level, only names (``from ..vdm.elbo import full_elbo``, not ``from .. import vdm``), without
 renaming them; no two bundled modules may bind one top-level name to different things; and together they define
 at most one pipeline class.
 """
@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from diffusers import DiffusionPipeline
 
-from .pipelines.registration import PACKAGE, library_of
+from .naming import PACKAGE, library_of
 
 #: File name of the bundle; also the ``custom_pipeline`` name stock diffusers is given (``"hf_ddpm"``).
 REMOTE_CODE_FILENAME = f"{PACKAGE}.py"

@@ -1,24 +1,20 @@
-"""How hf_ddpm pipelines record and find their components in ``model_index.json``, and load and push by repo id.
+"""How hf_ddpm pipelines record their components in ``model_index.json``, load them, and push by repo id.
 
-diffusers records a component from outside its own libraries under its full module path
-(``["hf_ddpm.models.unet", "DenoisingUNet"]``), which breaks every saved model when a module moves. hf_ddpm
-records its public classes under the package name instead (``["hf_ddpm", "DenoisingUNet"]``). diffusers then
-resolves the class with ``getattr(hf_ddpm, name)`` and decides how to load it by checking it against the base
-classes it finds *by name in the same module* (``getattr(hf_ddpm, "ModelMixin")``, ``"SchedulerMixin"``, ...).
-That is why ``hf_ddpm/__init__.py`` re-exports :data:`LOADING_BASE_CLASSES`; without them even a local
-``from_pretrained`` fails with "... does not seem to have any of the loading methods defined".
+Components are recorded as ``["hf_ddpm", ClassName]`` (:mod:`hf_ddpm.hub.naming`). diffusers then resolves the
+class with ``getattr(hf_ddpm, name)`` and decides how to load it by checking it against the base classes it finds
+*by name in the same module* (``getattr(hf_ddpm, "ModelMixin")``, ``"SchedulerMixin"``, ...). That is why
+``hf_ddpm/__init__.py`` re-exports :data:`LOADING_BASE_CLASSES`; without them even a local ``from_pretrained``
+fails with "... does not seem to have any of the loading methods defined".
 
-A Hub repo also ships a self-contained copy of this code as ``hf_ddpm.py`` (see :mod:`hf_ddpm.remote_code`), which
-stock diffusers runs with ``trust_remote_code=True``. Everything here therefore works in both places: "the hf_ddpm
-namespace" of a class is the installed package, or that single module when the class was loaded from it.
+This module is part of the self-contained remote code a Hub repo ships (:mod:`hf_ddpm.hub.remote_code`), so it
+works in both places. Writing repos (:mod:`hf_ddpm.hub.push`) is not: :meth:`HFDDPMRegistrationMixin.push_to_hub`
+imports it when called, and says what to install when it is missing.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from diffusers import DiffusionPipeline
@@ -27,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .loading import load_package_components, pipeline_folder
+from .naming import PACKAGE, library_of, package_namespace
 
 #: The diffusers base classes the component loader looks up in the ``hf_ddpm`` namespace.
 LOADING_BASE_CLASSES = {
@@ -36,30 +33,8 @@ LOADING_BASE_CLASSES = {
     "DiffusionPipeline": DiffusionPipeline,
 }
 
-PACKAGE = "hf_ddpm"
-#: ``from_pretrained`` options that say where the files come from (see :mod:`hf_ddpm.pipelines.loading`).
+#: ``from_pretrained`` options that say where the files come from (see :mod:`hf_ddpm.hub.loading`).
 HUB_OPTIONS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download")
-
-
-def package_namespace(cls: type) -> ModuleType | None:
-    """The module that holds hf_ddpm's public classes for ``cls``: the installed ``hf_ddpm`` package for its own
-    classes, the module itself for a class from the remote-code copy ``hf_ddpm.py`` that stock diffusers imports
-    from a Hub repo, None for any other class."""
-    parts = cls.__module__.split(".")
-    if parts[0] == PACKAGE:
-        return sys.modules[PACKAGE]
-    if parts[-1] == PACKAGE:
-        return sys.modules.get(cls.__module__)
-    return None
-
-
-def library_of(module: Any) -> tuple[str, str] | None:
-    """``("hf_ddpm", ClassName)`` for an instance of a public hf_ddpm class, None for anything else."""
-    cls = module if isinstance(module, type) else type(module)
-    namespace = package_namespace(cls)
-    if namespace is not None and getattr(namespace, cls.__name__, None) is cls:
-        return PACKAGE, cls.__name__
-    return None
 
 
 class HFDDPMRegistrationMixin:
@@ -108,10 +83,10 @@ class HFDDPMRegistrationMixin:
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push this pipeline as a complete Hub repo: safetensors weights, model card, the self-contained remote
-        code and, if given, the sample grid and training arguments. See :func:`hf_ddpm.hub.push_pipeline_to_hub`
+        code and, if given, the sample grid and training arguments. See :func:`hf_ddpm.hub.push.push_pipeline_to_hub`
         for the arguments; without ``card`` a card describing the pipeline alone is written."""
-        try:  # imported at call time: hf_ddpm.hub builds on this module, and is not part of the remote code
-            hub = importlib.import_module(f"{PACKAGE}.hub")
+        try:  # imported at call time: the remote code, which holds this module, cannot write repos
+            push = importlib.import_module(f"{PACKAGE}.hub.push")
         except ModuleNotFoundError as error:
             if error.name != PACKAGE:
                 raise
@@ -119,4 +94,4 @@ class HFDDPMRegistrationMixin:
                 f"push_to_hub needs the {PACKAGE} package (pip install {PACKAGE}); this pipeline was loaded from a "
                 "repo's remote code, which can load and sample but not write repos."
             ) from error
-        return hub.push_pipeline_to_hub(self, repo_id, **kwargs)
+        return push.push_pipeline_to_hub(self, repo_id, **kwargs)

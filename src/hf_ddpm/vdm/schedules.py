@@ -7,7 +7,7 @@ betas into alphas, cumulative products and posterior coefficients (all in float6
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -72,3 +72,16 @@ def make_betas(
     if not np.all((betas > 0) & (betas < 1)):
         raise ValueError("Every beta_t must lie in (0, 1) so that q(x_t | x_{t-1}) is a proper Gaussian.")
     return betas
+
+
+def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
+    """The betas that a scheduler config (a :class:`hf_ddpm.VDMScheduler`'s or diffusers' ``DDPMScheduler``'s)
+    describes: :func:`make_betas` of its ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``
+    and ``trained_betas``, with diffusers' defaults for missing keys."""
+    return make_betas(
+        config.get("beta_schedule", "linear"),
+        config["num_train_timesteps"],
+        config.get("beta_start", 1e-4),
+        config.get("beta_end", 0.02),
+        config.get("trained_betas"),
+    )

@@ -1,0 +1,135 @@
+"""Sharing hf_ddpm pipelines on the Hugging Face Hub: writing a complete repo, and pushing it.
+
+A pushed repo (or a folder written by :func:`save_pipeline_repo`) holds::
+
+    model_index.json                      the pipeline ("hf_ddpm" components), from save_pretrained
+    unet/config.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json, ...
+    hf_ddpm.py                            self-contained remote code (hf_ddpm.hub.remote_code), for stock diffusers
+    unet/hf_ddpm.py, scheduler/hf_ddpm.py the same file where diffusers looks for the "hf_ddpm" library's code
+    README.md                             the model card (hf_ddpm.hub.card.render_model_card)
+    samples.png                           the sample grid the card shows (optional)
+    training_args.json                    the resolved training arguments, secrets removed (optional)
+
+Weights are safetensors only. The Hub token (argument, ``HF_TOKEN`` or the login cache, resolved by
+huggingface_hub) is never written: secret-looking keys are dropped from the arguments, and a push that would
+upload any file containing the token is refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
+
+from .card import SAMPLE_GRID_PATH, TrainingReport, redact_secrets, render_model_card
+from .naming import PACKAGE
+from .remote_code import remote_code_files
+
+TRAINING_ARGS_PATH = "training_args.json"
+CARD_PATH = "README.md"
+
+
+def _write_sample_grid(sample_grid: PIL.Image.Image | str | Path, path: Path) -> None:
+    image = sample_grid if isinstance(sample_grid, PIL.Image.Image) else PIL.Image.open(sample_grid)
+    image.save(path, format="PNG")
+
+
+def save_pipeline_repo(
+    pipeline: Any,
+    folder: str | Path,
+    *,
+    card: ModelCard | None = None,
+    sample_grid: PIL.Image.Image | str | Path | None = None,
+    training_args: dict[str, Any] | None = None,
+) -> list[str]:
+    """Write the repo layout of ``pipeline`` (see the module docstring) into ``folder``: safetensors weights,
+    the remote code, and the card, sample grid (as ``samples.png``) and training arguments (without secrets)
+    when given. Returns the files then in ``folder`` (relative paths): for a new folder, exactly the repo's."""
+    folder = Path(folder)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    for relative, source in remote_code_files(pipeline).items():
+        (folder / relative).write_text(source, encoding="utf-8")
+    if card is not None:
+        card.save(folder / CARD_PATH)
+    if sample_grid is not None:
+        _write_sample_grid(sample_grid, folder / SAMPLE_GRID_PATH)
+    if training_args is not None:
+        arguments = json.dumps(redact_secrets(training_args), indent=2, default=str)
+        (folder / TRAINING_ARGS_PATH).write_text(arguments, encoding="utf-8")
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def _refuse_files_with_secret(folder: Path, files: list[str], secret: str | None) -> None:
+    if not secret:
+        return
+    leaking = [name for name in files if secret.encode() in (folder / name).read_bytes()]
+    if leaking:
+        raise ValueError(
+            f"Refusing to push: {', '.join(leaking)} contain(s) the Hub token. Remove it from what you pass "
+            "(card text, training arguments) and push again; nothing was uploaded."
+        )
+
+
+def _commit_message(pipeline: Any, prefix: str) -> str:
+    where = f" to {prefix.rstrip('/')}" if prefix else ""
+    return f"Upload {type(pipeline).__name__}{where} ({PACKAGE} {importlib.metadata.version(PACKAGE)})"
+
+
+def push_pipeline_to_hub(
+    pipeline: Any,
+    repo_id: str,
+    *,
+    card: ModelCard | None = None,
+    sample_grid: PIL.Image.Image | str | Path | None = None,
+    training_args: dict[str, Any] | None = None,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    path_in_repo: str = "",
+    commit_message: str | None = None,
+) -> CommitInfo:
+    """Push ``pipeline`` to the Hub repo ``repo_id`` (created if missing) in one commit.
+
+    Args:
+        pipeline: an hf_ddpm pipeline (``HFDDPMPipeline``, ``VAEPipeline``, ...).
+        repo_id: ``"org/name"``.
+        card: the model card (:func:`render_model_card`). At the repo root it defaults to a card that describes
+            the pipeline alone; in a subfolder there is none unless given.
+        sample_grid: a PIL image or an image file, stored as ``samples.png`` (where the card links it).
+        training_args: the resolved training arguments, stored as ``training_args.json`` without secrets.
+        token: a Hub token; defaults to ``HF_TOKEN`` or the login cache. It is never written to any file.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch to commit to (created from the default branch if missing); default: the main branch.
+        path_in_repo: a folder of the repo for the whole layout, e.g. ``"checkpoints/step-500"`` for a checkpoint
+            (load it with ``from_pretrained(repo_id, subfolder=...)``).
+        commit_message: defaults to a message naming the pipeline class and the hf_ddpm version.
+
+    Returns:
+        the ``CommitInfo`` of the commit (``.oid`` is the commit sha to pin with ``revision=``).
+    """
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
+    secret = token or get_token()
+    arguments = redact_secrets(training_args, secret) if training_args is not None else None
+    if card is None and not prefix:
+        grid = SAMPLE_GRID_PATH if sample_grid is not None else None
+        report = TrainingReport.for_pipeline(pipeline, repo_id, sample_grid=grid, training_args=arguments or {})
+        card = render_model_card(report)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as staging:
+        folder = Path(staging)
+        files = save_pipeline_repo(pipeline, folder, card=card, sample_grid=sample_grid, training_args=arguments)
+        _refuse_files_with_secret(folder, files, secret)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.create_commit(
+            repo_id,
+            operations=[CommitOperationAdd(path_in_repo=prefix + f, path_or_fileobj=str(folder / f)) for f in files],
+            commit_message=commit_message or _commit_message(pipeline, prefix),
+            revision=revision,
+        )

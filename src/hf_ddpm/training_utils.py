@@ -1,0 +1,185 @@
+"""The generic parts of a training run, kept out of ``training/train.py`` so they are tested here: checkpoints that
+survive a kill, resuming, the output folder's guard, EMA weights, sample grids, precision and hardware.
+
+Nothing here knows the model kind (that is :mod:`hf_ddpm.objectives`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-STEP``), oldest first. A save in progress is ``checkpoint-STEP.tmp``."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """STEP of a ``checkpoint-STEP`` folder, None for any other name."""
+    suffix = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    """Save model, optimizer, LR schedule, RNG, EMA and objective state, atomically; returns the checkpoint.
+
+    Everything is written into ``checkpoint-STEP.tmp`` and renamed to ``checkpoint-STEP`` only when complete, so
+    a run killed mid-save leaves the previous checkpoint as the latest. Old checkpoints beyond ``total_limit`` are
+    deleted only after the new one is in place.
+    """
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete ``checkpoint-STEP.tmp`` folders: saves that were killed half-way."""
+    for stale in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
+        shutil.rmtree(stale)
+
+
+def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None (start fresh: ``resume`` is None, or 'latest' with no checkpoint yet),
+    the newest complete one for 'latest', or the given folder (a path, or a name inside ``output_dir``)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not path.is_dir() and (output_dir / resume).is_dir():
+        path = output_dir / resume
+    if not path.is_dir() or checkpoint_step(path) is None:
+        names = [p.name for p in list_checkpoints(output_dir)] or "the checkpoint-STEP folders a run writes"
+        raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of {names}.")
+    return path
+
+
+def check_output_dir(output_dir: Path, arguments: dict[str, Any], keys: Iterable[str], overwrite: bool) -> None:
+    """Refuse an ``output_dir`` whose ``training_args.json`` differs from ``arguments`` in any of ``keys`` (another
+    model) unless ``overwrite``: raises ``ValueError`` naming the differences."""
+    saved = output_dir / "training_args.json"
+    if overwrite or not saved.is_file():
+        return
+    previous = json.loads(saved.read_text())
+    different = {k: (previous.get(k), arguments[k]) for k in keys if previous.get(k) != arguments[k]}
+    if different:
+        changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
+        raise ValueError(
+            f"--output_dir {output_dir} holds a different model ({changes}). Choose a new --output_dir, or pass "
+            "--overwrite_output_dir to replace it."
+        )
+
+
+class ema_weights:
+    """Context manager: the model holds the EMA weights inside, its own weights again after (no-op without EMA)."""
+
+    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
+        self.ema, self.model = ema, model
+
+    def __enter__(self) -> torch.nn.Module:
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc: object) -> bool:
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def image_grid(images: list[PIL.Image.Image]) -> PIL.Image.Image:
+    """The images in the squarest grid whose rows are all full."""
+    rows = int(math.sqrt(len(images)))
+    while len(images) % rows:
+        rows -= 1
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
+
+
+def sample_grid(pipeline: DiffusionPipeline, num_images: int, seed: int, **call: Any) -> PIL.Image.Image:
+    """A grid of ``num_images`` samples of ``pipeline`` drawn with a CPU generator seeded with ``seed``; ``call``
+    goes to the pipeline's ``__call__`` (e.g. ``num_inference_steps``)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=num_images, generator=generator, output_type="pil", **call).images
+    return image_grid(images)
+
+
+# ---------------------------------------------------------------------------------------------- the machine
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flags of /proc/cpuinfo on
+    Linux); False elsewhere, including where the flags cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def has_accelerator_device() -> bool:
+    """True when torch sees a GPU-like device (CUDA/ROCm, XPU or Apple MPS) to train on."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """'auto' -> bf16 or fp16 if ``accelerate launch`` was configured with it, else bf16 where the hardware computes
+    it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else 'no'. ``accelerate launch`` reports 'no' when
+    nothing was configured, so only an explicit ``--mixed_precision no`` forces full precision."""
+    if requested != "auto":
+        return requested
+    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if from_launcher != "no":
+        return from_launcher
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def hardware_description(accelerator: Accelerator) -> str:
+    """E.g. '1 x cpu (2 cores)' or '8 x NVIDIA A100-SXM4-80GB'."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def log_sample_grid(accelerator: Accelerator, grid: PIL.Image.Image, step: int) -> None:
+    """Send a sample grid to every tracker of ``accelerator`` that logs images, through accelerate's own
+    ``log_images`` (TensorBoard takes an (N, H, W, C) array, the others a list of images)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": [grid]}, step=step)

@@ -1,0 +1,1 @@
+"""The source's first model: the Gaussian VAE and its Markovian hierarchy."""

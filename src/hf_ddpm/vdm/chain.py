@@ -1,0 +1,292 @@
+"""The frozen constants of a diffusion chain and every closed-form equation of its encoder and decoder.
+
+The variational diffusion model is a Markovian hierarchical VAE with three restrictions: latents x_1..x_T of the
+data's size, a fixed Gaussian encoder q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I), and
+q(x_T) ~= N(0, I). A :class:`DiffusionChain` holds the float64 constants of one such chain (the full training
+chain, or a respaced sub-chain) and the parameterisation of the decoder p_theta(x_{t-1} | x_t); it never changes
+after it is built, so the ELBO (:mod:`hf_ddpm.vdm.elbo`) takes it as an explicit argument and the scheduler's
+mutable sampling state (:class:`hf_ddpm.VDMScheduler`) never reaches the maths.
+
+=========================================  ==============================================================
+equation                                   method
+=========================================  ==============================================================
+q(x_t | x_{t-1})                           :meth:`DiffusionChain.q_step`
+q(x_t | x_0)                               :meth:`DiffusionChain.q_mean_variance`, :meth:`DiffusionChain.add_noise`
+v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0  :meth:`DiffusionChain.get_velocity`
+q(x_{t-1} | x_t, x_0)                      :meth:`DiffusionChain.q_posterior_mean_variance`
+x_0 from the model output                  :meth:`DiffusionChain.predict_original_sample`
+log sigma_t^2 of p_theta                   :meth:`DiffusionChain.model_log_variance`
+p_theta(x_{t-1} | x_t)                     :meth:`DiffusionChain.p_mean_variance`
+=========================================  ==============================================================
+
+Timesteps are 0-based as in diffusers and improved-diffusion: timestep ``t`` is the latent x_{t+1} of the maths,
+so timestep 0 is x_1 (whose decoder gives x_0) and timestep T-1 is x_T. Constants are cast to the sample's dtype
+and device when used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .schedules import betas_from_config
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def broadcast_constant(values: np.ndarray, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[index] cast to like's dtype and device, shaped (B, 1, ..., 1) to broadcast against like."""
+    picked = torch.from_numpy(values)[index.detach().cpu().long().reshape(-1)]
+    if like.device.type == "mps":  # MPS has no float64
+        picked = picked.float()
+    picked = picked.to(device=like.device, dtype=like.dtype)
+    if picked.numel() == 1:
+        return picked.reshape([1] * like.dim())
+    return picked.reshape([-1] + [1] * (like.dim() - 1))
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
+
+
+@dataclass(frozen=True)
+class DiffusionChain:
+    """Float64 constants of one Markov chain x_0 -> x_{t_1} -> ... -> x_{t_K} (K = len(timesteps)), and the decoder's
+    parameterisation.
+
+    Built from the marginals alpha_bar_t = prod_{s<=t} alpha_s alone, so a sub-sequence of timesteps (respacing)
+    is again a valid Markov chain with betas recomputed as beta_k = 1 - alpha_bar_{t_k} / alpha_bar_{t_{k-1}}.
+    The per-step arrays have shape (K,) and are indexed by the position k in the chain (0 = the step that decodes
+    x_0); ``train_alphas_cumprod`` (T,) is indexed by the original timestep.
+
+    Args:
+        prediction_type: what the model predicts: ``epsilon`` (the noise), ``sample`` (x_0) or ``v_prediction``.
+        variance_type: variance of p_theta(x_{t-1} | x_t): ``fixed_small`` (beta~_t), ``fixed_large`` (beta_t) or
+            ``learned_range`` (the model emits 2C channels; the last C give v in [-1, 1]).
+    """
+
+    train_alphas_cumprod: np.ndarray
+    timesteps: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    betas: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    positions: np.ndarray
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"
+
+    @classmethod
+    def from_alphas_cumprod(
+        cls,
+        train_alphas_cumprod: np.ndarray,
+        timesteps: np.ndarray | None = None,
+        prediction_type: str = "epsilon",
+        variance_type: str = "fixed_small",
+    ) -> DiffusionChain:
+        """The chain over the increasing ``timesteps`` (default: all T) of a schedule with cumulative products
+        ``train_alphas_cumprod``:
+
+        beta_k = 1 - abar_k / abar_{k-1};  beta~_k = beta_k (1 - abar_{k-1}) / (1 - abar_k);
+        mu~_k(x_t, x_0) = coef1_k x_0 + coef2_k x_t with coef1_k = beta_k sqrt(abar_{k-1}) / (1 - abar_k) and
+        coef2_k = sqrt(1 - beta_k) (1 - abar_{k-1}) / (1 - abar_k). log beta~ is clipped at k = 0 (where beta~ = 0)
+        to log beta~_1, as improved-diffusion does, so the decoder p(x_0 | x_1) has a finite variance.
+        """
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        train = np.asarray(train_alphas_cumprod, dtype=np.float64)
+        steps = np.arange(len(train)) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
+        abar = train[steps]
+        abar_prev = np.append(1.0, abar[:-1])
+        betas = 1.0 - abar / abar_prev
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        clip_value = posterior_variance[1] if len(steps) > 1 else betas[0]
+        positions = np.full(len(train), -1, dtype=np.int64)
+        positions[steps] = np.arange(len(steps))
+        return cls(
+            train_alphas_cumprod=train,
+            timesteps=steps,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            betas=betas,
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=np.log(np.append(clip_value, posterior_variance[1:])),
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=np.sqrt(1.0 - betas) * (1.0 - abar_prev) / (1.0 - abar),
+            positions=positions,
+            prediction_type=prediction_type,
+            variance_type=variance_type,
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DiffusionChain:
+        """The full training chain of a scheduler config (a :class:`hf_ddpm.VDMScheduler`'s, or diffusers'
+        ``DDPMScheduler``'s with the same keys): whatever a pipeline's scheduler was respaced to for sampling, the
+        bound is always that of the chain the model was trained on."""
+        return cls.from_alphas_cumprod(
+            np.cumprod(1.0 - betas_from_config(config)),
+            prediction_type=config.get("prediction_type", "epsilon"),
+            variance_type=config.get("variance_type", "fixed_small"),
+        )
+
+    def respaced(self, timesteps: np.ndarray) -> DiffusionChain:
+        """The sub-chain over the increasing original ``timesteps``, with the same schedule and parameterisation."""
+        return DiffusionChain.from_alphas_cumprod(
+            self.train_alphas_cumprod, timesteps, self.prediction_type, self.variance_type
+        )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the schedule the chain was built from."""
+        return len(self.train_alphas_cumprod)
+
+    @property
+    def is_full(self) -> bool:
+        """True for the chain over all T timesteps."""
+        return len(self.timesteps) == self.num_train_timesteps
+
+    def chain_position(self, timesteps: torch.Tensor | int) -> torch.Tensor:
+        """Position k of each timestep in this chain (0 = the decoding step); errors if one is not in it."""
+        t = torch.as_tensor(timesteps).detach().cpu().long().reshape(-1)
+        T = self.num_train_timesteps
+        if t.numel() and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"Timesteps must lie in [0, {T - 1}], got {t.tolist()[:8]}.")
+        k = torch.from_numpy(self.positions)[t]
+        if (k < 0).any():
+            raise ValueError(
+                f"Timestep(s) {t[k < 0].tolist()[:8]} are not in the chain {self.timesteps[::-1][:8].tolist()}...; "
+                "call set_timesteps() with the chain you sample or evaluate on."
+            )
+        return k
+
+    # ------------------------------------------------------------------ the forward process
+    def q_step(self, previous_sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """One encoder step of this chain, x_{t_k} = sqrt(1 - beta_k) x_{t_{k-1}} + sqrt(beta_k) noise.
+
+        This is a sample of q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I) with alpha_t = 1 - beta_t;
+        ``previous_sample`` is x_{t-1} (x_0 when t is the first timestep), all tensors of shape (B, C, H, W).
+        """
+        beta = broadcast_constant(self.betas, self.chain_position(timesteps), previous_sample)
+        return torch.sqrt(1.0 - beta) * previous_sample + torch.sqrt(beta) * noise
+
+    def q_mean_variance(
+        self, original_samples: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The marginal q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): (mean, variance, log_variance)."""
+        abar = broadcast_constant(self.train_alphas_cumprod, torch.as_tensor(timesteps), original_samples)
+        variance = (1.0 - abar).expand_as(original_samples)
+        return torch.sqrt(abar) * original_samples, variance, torch.log1p(-abar).expand_as(original_samples)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sample the marginal q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        abar = broadcast_constant(self.train_alphas_cumprod, torch.as_tensor(timesteps), original_samples)
+        return torch.sqrt(abar) * original_samples + torch.sqrt(1.0 - abar) * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (``sample`` is x_0)."""
+        abar = broadcast_constant(self.train_alphas_cumprod, torch.as_tensor(timesteps), sample)
+        return torch.sqrt(abar) * noise - torch.sqrt(1.0 - abar) * sample
+
+    # ------------------------------------------------------------------ the reverse posterior
+    def q_posterior_mean_variance(
+        self, original_samples: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I), the reverse posterior, in closed form:
+
+        mu~_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+        beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+
+        Returns (mean, variance, log_variance_clipped), each shaped like ``sample``.
+        """
+        k = self.chain_position(timesteps)
+        c1 = broadcast_constant(self.posterior_mean_coef1, k, sample)
+        c2 = broadcast_constant(self.posterior_mean_coef2, k, sample)
+        variance = broadcast_constant(self.posterior_variance, k, sample).expand_as(sample)
+        log_variance = broadcast_constant(self.posterior_log_variance_clipped, k, sample).expand_as(sample)
+        return c1 * original_samples + c2 * sample, variance, log_variance
+
+    # ------------------------------------------------------------------ the decoder p_theta
+    def split_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split a (B, 2C, H, W) learned-variance output into (prediction, v); v is None for fixed variances."""
+        channels = sample.shape[1]
+        if self.variance_type == "learned_range":
+            if model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"variance_type='learned_range' needs a model with 2*C = {2 * channels} output channels "
+                    f"(prediction and variance), got {model_output.shape[1]}."
+                )
+            return model_output[:, :channels], model_output[:, channels:]
+        if model_output.shape[1] != channels:
+            raise ValueError(
+                f"variance_type={self.variance_type!r} needs a model with C = {channels} output channels, "
+                f"got {model_output.shape[1]}; a 2C-channel model needs variance_type='learned_range'."
+            )
+        return model_output, None
+
+    def predict_original_sample(
+        self, prediction: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """x_0 from the model's prediction at x_t (``sample``):
+
+        epsilon: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);  sample: x_0 = prediction;
+        v_prediction: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v.
+        """
+        abar = broadcast_constant(self.train_alphas_cumprod, torch.as_tensor(timesteps), sample)
+        if self.prediction_type == "epsilon":
+            return (sample - torch.sqrt(1.0 - abar) * prediction) / torch.sqrt(abar)
+        if self.prediction_type == "sample":
+            return prediction
+        return torch.sqrt(abar) * sample - torch.sqrt(1.0 - abar) * prediction
+
+    def model_log_variance(
+        self, variance_output: torch.Tensor | None, sample: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """log sigma_t^2 of p_theta(x_{t-1} | x_t) on this chain, shaped like ``sample``:
+
+        fixed_small: log beta~_t (clipped at the first step); fixed_large: log beta_t (log beta~_1 at the first
+        step, as improved-diffusion does, so the decoder's variance is that of the next step);
+        learned_range: (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t with v the model's variance output, at every
+        step including the first (between the clipped log beta~_1 and log beta_1 there, as improved-diffusion does,
+        so the decoder's variance is learned too).
+        """
+        k = self.chain_position(timesteps)
+        min_log = broadcast_constant(self.posterior_log_variance_clipped, k, sample)
+        if self.variance_type == "fixed_small":
+            return min_log.expand_as(sample)
+        if self.variance_type == "fixed_large":
+            first = self.betas[:1] if len(self.timesteps) == 1 else self.posterior_variance[1:2]
+            return broadcast_constant(np.log(np.append(first, self.betas[1:])), k, sample).expand_as(sample)
+        max_log = broadcast_constant(np.log(self.betas), k, sample)
+        frac = (variance_output + 1.0) / 2.0
+        return frac * max_log + (1.0 - frac) * min_log
+
+    def p_mean_variance(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        clip_denoised: bool = False,
+        clip_range: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I) with mu_theta = mu~_t(x_t, x0_theta(x_t, t)).
+
+        The model's x_0 estimate (clipped to [-clip_range, clip_range] with ``clip_denoised``) is plugged into the
+        closed-form posterior mean (the parameterisation that makes each denoising-matching KL a weighted squared
+        error). Returns (mean, log_variance, pred_original_sample).
+        """
+        prediction, variance_output = self.split_model_output(model_output, sample)
+        pred_original = self.predict_original_sample(prediction, sample, timesteps)
+        if clip_denoised:
+            pred_original = pred_original.clamp(-clip_range, clip_range)
+        mean, _, _ = self.q_posterior_mean_variance(pred_original, sample, timesteps)
+        return mean, self.model_log_variance(variance_output, sample, timesteps), pred_original
