@@ -57,6 +57,7 @@ from hf_ddpm.training_utils import (
     resolve_resume_path,
     sample_grid,
     save_checkpoint,
+    use_all_cores,
 )
 from hf_ddpm.vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.vdm.elbo import LOSS_TYPES
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    threads = use_all_cores()
     model_keys = [f.name for f in dataclasses.fields(ModelArguments)] + ["resolution", "channels"]
     try:
         if accelerator.is_main_process:
@@ -402,7 +404,8 @@ def main(argv: list[str] | None = None) -> Path:
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
         f"{len(dataset)} training images ({train_data.source}); held out: {held_out_description}. "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {mixed_precision}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device} ({threads} threads each), mixed precision "
+        f"{mixed_precision}; "
         f"batch {train_args.train_batch_size} per process, {global_batch} per optimizer step; {max_train_steps} steps "
         f"({num_epochs} epochs); {sum(p.numel() for p in model.parameters()):,} parameters."
     )

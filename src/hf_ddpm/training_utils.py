@@ -183,3 +183,42 @@ def log_sample_grid(accelerator: Accelerator, grid: PIL.Image.Image, step: int) 
             tracker.log_images({"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC")
         elif hasattr(tracker, "log_images"):
             tracker.log_images({"samples": [grid]}, step=step)
+
+
+def _launcher_chose_one_thread() -> bool:
+    """True when ``OMP_NUM_THREADS=1`` in this process is ``accelerate launch``'s default rather than the user's
+    choice: the nearest ancestor that is ``accelerate launch`` (read from /proc on Linux) had no ``OMP_NUM_THREADS``
+    of its own and was not given ``--num_cpu_threads_per_process``."""
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        return False
+    pid = os.getppid()
+    for _ in range(8):  # accelerate launch -> (torchrun ->) this process
+        try:
+            proc = Path("/proc") / str(pid)
+            command = proc.joinpath("cmdline").read_bytes().split(b"\0")
+            environment = proc.joinpath("environ").read_bytes().split(b"\0")
+            parent = int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        text = b" ".join(command)
+        if b"accelerate" in text and b"launch" in text:
+            user_set = any(entry.startswith(b"OMP_NUM_THREADS=") for entry in environment)
+            return not user_set and b"--num_cpu_threads_per_process" not in text
+        if pid <= 1:
+            return False
+        pid = parent
+    return False
+
+
+def use_all_cores() -> int:
+    """On a CPU-only machine, give torch all cores (``os.cpu_count()`` divided by the processes on this machine,
+    ``LOCAL_WORLD_SIZE``, threads per process)
+    when ``accelerate launch`` narrowed it to one thread by default (it does so whenever it was not told the run is a
+    CPU run); a thread count the user set (``OMP_NUM_THREADS``, ``--num_cpu_threads_per_process``) is kept. Returns
+    the threads per process now in use."""
+    if not has_accelerator_device() and _launcher_chose_one_thread():
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return torch.get_num_threads()
