@@ -24,8 +24,26 @@ SAMPLE_GRID_PATH = "samples.png"
 TEMPLATE = "templates/model_card.md"
 TASK = "unconditional-image-generation"
 #: Card tags of every hf_ddpm repo, and those of each pipeline class.
-BASE_TAGS = ["pytorch", "diffusers", TASK, PACKAGE]
-PIPELINE_TAGS = {"HFDDPMPipeline": ["ddpm"], "VAEPipeline": ["vae"]}
+BASE_TAGS = ["diffusers", "pytorch", TASK, PACKAGE, "custom-pipeline", "likelihood"]
+PIPELINE_TAGS = {
+    "HFDDPMPipeline": ["ddpm", "diffusion"],
+    "VAEPipeline": ["vae"],
+    "VDMPipeline": ["vdm", "variational-diffusion-model", "diffusion"],
+}
+#: The papers behind each pipeline class (arXiv id, what it is), linked from the card; the Hub lists them.
+PAPERS = {
+    "2208.11970": "Luo 2022, Understanding Diffusion Models: A Unified Perspective (the derivation followed here)",
+    "1312.6114": "Kingma & Welling 2013, Auto-Encoding Variational Bayes",
+    "2006.11239": "Ho et al. 2020, Denoising Diffusion Probabilistic Models",
+    "2102.09672": "Nichol & Dhariwal 2021, Improved Denoising Diffusion Probabilistic Models",
+    "2107.00630": "Kingma et al. 2021, Variational Diffusion Models",
+    "1509.00519": "Burda et al. 2015, Importance Weighted Autoencoders",
+}
+PIPELINE_PAPERS = {
+    "HFDDPMPipeline": ["2208.11970", "2006.11239", "2102.09672", "2107.00630"],
+    "VAEPipeline": ["2208.11970", "1312.6114", "1509.00519"],
+    "VDMPipeline": ["2208.11970", "2107.00630", "2006.11239"],
+}
 #: Argument names that hold credentials (matched as whole ``_``-separated words): never written anywhere.
 SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|credentials?)(?:$|_)", re.IGNORECASE)
 
@@ -156,11 +174,16 @@ def _card_data(report: TrainingReport) -> ModelCardData:
             EvalResult(
                 task_type=TASK, dataset_type=nll.dataset_id, dataset_name=nll.dataset_name, dataset_split=nll.split,
                 metric_type="nll", metric_name="NLL (bits/dim)", metric_value=nll.bound.bits_per_dim,
-            )
+            ),
+            EvalResult(
+                task_type=TASK, dataset_type=nll.dataset_id, dataset_name=nll.dataset_name, dataset_split=nll.split,
+                metric_type="nll_standard_error", metric_name="NLL standard error (bits/dim)",
+                metric_value=nll.bound.standard_error,
+            ),
         ]
     return ModelCardData(
         license=report.license,
-        library_name=PACKAGE,
+        library_name="diffusers",
         pipeline_tag=TASK,
         tags=BASE_TAGS + PIPELINE_TAGS.get(report.pipeline_class, []),
         datasets=report.datasets or None,
@@ -185,6 +208,7 @@ def render_model_card(report: TrainingReport) -> ModelCard:
         custom_pipeline=REMOTE_CODE_FILENAME.removesuffix(".py"),
         call_arguments=call_arguments,
         training_rows=[(key, _table_value(value)) for key, value in arguments.items()],
+        papers=[(arxiv, PAPERS[arxiv]) for arxiv in PIPELINE_PAPERS.get(report.pipeline_class, [])],
         number=_number,
         duration=_duration,
     )
