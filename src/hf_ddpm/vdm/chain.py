@@ -36,6 +36,12 @@ from .schedules import betas_from_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+#: diffusers' ``DDPMScheduler`` variance types that a chain refuses, and why (one line each).
+REFUSED_VARIANCE_TYPES = {
+    "fixed_small_log": "it samples exactly as 'fixed_small' (e^(log beta~ / 2) = sqrt(beta~)): use 'fixed_small'",
+    "fixed_large_log": "diffusers' step takes the square root of log beta_t < 0 (NaN samples): use 'fixed_large'",
+    "learned": "an unbounded raw variance output gives no valid decoder or bound: use 'learned_range'",
+}
 
 
 def broadcast_constant(values: np.ndarray, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -49,8 +55,28 @@ def broadcast_constant(values: np.ndarray, index: torch.Tensor, like: torch.Tens
     return picked.reshape([-1] + [1] * (like.dim() - 1))
 
 
+def dynamic_threshold(sample: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al., 2022, Imagen), as diffusers' ``_threshold_sample``: per image,
+
+    s = clamp(quantile_ratio(|x|), 1, max_value),  x <- clamp(x, -s, s) / s,
+
+    where the quantile is over all C*H*W values of the image. With s = 1 it is clipping to [-1, 1]; a larger s
+    pulls saturated pixels inwards instead of clipping them. Computed in float32 for half-precision inputs and
+    returned in the input's dtype.
+    """
+    dtype = sample.dtype
+    flat = sample.reshape(sample.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile and CPU clamp need float32
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the choices unless ``value`` is one of them."""
+    """Raise ``ValueError`` naming the choices unless ``value`` is one of them (saying why for the variance types
+    diffusers accepts and a chain refuses)."""
+    if name == "variance_type" and value in REFUSED_VARIANCE_TYPES:
+        raise ValueError(f"variance_type={value!r} is not supported: {REFUSED_VARIANCE_TYPES[value]}.")
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
 
@@ -99,10 +125,20 @@ class DiffusionChain:
         mu~_k(x_t, x_0) = coef1_k x_0 + coef2_k x_t with coef1_k = beta_k sqrt(abar_{k-1}) / (1 - abar_k) and
         coef2_k = sqrt(1 - beta_k) (1 - abar_{k-1}) / (1 - abar_k). log beta~ is clipped at k = 0 (where beta~ = 0)
         to log beta~_1, as improved-diffusion does, so the decoder p(x_0 | x_1) has a finite variance.
+
+        A zero terminal SNR (abar_T = 0, beta_T = 1, :func:`~hf_ddpm.vdm.schedules.rescale_zero_terminal_snr`)
+        needs no clamping: q(x_T | x_0) = N(0, I), so the prior term is exactly 0, and log beta_T = 0 and
+        log beta~_T = log(1 - abar_{T-1}) are finite. Only epsilon prediction is refused there, since
+        x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) divides by 0 (diffusers returns inf/NaN).
         """
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
         train = np.asarray(train_alphas_cumprod, dtype=np.float64)
+        if prediction_type == "epsilon" and train[-1] <= 0.0:
+            raise ValueError(
+                "prediction_type='epsilon' cannot decode at zero terminal SNR (abar_T = 0: x_0 = (x_T - eps) / 0); "
+                "use 'v_prediction' (as Lin et al. 2023 do) or 'sample'."
+            )
         steps = np.arange(len(train)) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
         abar = train[steps]
         abar_prev = np.append(1.0, abar[:-1])
@@ -277,16 +313,20 @@ class DiffusionChain:
         timesteps: torch.Tensor,
         clip_denoised: bool = False,
         clip_range: float = 1.0,
+        dynamic_thresholding: tuple[float, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I) with mu_theta = mu~_t(x_t, x0_theta(x_t, t)).
 
-        The model's x_0 estimate (clipped to [-clip_range, clip_range] with ``clip_denoised``) is plugged into the
-        closed-form posterior mean (the parameterisation that makes each denoising-matching KL a weighted squared
-        error). Returns (mean, log_variance, pred_original_sample).
+        The model's x_0 estimate (clipped to [-clip_range, clip_range] with ``clip_denoised``, or, taking
+        precedence as in diffusers, passed through :func:`dynamic_threshold` with ``dynamic_thresholding`` =
+        (ratio, max_value)) is plugged into the closed-form posterior mean (the parameterisation that makes each
+        denoising-matching KL a weighted squared error). Returns (mean, log_variance, pred_original_sample).
         """
         prediction, variance_output = self.split_model_output(model_output, sample)
         pred_original = self.predict_original_sample(prediction, sample, timesteps)
-        if clip_denoised:
+        if dynamic_thresholding is not None:
+            pred_original = dynamic_threshold(pred_original, *dynamic_thresholding)
+        elif clip_denoised:
             pred_original = pred_original.clamp(-clip_range, clip_range)
         mean, _, _ = self.q_posterior_mean_variance(pred_original, sample, timesteps)
         return mean, self.model_log_variance(variance_output, sample, timesteps), pred_original

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 #: Names accepted for ``beta_schedule``; ``squaredcos_cap_v2`` is diffusers' name for ``cosine``.
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -43,14 +43,39 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999, offset: float = 0.
     )
 
 
+def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """GeoDiff's schedule (diffusers' ``beta_schedule="sigmoid"``): beta_t = beta_start + (beta_end - beta_start)
+    sigmoid(s_t), with s = linspace(-6, 6, T) and sigmoid(s) = 1 / (1 + e^-s)."""
+    s = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-s)) * (beta_end - beta_start) + beta_start
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. (2023), Algorithm 1 (diffusers' ``rescale_betas_zero_snr``): shift and scale sqrt(abar_t) so that
+    the last one is 0 and the first is unchanged,
+
+    sqrt(abar'_t) = (sqrt(abar_t) - sqrt(abar_T)) sqrt(abar_1) / (sqrt(abar_1) - sqrt(abar_T)),
+    beta'_t = 1 - abar'_t / abar'_{t-1} (abar'_0 = 1),
+
+    in float64, so abar'_T = 0 and beta'_T = 1 exactly: the terminal SNR abar_T / (1 - abar_T) is zero and
+    q(x_T | x_0) = N(0, I) for every x_0.
+    """
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = abar_sqrt[0], abar_sqrt[-1]
+    abar = ((abar_sqrt - last) * (first / (first - last))) ** 2
+    return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
 def make_betas(
     beta_schedule: str,
     num_timesteps: int,
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     trained_betas: Sequence[float] | np.ndarray | None = None,
+    rescale_betas_zero_snr: bool = False,
 ) -> np.ndarray:
-    """The betas of a named schedule (or the explicit ``trained_betas``), validated, as float64 of shape (T,)."""
+    """The betas of a named schedule (or the explicit ``trained_betas``), validated, as float64 of shape (T,),
+    rescaled to zero terminal SNR (:func:`rescale_zero_terminal_snr`) with ``rescale_betas_zero_snr``."""
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) != num_timesteps:
@@ -64,24 +89,36 @@ def make_betas(
         betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
     elif beta_schedule in ("cosine", "squaredcos_cap_v2"):
         betas = cosine_betas(num_timesteps)
+    elif beta_schedule == "sigmoid":
+        betas = sigmoid_betas(num_timesteps, beta_start, beta_end)
     else:
         raise ValueError(
             f"Unknown beta_schedule {beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)} "
             "or pass trained_betas."
         )
     if not np.all((betas > 0) & (betas < 1)):
-        raise ValueError("Every beta_t must lie in (0, 1) so that q(x_t | x_{t-1}) is a proper Gaussian.")
+        raise ValueError(
+            "Every beta_t must lie in (0, 1) so that q(x_t | x_{t-1}) is a proper Gaussian "
+            f"(got values in [{betas.min():.3g}, {betas.max():.3g}])."
+        )
+    if rescale_betas_zero_snr:
+        if num_timesteps < 2:
+            raise ValueError(
+                "rescale_betas_zero_snr needs num_train_timesteps >= 2: one abar cannot both keep its value and be 0."
+            )
+        betas = rescale_zero_terminal_snr(betas)  # beta_T = 1 exactly: its x_T carries no signal
     return betas
 
 
 def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
     """The betas that a scheduler config (a :class:`hf_ddpm.VDMScheduler`'s or diffusers' ``DDPMScheduler``'s)
-    describes: :func:`make_betas` of its ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``
-    and ``trained_betas``, with diffusers' defaults for missing keys."""
+    describes: :func:`make_betas` of its ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``,
+    ``trained_betas`` and ``rescale_betas_zero_snr``, with diffusers' defaults for missing keys."""
     return make_betas(
         config.get("beta_schedule", "linear"),
         config["num_train_timesteps"],
         config.get("beta_start", 1e-4),
         config.get("beta_end", 0.02),
         config.get("trained_betas"),
+        bool(config.get("rescale_betas_zero_snr", False)),
     )
