@@ -22,7 +22,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
+import traceback
+import typing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +34,27 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration, ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed,
+)
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, VDMScheduler
+from hf_ddpm import DenoisingUNet, GaussianVAE, NoiseSchedule, VDMScheduler
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
 from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
-from hf_ddpm.objectives import DiffusionObjective, Objective, VAEObjective
+from hf_ddpm.objectives import DiffusionObjective, Objective, VAEObjective, VDMObjective
+from hf_ddpm.pipelines.vdm import VDMModel
 from hf_ddpm.training_utils import (
+    TrainLog,
+    check_checkpoint_compatible,
     check_output_dir,
+    clear_output_dir,
     checkpoint_step,
     ema_weights,
     hardware_description,
@@ -61,12 +70,14 @@ from hf_ddpm.training_utils import (
 )
 from hf_ddpm.vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.vdm.elbo import LOSS_TYPES
+from hf_ddpm.vdm.noise_schedule import VDM_SCHEDULE_TYPES
 from hf_ddpm.vdm.schedules import BETA_SCHEDULES
 from hf_ddpm.vdm.timestep_sampling import TIMESTEP_SAMPLERS, make_timestep_sampler
 
 logger = get_logger(__name__, log_level="INFO")
-MODELS = ("ddpm", "vae")
+MODELS = ("ddpm", "vae", "vdm")
 ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
+MIN_RESOLUTION, MAX_RESOLUTION = 4, 512
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -75,7 +86,14 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 class ModelArguments:
     """What to train. The defaults are the recipe tuned for quality per CPU-minute on 28x28 digits."""
 
-    model: str = field(default="ddpm", metadata={"help": f"{' | '.join(MODELS)}: the diffusion model, or the Gaussian VAE."})
+    model: str = field(
+        default="ddpm",
+        metadata={
+            "help": f"{' | '.join(MODELS)}: the diffusion model, the Gaussian VAE, or the continuous-time VDM "
+            "(Kingma et al. 2021: the UNet below with Fourier features (7, 8) and the --noise_schedule, trained on "
+            "the bound; the same CPU recipe as ddpm: lr 1e-3, batch 32; --sample_steps ancestral steps)."
+        },
+    )
     architecture: str = field(
         default="hf_ddpm",
         metadata={"help": f"DDPM network: {' | '.join(ARCHITECTURES)} (diffusers' UNet2DModel with the same levels and attention)."},
@@ -102,6 +120,13 @@ class ModelArguments:
     latent_dim: int = field(default=32, metadata={"help": "VAE only: dimension of each latent layer."})
     num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
     iwae_samples: int = field(default=64, metadata={"help": "VAE only: K of the held-out importance-weighted bound."})
+    noise_schedule: str = field(
+        default="learned",
+        metadata={
+            "help": f"VDM only: gamma(t) = -log SNR(t), {' | '.join(VDM_SCHEDULE_TYPES)} "
+            "(learned: trained with the network)."
+        },
+    )
 
 
 @dataclass
@@ -194,15 +219,61 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         path = Path(config_path)
         if not path.is_file():
             raise SystemExit(f"--config {config_path}: no such file.")
-        values = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-        known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"--config {config_path}: unknown argument(s) {unknown}.")
+        values = read_config(path)
         parser.set_defaults(**values)
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)[:3]  # [3]: the --config namespace
     validate_arguments(model_args, data_args, train_args)
     return model_args, data_args, train_args
+
+
+def read_config(path: Path) -> dict:
+    """The arguments of a YAML or JSON ``--config`` file, each checked against its field's type (an int field
+    refuses 2.7, a scalar field refuses a list): raises SystemExit in one line saying what to fix."""
+    try:
+        text = path.read_text()
+        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        reason = " ".join(str(error).split())
+        raise SystemExit(f"--config {path}: not valid {kind} ({reason}); fix the file or pass the flags instead.") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of argument: value, got a {type(values).__name__}.")
+    fields = {f.name: f for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown argument(s) {unknown}.")
+    hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
+    for name, value in values.items():
+        hint = hints[name]
+        kind = "list" if typing.get_origin(hint) is list else " | ".join(t.__name__ for t in typing.get_args(hint) or [hint])
+        if value is None:
+            if "None" not in kind:
+                raise SystemExit(f"--config {path}: {name} cannot be null; remove it to keep its default.")
+        elif kind.startswith("list"):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise SystemExit(f"--config {path}: {name} must be a list of integers, got {value!r}.")
+        elif isinstance(value, (list, dict)):
+            raise SystemExit(f"--config {path}: {name} must be a single value, got {value!r}.")
+        elif kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise SystemExit(f"--config {path}: {name} must be true or false, got {value!r}.")
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SystemExit(f"--config {path}: {name} must be an integer, got {value!r}.")
+        elif kind.startswith("float"):
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; argparse converts it, as on the command line
+                try:
+                    values[name] = float(value)
+                    continue
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SystemExit(f"--config {path}: {name} must be a number, got {value!r}.")
+        elif kind.startswith("str") and not isinstance(value, str):
+            raise SystemExit(f"--config {path}: {name} must be a string, got {value!r}.")
+    return values
 
 
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
@@ -214,6 +285,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         "--prediction_type": (model_args.prediction_type, PREDICTION_TYPES),
         "--variance_type": (model_args.variance_type, VARIANCE_TYPES),
         "--beta_schedule": (model_args.beta_schedule, BETA_SCHEDULES),
+        "--noise_schedule": (model_args.noise_schedule, VDM_SCHEDULE_TYPES),
         "--timestep_sampler": (model_args.timestep_sampler, ("auto", *TIMESTEP_SAMPLERS)),
         "--mixed_precision": (train_args.mixed_precision, MIXED_PRECISIONS),
         "--logger": (train_args.logger, ("tensorboard", "wandb", "none")),
@@ -222,6 +294,12 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         if value not in allowed:
             raise SystemExit(f"{flag} {value!r} is not one of: {', '.join(allowed)}.")
     levels = len(model_args.block_out_channels)
+    smallest = max(MIN_RESOLUTION, 2 ** (levels - 1))
+    if not smallest <= data_args.resolution <= MAX_RESOLUTION:
+        raise SystemExit(
+            f"--resolution must be between {smallest} (the smallest image {levels} levels can halve) and "
+            f"{MAX_RESOLUTION} (attention and memory grow with its 4th power), got {data_args.resolution}."
+        )
     if data_args.resolution % 2 ** (levels - 1):
         raise SystemExit(
             f"--resolution {data_args.resolution} cannot be halved {levels - 1} times by a model with {levels} levels "
@@ -236,6 +314,73 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "eval_steps", "num_eval_images"):
         if getattr(train_args if hasattr(train_args, flag) else data_args, flag) <= 0:
             raise SystemExit(f"--{flag} must be positive.")
+    validate_counts(model_args, data_args, train_args)
+
+
+def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """Every count and range that would otherwise fail only after training (no pipeline, card or log written) or
+    do the wrong thing silently; each message names the flag, the allowed range and the value given."""
+    at_least_one = {
+        "--num_sample_images": train_args.num_sample_images, "--eval_batch_size": train_args.eval_batch_size,
+        "--num_epochs": train_args.num_epochs, "--channels": data_args.channels,
+        "--layers_per_block": model_args.layers_per_block,
+    }
+    if model_args.model == "vae":
+        at_least_one.update({"--latent_dim": model_args.latent_dim, "--num_latent_layers": model_args.num_latent_layers,
+                             "--iwae_samples": model_args.iwae_samples})
+    else:
+        at_least_one.update({"--sample_steps": train_args.sample_steps,
+                             "--eval_timesteps_per_image": train_args.eval_timesteps_per_image})
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}.")
+    for flag, value in (("--max_train_steps", train_args.max_train_steps), ("--checkpoints_total_limit", train_args.checkpoints_total_limit)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} must be >= 1 or unset, got {value}")
+    if data_args.max_train_images is not None and data_args.max_train_images < 1:
+        raise SystemExit(f"--max_train_images must be >= 1 or unset, got {data_args.max_train_images}")
+    if data_args.channels not in (1, 3):
+        raise SystemExit(f"--channels must be 1 (grayscale) or 3 (RGB), got {data_args.channels}.")
+    if min(model_args.block_out_channels, default=0) < 1:
+        raise SystemExit(f"--block_out_channels must be one or more positive integers, got {model_args.block_out_channels}.")
+    if not (math.isfinite(train_args.learning_rate) and train_args.learning_rate > 0):
+        raise SystemExit(f"--learning_rate must be a finite number > 0, got {train_args.learning_rate}.")
+    if train_args.lr_warmup_steps < 0:
+        raise SystemExit(f"--lr_warmup_steps must be >= 0, got {train_args.lr_warmup_steps}.")
+    if model_args.model == "ddpm":
+        T = model_args.num_train_timesteps
+        if T < 2:
+            raise SystemExit(f"--num_train_timesteps must be >= 2 (T diffusion steps), got {T}.")
+        if not 1 <= train_args.sample_steps <= T:
+            raise SystemExit(f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}.")
+        if not 1 <= train_args.eval_timesteps_per_image <= T - 1:
+            raise SystemExit(
+                f"--eval_timesteps_per_image must be in [1, {T - 1}] (T - 1 denoising terms), "
+                f"got {train_args.eval_timesteps_per_image}."
+            )
+    if train_args.overwrite_output_dir and train_args.resume_from_checkpoint:
+        raise SystemExit(
+            "--overwrite_output_dir starts over (it removes the old run's checkpoints): drop it to resume, or drop "
+            "--resume_from_checkpoint to start over."
+        )
+    if train_args.logger == "wandb" and not is_wandb_available():
+        raise SystemExit("--logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none.")
+    if train_args.logger == "tensorboard" and not is_tensorboard_available():
+        raise SystemExit("--logger tensorboard: tensorboard is not installed; pip install tensorboard, or pass --logger none.")
+    check_writable(Path(train_args.output_dir))
+
+
+def check_writable(output_dir: Path) -> None:
+    """Refuse an --output_dir that is a file, lies under a file, or cannot be written, before any work starts."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir.")
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SystemExit(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be made there.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--output_dir {output_dir}: {existing} is not writable (permission denied); choose another --output_dir.")
 
 
 def resolved_arguments(*arguments) -> dict:
@@ -289,6 +434,15 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, train_args
             block_out_channels=tuple(model_args.block_out_channels[:2]), num_latent_layers=model_args.num_latent_layers,
         )
         return vae, VAEObjective(options)
+    if model_args.model == "vdm":
+        unet = DenoisingUNet(
+            sample_size=data_args.resolution, in_channels=data_args.channels, learn_variance=False,
+            block_out_channels=tuple(model_args.block_out_channels), layers_per_block=model_args.layers_per_block,
+            attention_resolutions=tuple(model_args.attention_resolutions), dropout=model_args.dropout,
+            fourier_features=(7, 8),
+        )
+        model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule))
+        return model, VDMObjective(options, sample_steps=train_args.sample_steps)
     scheduler = VDMScheduler(
         num_train_timesteps=model_args.num_train_timesteps, beta_schedule=model_args.beta_schedule,
         variance_type=model_args.variance_type, prediction_type=model_args.prediction_type,
@@ -334,6 +488,17 @@ def evaluate(objective: Objective, model: torch.nn.Module, images: torch.Tensor,
 
 
 # ================================================================================================ main
+def finished_run(resume_path: Path, output_dir: Path, max_train_steps: int | None) -> bool:
+    """True when the checkpoint is at or past ``--max_train_steps`` and the outputs of that step were written:
+    resuming it has nothing to do. (Past the steps but without outputs, the run writes them and trains no step.)"""
+    if max_train_steps is None or checkpoint_step(resume_path) < max_train_steps:
+        return False
+    try:
+        return json.loads((output_dir / "eval_results.json").read_text())["steps"] >= checkpoint_step(resume_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, train_args = parse_arguments(argv)
     output_dir = Path(train_args.output_dir)
@@ -353,11 +518,26 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         if accelerator.is_main_process:
             check_output_dir(output_dir, arguments, model_keys, train_args.overwrite_output_dir)
+            if train_args.overwrite_output_dir and (removed := clear_output_dir(output_dir, train_args.logging_dir)):
+                logger.info(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} from {output_dir}.")
             output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(output_dir)
+        accelerator.wait_for_everyone()
         resume_path = resolve_resume_path(train_args.resume_from_checkpoint, output_dir)
+        if resume_path is not None:
+            check_checkpoint_compatible(resume_path, arguments, model_keys)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if resume_path is not None and finished_run(resume_path, output_dir, train_args.max_train_steps):
+        message = (
+            f"{resume_path.name} is at step {checkpoint_step(resume_path)} >= --max_train_steps "
+            f"{train_args.max_train_steps} and its outputs are in {output_dir}: the run is finished, nothing to do "
+            "(raise --max_train_steps to train further)."
+        )
+        if accelerator.is_main_process:
+            print(message)
+        accelerator.end_training()
+        return output_dir
     if train_args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
 
@@ -413,7 +593,14 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- resume
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        try:
+            accelerator.load_state(str(resume_path))
+        except (RuntimeError, KeyError, ValueError) as error:  # e.g. 145 "size mismatch" lines: keep the first
+            first = str(error).strip().splitlines()[:2]
+            raise SystemExit(
+                f"--resume_from_checkpoint {resume_path} does not fit this model ({' '.join(first)[:300]}): resume "
+                "with the arguments it was trained with (its training_args.json), or start a new run."
+            ) from None
         global_step = checkpoint_step(resume_path)
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * train_args.gradient_accumulation_steps
@@ -428,8 +615,9 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- the loop
     seen_indices: list[int] = []
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
-    start_time, start_step, history = time.time(), global_step, []
-    for epoch in range(first_epoch, num_epochs):
+    start_time, start_step = time.time(), global_step
+    train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None) if accelerator.is_main_process else None
+    for epoch in range(first_epoch, num_epochs if global_step < max_train_steps else first_epoch):  # a finished run: no step
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
@@ -465,9 +653,10 @@ def main(argv: list[str] | None = None) -> Path:
             logs.update(out.logs)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
             accelerator.log(logs, step=global_step)
-            history.append({"step": global_step, **logs})
+            if train_log is not None:
+                train_log.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
-                saved = save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit)
+                saved = save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit, arguments)
                 logger.info(f"Saved checkpoint {saved}")
                 if train_args.push_to_hub and train_args.push_checkpoints and accelerator.is_main_process:
                     with ema_weights(ema, unwrapped):
@@ -517,7 +706,7 @@ def main(argv: list[str] | None = None) -> Path:
             card = render_model_card(report)
             save_pipeline_repo(pipeline, output_dir, card=card, sample_grid=grid, training_args=arguments)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        (output_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        train_log.close()
         logger.info(f"Held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} bits/dim; pipeline saved to {output_dir}")
         log_sample_grid(accelerator, grid, global_step)
         if train_args.push_to_hub:
@@ -529,5 +718,36 @@ def main(argv: list[str] | None = None) -> Path:
     return output_dir
 
 
+def run_cli(argv: list[str] | None = None) -> int:
+    """The command-line entry: ``main``, with every error as one line ``error: <what is wrong and what to do>`` on
+    stderr and a non-zero exit (2 for a bad argument or input, 1 for a failure while writing); the traceback only
+    with ``--debug`` or ``HF_DDPM_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HF_DDPM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+        return 0
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            raise
+        failure, message, code = error, str(error.code), 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as error:
+        failure, message, code = error, " ".join(str(error).split()), 2
+    except OSError as error:  # disk full and other write failures: name the path and the cause
+        where = error.filename or "the output folder"
+        failure, code = error, 1
+        message = f"could not write {where}: {error.strerror or error}; free space or choose another --output_dir."
+    except RuntimeError as error:
+        if "PytorchStreamWriter" not in str(error) and "unexpected pos" not in str(error):
+            raise
+        message = f"could not write a checkpoint or weights file: {str(error).splitlines()[0]}; is the disk full?"
+        failure, code = error, 1
+    if debug:
+        traceback.print_exception(failure)
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli())

@@ -11,9 +11,12 @@ from .hub.registration import LOADING_BASE_CLASSES
 from .models.unet import DenoisingUNet, DenoisingUNetOutput
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
+from .pipelines.vdm import VDMPipeline
 from .vae.model import GaussianVAE, IWAEOutput, VAEELBOOutput
 from .vdm.chain import DiffusionChain
+from .vdm.continuous_scheduler import VDMContinuousScheduler
 from .vdm.elbo import ELBOOutput
+from .vdm.noise_schedule import NoiseSchedule
 from .vdm.scheduler import VDMScheduler, VDMSchedulerOutput
 
 # diffusers' component loader finds these base classes by name in the library named in model_index.json
@@ -36,9 +39,12 @@ __all__ = [
     "HFDDPMPipeline",
     "IWAEOutput",
     "NLLResult",
+    "NoiseSchedule",
     "TrainingReport",
     "VAEELBOOutput",
     "VAEPipeline",
+    "VDMContinuousScheduler",
+    "VDMPipeline",
     "VDMScheduler",
     "VDMSchedulerOutput",
     "evaluate_bound",

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
+import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
@@ -22,6 +25,7 @@ from .evaluation import BoundOptions, evaluate_bound
 from .metrics import sample_quality
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
+from .pipelines.vdm import VDMPipeline
 from .training_utils import image_grid
 from .vdm.scheduler import VDMScheduler
 
@@ -32,14 +36,16 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit code 2."""
 
 
-def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline | VAEPipeline:
-    """A pipeline from a local folder or a Hub repo id: a VAEPipeline when model_index.json names one."""
+def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline | VAEPipeline | VDMPipeline:
+    """A pipeline from a local folder or a Hub repo id: the VAEPipeline or VDMPipeline that a local folder's
+    model_index.json names, else an HFDDPMPipeline."""
     if not Path(model).is_dir() and "/" not in model:
         raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
     index = Path(model) / "model_index.json"
-    is_vae = index.is_file() and json.loads(index.read_text()).get("_class_name") == "VAEPipeline"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    pipeline_class = {"VAEPipeline": VAEPipeline, "VDMPipeline": VDMPipeline}.get(class_name, HFDDPMPipeline)
     try:
-        pipeline = (VAEPipeline if is_vae else HFDDPMPipeline).from_pretrained(model, revision=revision)
+        pipeline = pipeline_class.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as error:
         raise UsageError(f"Could not load {model}: {error}") from None
     pipeline.set_progress_bar_config(leave=False)
@@ -49,9 +55,19 @@ def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeli
 def evaluate(args: argparse.Namespace) -> dict:
     """The NLL bound in bits/dim (:func:`hf_ddpm.evaluation.evaluate_bound`: exact or estimated for diffusion
     models, ELBO and IWAE for VAEs) and, with --num_samples, sample quality."""
+    check_counts(args, ("batch_size", 1), ("timesteps_per_image", 1), ("num_samples", 0), ("max_images", 1),
+                 ("elbo_samples", 1), ("iwae_samples", 1), ("steps", 1))
+    if args.json:
+        check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)
     try:
         network = pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet
+        shape = (network.config.in_channels, network.config.sample_size, network.config.sample_size)
+        if args.num_samples and shape != (1, 28, 28):
+            raise UsageError(
+                f"--num_samples: the sample-quality metrics use an MNIST classifier of 1x28x28 digits, and {args.model} "
+                f"makes {'x'.join(map(str, shape))} images; drop --num_samples to evaluate the bound only."
+            )
         data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=network.config.sample_size,
                            channels=network.config.in_channels)
     except (ValueError, FileNotFoundError) as error:
@@ -81,10 +97,47 @@ def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argpa
     return result
 
 
+def check_counts(args: argparse.Namespace, *minimums: tuple[str, int]) -> None:
+    """Refuse (UsageError) a count below its minimum, before any work: ``(name, minimum)`` pairs; None is unset."""
+    for name, minimum in minimums:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name} must be >= {minimum}, got {value}.")
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Refuse (UsageError) a file path that cannot be written: a folder, under a file, or without permission."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name.")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not a writable folder; choose another path.")
+
+
+def is_image_file(out: Path) -> bool:
+    """True when ``out``'s suffix is an image format PIL can write (``.png``, ``.jpg``, ``.webp``, ...)."""
+    PIL.Image.init()
+    format_name = PIL.Image.registered_extensions().get(out.suffix.lower())
+    return format_name is not None and format_name in PIL.Image.SAVE
+
+
 def sample(args: argparse.Namespace) -> Path:
-    """Draw images and write a grid PNG, or one PNG per image into a folder."""
+    """Draw images and write a grid image (any suffix PIL can write: .png, .jpg, ...), or one PNG per image into a
+    folder (a path without an image suffix)."""
+    check_counts(args, ("num_images", 1), ("batch_size", 1), ("steps", 1))
+    out = Path(args.out)
+    if is_image_file(out):
+        check_writable_file(out, "--out")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file without an image suffix; give a .png/.jpg grid or a folder.")
+    else:
+        check_writable_file(out / "00000.png", "--out")
     pipeline = load_pipeline(args.model, args.revision, args.device)
     call = sampling_call(pipeline, args)
+    if args.scheduler != "vdm" and isinstance(pipeline, VDMPipeline):
+        raise UsageError(f"--scheduler {args.scheduler}: a VDMPipeline samples with its own VDMContinuousScheduler.")
     if args.scheduler != "vdm" and not isinstance(pipeline, VAEPipeline):
         pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
         if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
@@ -94,10 +147,11 @@ def sample(args: argparse.Namespace) -> Path:
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
         images += pipeline(batch_size=count, generator=generator, **call).images
-    out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if is_image_file(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(out)
+        grid = image_grid(images)
+        grid = grid.convert("RGB") if grid.mode not in ("L", "RGB") and out.suffix.lower() in (".jpg", ".jpeg") else grid
+        grid.save(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
@@ -129,25 +183,39 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser = commands.choices["sample"]
     sample_parser.add_argument("--num_images", type=int, default=64)
     sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
-    sample_parser.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    sample_parser.add_argument("--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image")
     add_demo_arguments(commands.add_parser("demo", help="a Gradio app to sample, watch the denoising and score digits"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error is one line ``hf_ddpm: error: <what and what to do>`` on stderr (exit 2 for a
+    usage error, 1 otherwise), with the traceback only under ``--debug`` or ``HF_DDPM_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HF_DDPM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return run_command(argv)
+    except (UsageError, ValueError, OSError) as error:
+        if debug:
+            traceback.print_exception(error)
+        message = " ".join(str(error).split())
+        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+            message = f"{error.filename}: {message}"
+        print(f"hf_ddpm: error: {message}", file=sys.stderr)
+        return 2 if isinstance(error, (UsageError, FileNotFoundError, NotADirectoryError, ValueError)) else 1
+
+
+def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return run_demo(args)
-    try:
-        if args.command == "sample":
-            if args.scheduler not in SCHEDULERS:
-                raise UsageError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SCHEDULERS)}.")
-            print(f"wrote {sample(args)}")
-            return 0
-        result = evaluate(args)
-    except UsageError as error:
-        print(f"hf_ddpm: error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "sample":
+        if args.scheduler not in SCHEDULERS:
+            raise UsageError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SCHEDULERS)}.")
+        print(f"wrote {sample(args)}")
+        return 0
+    result = evaluate(args)
     terms = ", ".join(f"{name} {value:.4f}" for name, value in result["terms"].items())
     print(f"NLL {result['bits_per_dim']:.4f} ± {result['standard_error']:.4f} bits/dim on {result['num_images']} images of {result['data']} "
           f"({result['estimator']}): {terms}")

@@ -22,6 +22,12 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_ARGS = "training_args.json"
+#: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
+RUN_OUTPUTS = (
+    "training_args.json", "train_log.jsonl", "eval_results.json", "model_index.json", "README.md", "samples.png",
+    "unet", "vae", "scheduler", "seen_indices_rank*.json", "hf_ddpm.py",
+)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -37,13 +43,19 @@ def checkpoint_step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None, arguments: dict[str, Any] | None = None
+) -> Path:
     """Save model, optimizer, LR schedule, RNG, EMA and objective state, atomically; returns the checkpoint.
 
     Everything is written into ``checkpoint-STEP.tmp`` and renamed to ``checkpoint-STEP`` only when complete, so
     a run killed mid-save leaves the previous checkpoint as the latest. Old checkpoints beyond ``total_limit`` are
-    deleted only after the new one is in place.
+    deleted only after the new one is in place. ``arguments`` (the run's resolved arguments) are saved with it as
+    ``training_args.json``, so a resume can check that the checkpoint is of the same model
+    (:func:`check_checkpoint_compatible`).
     """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be >= 1 or unset, got {total_limit}")
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process and staging.exists():
@@ -52,6 +64,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if arguments is not None:
+            (staging / CHECKPOINT_ARGS).write_text(json.dumps(arguments, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -91,14 +105,83 @@ def check_output_dir(output_dir: Path, arguments: dict[str, Any], keys: Iterable
     saved = output_dir / "training_args.json"
     if overwrite or not saved.is_file():
         return
-    previous = json.loads(saved.read_text())
-    different = {k: (previous.get(k), arguments[k]) for k in keys if previous.get(k) != arguments[k]}
-    if different:
-        changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
+    changes = different_keys(json.loads(saved.read_text()), arguments, keys)
+    if changes:
         raise ValueError(
             f"--output_dir {output_dir} holds a different model ({changes}). Choose a new --output_dir, or pass "
             "--overwrite_output_dir to replace it."
         )
+
+
+def different_keys(previous: dict[str, Any], arguments: dict[str, Any], keys: Iterable[str]) -> str:
+    """``"k: old -> new, ..."`` for the ``keys`` whose values differ ("" when none do)."""
+    different = {k: (previous.get(k), arguments.get(k)) for k in keys if previous.get(k) != arguments.get(k)}
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
+
+
+def check_checkpoint_compatible(checkpoint: Path, arguments: dict[str, Any], keys: Iterable[str]) -> None:
+    """Refuse to resume ``checkpoint`` when the arguments saved in it (``training_args.json``, see
+    :func:`save_checkpoint`) differ from ``arguments`` in any of ``keys`` (the model and diffusion config): raises
+    ``ValueError`` in one line naming the differing keys. A checkpoint without saved arguments is not checked."""
+    saved = checkpoint / CHECKPOINT_ARGS
+    if not saved.is_file():
+        return
+    changes = different_keys(json.loads(saved.read_text()), arguments, keys)
+    if changes:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} is of a different model ({changes}): resume with the arguments "
+            "it was trained with, or start a new run without --resume_from_checkpoint."
+        )
+
+
+def clear_output_dir(output_dir: Path, logging_dir: str) -> list[str]:
+    """Remove what a previous run wrote into ``output_dir`` (checkpoints, logs, the pipeline, card, samples,
+    results): ``--overwrite_output_dir`` starts over, so ``latest`` cannot pick an old run's checkpoint and the
+    rotation cannot count old checkpoints against the new run's. Other files are kept. Returns the names removed."""
+    if not output_dir.is_dir():
+        return []
+    doomed = {p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")} | {output_dir / logging_dir}
+    for pattern in RUN_OUTPUTS:
+        doomed |= set(output_dir.glob(pattern))
+    index = output_dir / "model_index.json"
+    if index.is_file():  # the pipeline's component folders
+        try:
+            doomed |= {output_dir / n for n in json.loads(index.read_text()) if n.isidentifier() and not n.startswith("_")}
+        except (json.JSONDecodeError, TypeError):
+            pass
+    removed = []
+    for path in sorted(p for p in doomed if p.exists()):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+class TrainLog:
+    """``train_log.jsonl``, one JSON line per optimizer step, appended and flushed as training goes, so a killed
+    run keeps every step it logged. ``resume_step``: the step of the checkpoint a run resumes from; lines after it
+    (steps that will be trained again) are dropped first, so the log has no duplicate steps. None: a new run, the
+    log starts empty."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(entry, dict) and entry.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept))
+        self._file = self.path.open("a")
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ema_weights:
