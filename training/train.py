@@ -24,9 +24,9 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 import typing
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,11 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import (
-    DataLoaderConfiguration, ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed,
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
 )
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -54,8 +58,8 @@ from hf_ddpm.training_utils import (
     TrainLog,
     check_checkpoint_compatible,
     check_output_dir,
-    clear_output_dir,
     checkpoint_step,
+    clear_output_dir,
     ema_weights,
     hardware_description,
     has_accelerator_device,
@@ -235,7 +239,7 @@ def read_config(path: Path) -> dict:
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
         kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
         reason = " ".join(str(error).split())
-        raise SystemExit(f"--config {path}: not valid {kind} ({reason}); fix the file or pass the flags instead.") from None
+        raise SystemExit(f"--config {path}: not valid {kind} ({reason}); fix the file or pass the flags.") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -247,7 +251,8 @@ def read_config(path: Path) -> dict:
     hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
     for name, value in values.items():
         hint = hints[name]
-        kind = "list" if typing.get_origin(hint) is list else " | ".join(t.__name__ for t in typing.get_args(hint) or [hint])
+        kinds = typing.get_args(hint) or [hint]
+        kind = "list" if typing.get_origin(hint) is list else " | ".join(t.__name__ for t in kinds)
         if value is None:
             if "None" not in kind:
                 raise SystemExit(f"--config {path}: {name} cannot be null; remove it to keep its default.")
@@ -326,15 +331,20 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         "--layers_per_block": model_args.layers_per_block,
     }
     if model_args.model == "vae":
-        at_least_one.update({"--latent_dim": model_args.latent_dim, "--num_latent_layers": model_args.num_latent_layers,
-                             "--iwae_samples": model_args.iwae_samples})
+        at_least_one.update({
+            "--latent_dim": model_args.latent_dim, "--num_latent_layers": model_args.num_latent_layers,
+            "--iwae_samples": model_args.iwae_samples,
+        })
     else:
         at_least_one.update({"--sample_steps": train_args.sample_steps,
                              "--eval_timesteps_per_image": train_args.eval_timesteps_per_image})
     for flag, value in at_least_one.items():
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}.")
-    for flag, value in (("--max_train_steps", train_args.max_train_steps), ("--checkpoints_total_limit", train_args.checkpoints_total_limit)):
+    optional = {
+        "--max_train_steps": train_args.max_train_steps, "--checkpoints_total_limit": train_args.checkpoints_total_limit,
+    }
+    for flag, value in optional.items():
         if value is not None and value < 1:
             raise SystemExit(f"{flag} must be >= 1 or unset, got {value}")
     if data_args.max_train_images is not None and data_args.max_train_images < 1:
@@ -342,7 +352,7 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
     if data_args.channels not in (1, 3):
         raise SystemExit(f"--channels must be 1 (grayscale) or 3 (RGB), got {data_args.channels}.")
     if min(model_args.block_out_channels, default=0) < 1:
-        raise SystemExit(f"--block_out_channels must be one or more positive integers, got {model_args.block_out_channels}.")
+        raise SystemExit(f"--block_out_channels must be positive integers, got {model_args.block_out_channels}.")
     if not (math.isfinite(train_args.learning_rate) and train_args.learning_rate > 0):
         raise SystemExit(f"--learning_rate must be a finite number > 0, got {train_args.learning_rate}.")
     if train_args.lr_warmup_steps < 0:
@@ -352,7 +362,9 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         if T < 2:
             raise SystemExit(f"--num_train_timesteps must be >= 2 (T diffusion steps), got {T}.")
         if not 1 <= train_args.sample_steps <= T:
-            raise SystemExit(f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}.")
+            raise SystemExit(
+                f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}."
+            )
         if not 1 <= train_args.eval_timesteps_per_image <= T - 1:
             raise SystemExit(
                 f"--eval_timesteps_per_image must be in [1, {T - 1}] (T - 1 denoising terms), "
@@ -364,9 +376,13 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
             "--resume_from_checkpoint to start over."
         )
     if train_args.logger == "wandb" and not is_wandb_available():
-        raise SystemExit("--logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none.")
+        raise SystemExit(
+            "--logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
+        )
     if train_args.logger == "tensorboard" and not is_tensorboard_available():
-        raise SystemExit("--logger tensorboard: tensorboard is not installed; pip install tensorboard, or pass --logger none.")
+        raise SystemExit(
+            "--logger tensorboard: tensorboard is not installed; pip install tensorboard, or pass --logger none."
+        )
     check_writable(Path(train_args.output_dir))
 
 
@@ -380,7 +396,9 @@ def check_writable(output_dir: Path) -> None:
     if not existing.is_dir():
         raise SystemExit(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be made there.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"--output_dir {output_dir}: {existing} is not writable (permission denied); choose another --output_dir.")
+        raise SystemExit(
+            f"--output_dir {output_dir}: {existing} is not writable (permission denied); choose another --output_dir."
+        )
 
 
 def resolved_arguments(*arguments) -> dict:
@@ -519,7 +537,7 @@ def main(argv: list[str] | None = None) -> Path:
         if accelerator.is_main_process:
             check_output_dir(output_dir, arguments, model_keys, train_args.overwrite_output_dir)
             if train_args.overwrite_output_dir and (removed := clear_output_dir(output_dir, train_args.logging_dir)):
-                logger.info(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} from {output_dir}.")
+                logger.info(f"--overwrite_output_dir: removed the old run's {', '.join(removed)} from {output_dir}.")
             output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(output_dir)
         accelerator.wait_for_everyone()
@@ -616,8 +634,11 @@ def main(argv: list[str] | None = None) -> Path:
     seen_indices: list[int] = []
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
     start_time, start_step = time.time(), global_step
-    train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None) if accelerator.is_main_process else None
-    for epoch in range(first_epoch, num_epochs if global_step < max_train_steps else first_epoch):  # a finished run: no step
+    train_log = None
+    if accelerator.is_main_process:  # appended and flushed step by step; a resume drops the steps after its checkpoint
+        train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None)
+    last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # a finished run trains no step
+    for epoch in range(first_epoch, last_epoch):
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
@@ -656,7 +677,8 @@ def main(argv: list[str] | None = None) -> Path:
             if train_log is not None:
                 train_log.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
-                saved = save_checkpoint(accelerator, output_dir, global_step, train_args.checkpoints_total_limit, arguments)
+                limit = train_args.checkpoints_total_limit
+                saved = save_checkpoint(accelerator, output_dir, global_step, limit, arguments)
                 logger.info(f"Saved checkpoint {saved}")
                 if train_args.push_to_hub and train_args.push_checkpoints and accelerator.is_main_process:
                     with ema_weights(ema, unwrapped):

@@ -65,8 +65,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         shape = (network.config.in_channels, network.config.sample_size, network.config.sample_size)
         if args.num_samples and shape != (1, 28, 28):
             raise UsageError(
-                f"--num_samples: the sample-quality metrics use an MNIST classifier of 1x28x28 digits, and {args.model} "
-                f"makes {'x'.join(map(str, shape))} images; drop --num_samples to evaluate the bound only."
+                f"--num_samples: the sample-quality metrics use an MNIST classifier of 1x28x28 digits, and "
+                f"{args.model} makes {'x'.join(map(str, shape))} images; drop --num_samples to evaluate the bound "
+                "only."
             )
         data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=network.config.sample_size,
                            channels=network.config.in_channels)
@@ -150,7 +151,8 @@ def sample(args: argparse.Namespace) -> Path:
     if is_image_file(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
-        grid = grid.convert("RGB") if grid.mode not in ("L", "RGB") and out.suffix.lower() in (".jpg", ".jpeg") else grid
+        if grid.mode not in ("L", "RGB") and out.suffix.lower() in (".jpg", ".jpeg"):
+            grid = grid.convert("RGB")
         grid.save(out)
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"Expected a tensor, numpy array or PIL image(s), got {type(images).__name__}.")
+    if images.numel() == 0:
+        raise ValueError(f"No images given (an empty batch of shape {tuple(images.shape)}).")
     if images.dtype == torch.uint8:
         if images.dim() == 3:
             images = images[:, None]
@@ -49,10 +51,19 @@ def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
         tensor = uint8_to_model_range(images.numpy(force=True))
     elif images.is_floating_point():
         tensor = images
+        if not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise ValueError(f"{bad} pixel value(s) are NaN or infinite; images must be finite values in [-1, 1].")
         if tensor.min() < -1.0 - 1e-6 or tensor.max() > 1.0 + 1e-6:
             raise ValueError("Float images must lie in [-1, 1] (x = k / 127.5 - 1 for 8-bit values k).")
         levels = (tensor.double() + 1.0) * 127.5
         if (levels - levels.round()).abs().max() > 1e-3:
+            if tensor.min() >= 0:  # looks like [0, 1] images (e.g. ToTensor()): quantize to k / 255, then to [-1, 1]
+                raise ValueError(
+                    "Float images must lie on the 256-level grid of 8-bit data (x = k / 127.5 - 1, k = 0..255). These "
+                    "look like images in [0, 1]: quantize them to k / 255 and map them to [-1, 1], "
+                    "x = torch.round(x * 255) / 255 * 2 - 1 (or pass uint8 pixels)."
+                )
             raise ValueError(
                 "Float images must lie on the 256-level grid of 8-bit data (x = k / 127.5 - 1, k = 0..255): the "
                 "discretized likelihood is defined only there. Quantize them first, e.g. "

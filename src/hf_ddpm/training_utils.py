@@ -44,7 +44,11 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None, arguments: dict[str, Any] | None = None
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    total_limit: int | None,
+    arguments: dict[str, Any] | None = None,
 ) -> Path:
     """Save model, optimizer, LR schedule, RNG, EMA and objective state, atomically; returns the checkpoint.
 
@@ -146,7 +150,8 @@ def clear_output_dir(output_dir: Path, logging_dir: str) -> list[str]:
     index = output_dir / "model_index.json"
     if index.is_file():  # the pipeline's component folders
         try:
-            doomed |= {output_dir / n for n in json.loads(index.read_text()) if n.isidentifier() and not n.startswith("_")}
+            names = json.loads(index.read_text())
+            doomed |= {output_dir / n for n in names if n.isidentifier() and not n.startswith("_")}
         except (json.JSONDecodeError, TypeError):
             pass
     removed = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,25 @@ def describe_array(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- pixel conversion
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit (or 32-bit integer) grayscale image scaled to 8 bits, k = round(v / 257) (65535 -> 255), with one
+    warning; PIL's own ``convert("L")`` would clip every value above 255 to white. Other images are returned as is.
+    A 32-bit image whose values all lie in 0..255 is taken to hold 8-bit values and is not scaled."""
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if image.mode == "I" and values.size and 0 <= values.min() and values.max() <= 255:
+        return PIL.Image.fromarray(values.astype(np.uint8), "L")
+    warnings.warn(
+        f"hf_ddpm: {image.mode} images (16-bit) are scaled to 8 bits (k = round(v / 257)); the models see 256 levels.",
+        stacklevel=2,
+    )
+    return PIL.Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), "L")
+
+
 def convert_image(image: PIL.Image.Image, options: LoadOptions) -> np.ndarray:
     """One PIL image as uint8 (channels, resolution, resolution).
 
@@ -93,7 +113,7 @@ def convert_image(image: PIL.Image.Image, options: LoadOptions) -> np.ndarray:
     PIL's bilinear filter (antialiased when shrinking): with ``center_crop`` the shorter side goes to ``resolution``
     (aspect ratio kept) and the center square is cut out, otherwise the image is squashed to the square.
     """
-    image, size = image.convert(PIL_MODES[options.channels]), options.resolution
+    image, size = to_8_bits(image).convert(PIL_MODES[options.channels]), options.resolution
     if image.size != (size, size):
         if options.center_crop:
             scale = size / min(image.size)

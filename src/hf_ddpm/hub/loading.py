@@ -109,12 +109,25 @@ def download_pipeline(
     return folder
 
 
+def looks_local(name_or_path: str | Path) -> bool:
+    """True when ``name_or_path`` cannot be a Hub repo id: it exists, starts with ``.``, ``/`` or ``~``, or has
+    more than one slash."""
+    text = str(name_or_path)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
 def pipeline_folder(name_or_path: str | Path, *, subfolder: str | None = None, **hub_options: Any) -> Path:
     """The local folder of a pipeline: ``name_or_path`` (or its ``subfolder``) if it is a directory, else the Hub
     repo ``name_or_path`` downloaded by :func:`download_pipeline` with ``hub_options``. Refuses pickle weights."""
     local = Path(name_or_path)
     if local.is_dir():
         folder = local / subfolder if subfolder else local
+    elif looks_local(name_or_path):
+        what = "is a file, not a pipeline folder" if local.exists() else "no such folder"
+        raise FileNotFoundError(
+            f"{name_or_path}: {what} (a local path; a Hub repo id has the form ORG/NAME). Give the folder that "
+            "save_pretrained or training/train.py wrote, with its model_index.json."
+        )
     else:
         folder = download_pipeline(str(name_or_path), subfolder=subfolder, **hub_options)
     components = component_entries(read_model_index(folder))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,23 @@ def save_pipeline_repo(
     if training_args is not None:
         arguments = json.dumps(redact_secrets(training_args), indent=2, default=str)
         (folder / TRAINING_ARGS_PATH).write_text(arguments, encoding="utf-8")
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    _make_readable(folder, files)
+    return files
+
+
+def _make_readable(folder: Path, files: list[str]) -> None:
+    """Give every written file the mode a plain write would (0644 under the usual umask 022): safetensors writes
+    its weight files 0600 (diffusers' save_pretrained keeps that mode), so another user could not load a shared
+    model folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:
+        path = folder / name
+        mode = path.stat().st_mode & 0o777
+        wanted = mode | (0o666 & ~umask)
+        if wanted != mode:
+            path.chmod(wanted)
 
 
 def _refuse_files_with_secret(folder: Path, files: list[str], secret: str | None) -> None:

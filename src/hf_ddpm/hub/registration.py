@@ -22,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .loading import load_package_components, pipeline_folder
+from .loading import load_package_components, pipeline_folder, read_model_index
 from .naming import PACKAGE, library_of, package_namespace
 
 #: The diffusers base classes the component loader looks up in the ``hf_ddpm`` namespace.
@@ -76,6 +76,12 @@ class HFDDPMRegistrationMixin:
         """
         hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
         folder = pipeline_folder(pretrained_model_name_or_path, **hub_options)
+        saved_class = read_model_index(folder).get("_class_name")
+        if saved_class and saved_class not in {klass.__name__ for klass in cls.__mro__}:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {saved_class}, not a {cls.__name__}: load it with "
+                f"{saved_class}.from_pretrained (from hf_ddpm import {saved_class})."
+            )
         components = load_package_components(folder, package_namespace(HFDDPMRegistrationMixin), PACKAGE, kwargs)
         pipeline = super().from_pretrained(folder, **components, **kwargs)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))  # the repo id, as diffusers does

@@ -1,0 +1,113 @@
+"""The hf_ddpm command line fails fast in one line (issue #14): bad counts and unwritable outputs are refused
+before any sampling or bound, the sample-quality metrics refuse a model that is not 1x28x28, and a grid can be any
+image format PIL writes."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+
+from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=())
+    folder = tmp_path_factory.mktemp("model")
+    scheduler = VDMScheduler(num_train_timesteps=20, variance_type="learned_range")
+    HFDDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = DenoisingUNet(sample_size=8, in_channels=3, block_out_channels=(8, 16), attention_resolutions=())
+    folder = tmp_path_factory.mktemp("rgb")
+    scheduler = VDMScheduler(num_train_timesteps=20, variance_type="learned_range")
+    HFDDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def one_line(capsys, argv: list[str], code: int = 2) -> str:
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    # diffusers' "Loading pipeline components" progress bar may come first; then exactly one line, no traceback
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("Loading pipeline components")]
+    assert len(lines) == 1 and lines[0].startswith("hf_ddpm: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_images", "-1"], "hf_ddpm: error: --num_images must be >= 1, got -1."),
+        (["--num_images", "0"], "hf_ddpm: error: --num_images must be >= 1, got 0."),
+        (["--batch_size", "0"], "hf_ddpm: error: --batch_size must be >= 1, got 0."),
+        (["--steps", "0"], "hf_ddpm: error: --steps must be >= 1, got 0."),
+    ],
+)
+def test_sample_refuses_bad_counts(tiny_model, capsys, flags, message):
+    assert one_line(capsys, ["sample", str(tiny_model), *flags]) == message
+
+
+def test_sample_refuses_an_unwritable_out_before_sampling(tiny_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(HFDDPMPipeline, "__call__", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    out = tmp_path / "file" / "grid.png"
+    line = one_line(capsys, ["sample", str(tiny_model), "--num_images", "1", "--out", str(out)])
+    assert line == f"hf_ddpm: error: --out {out}: {tmp_path / 'file'} is not a writable folder; choose another path."
+    line = one_line(capsys, ["sample", str(tiny_model), "--num_images", "1", "--out", str(tmp_path / "file")])
+    assert "is a file without an image suffix" in line
+
+
+def test_sample_writes_a_jpeg_grid_for_a_jpg_out_and_a_folder_without_a_suffix(tiny_model, tmp_path):
+    grid_path = tmp_path / "grid.jpg"
+    assert main(["sample", str(tiny_model), "--num_images", "4", "--steps", "2", "--out", str(grid_path)]) == 0
+    with PIL.Image.open(tmp_path / "grid.jpg") as grid:
+        assert grid.format == "JPEG" and grid.size == (56, 56)
+    assert main(["sample", str(tiny_model), "--num_images", "2", "--steps", "2", "--out", str(tmp_path / "many")]) == 0
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_evaluate_refuses_bad_counts_before_the_bound(tiny_model, capsys):
+    line = one_line(capsys, ["evaluate", str(tiny_model), "--data", "embedded", "--timesteps_per_image", "0"])
+    assert line == "hf_ddpm: error: --timesteps_per_image must be >= 1, got 0."
+
+
+def test_sample_quality_refuses_a_model_not_1x28x28_before_the_bound(rgb_model, tmp_path, capsys, monkeypatch):
+    import hf_ddpm.cli
+
+    monkeypatch.setattr(hf_ddpm.cli, "evaluate_bound", lambda *a, **k: pytest.fail("computed the bound first"))
+    line = one_line(capsys, ["evaluate", str(rgb_model), "--data", "embedded", "--max_images", "4",
+                             "--num_samples", "4", "--json", str(tmp_path / "r.json")])
+    assert "the sample-quality metrics use an MNIST classifier of 1x28x28 digits" in line
+    assert "makes 3x8x8 images; drop --num_samples to evaluate the bound only." in line
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nope" / "model")
+    line = one_line(capsys, ["sample", missing, "--num_images", "1", "--out", str(tmp_path / "g.png")])
+    assert "no such folder" in line and "Repo id must be" not in line
+
+
+def test_debug_keeps_the_traceback(tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DDPM_DEBUG", "1")
+    assert main(["sample", str(tiny_model), "--num_images", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "hf_ddpm: error: --num_images must be >= 1, got 0."
+
+
+def test_a_vae_folder_given_to_the_diffusion_pipeline_says_which_class_to_use(tmp_path):
+    VAEPipeline(GaussianVAE(latent_dim=4, block_out_channels=(8, 8), hidden_dim=8)).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError) as error:
+        HFDDPMPipeline.from_pretrained(tmp_path / "vae")
+    assert str(error.value) == (
+        f"{tmp_path / 'vae'} holds a VAEPipeline, not a HFDDPMPipeline: load it with VAEPipeline.from_pretrained "
+        "(from hf_ddpm import VAEPipeline)."
+    )
