@@ -118,8 +118,9 @@ def check_output_dir(output_dir: Path, arguments: dict[str, Any], keys: Iterable
 
 
 def different_keys(previous: dict[str, Any], arguments: dict[str, Any], keys: Iterable[str]) -> str:
-    """``"k: old -> new, ..."`` for the ``keys`` whose values differ ("" when none do)."""
-    different = {k: (previous.get(k), arguments.get(k)) for k in keys if previous.get(k) != arguments.get(k)}
+    """``"k: old -> new, ..."`` for the ``keys`` whose values differ ("" when none do). A key ``previous`` lacks (an
+    argument added after it was saved) takes its default, so it does not count as a difference."""
+    different = {k: (previous[k], arguments.get(k)) for k in keys if k in previous and previous[k] != arguments.get(k)}
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in different.items())
 
 

@@ -205,7 +205,6 @@ def render_model_card(report: TrainingReport) -> ModelCard:
         report=report,
         package=PACKAGE,
         remote_code=REMOTE_CODE_FILENAME,
-        custom_pipeline=REMOTE_CODE_FILENAME.removesuffix(".py"),
         call_arguments=call_arguments,
         training_rows=[(key, _table_value(value)) for key, value in arguments.items()],
         papers=[(arxiv, PAPERS[arxiv]) for arxiv in PIPELINE_PAPERS.get(report.pipeline_class, [])],

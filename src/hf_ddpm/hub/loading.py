@@ -47,6 +47,15 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def pipeline_class_name(index: dict[str, Any]) -> str | None:
+    """The pipeline class a ``model_index.json`` names: ``_class_name`` is ``"HFDDPMPipeline"`` in a folder written by
+    ``save_pretrained``, and ``["hf_ddpm", "HFDDPMPipeline"]`` (the remote-code file and the class in it, which lets
+    stock diffusers load the repo with no argument but ``trust_remote_code=True``) in a repo written by
+    :func:`hf_ddpm.hub.push.save_pipeline_repo`."""
+    name = index.get("_class_name")
+    return name[1] if isinstance(name, (list, tuple)) and len(name) == 2 else name
+
+
 def refuse_pickle_weights(files: Iterable[str], components: Iterable[str], source: str) -> None:
     """Raise ``ValueError`` if any of ``files`` (paths relative to the pipeline folder) is a pickle in a component
     folder."""

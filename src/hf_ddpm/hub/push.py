@@ -29,7 +29,8 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ge
 
 from .card import SAMPLE_GRID_PATH, TrainingReport, redact_secrets, render_model_card
 from .naming import PACKAGE
-from .remote_code import remote_code_files
+from .loading import MODEL_INDEX
+from .remote_code import REMOTE_CODE_FILENAME, remote_code_files
 
 TRAINING_ARGS_PATH = "training_args.json"
 CARD_PATH = "README.md"
@@ -55,6 +56,7 @@ def save_pipeline_repo(
     pipeline.save_pretrained(folder, safe_serialization=True)
     for relative, source in remote_code_files(pipeline).items():
         (folder / relative).write_text(source, encoding="utf-8")
+    record_remote_pipeline_class(folder, type(pipeline).__name__)
     if card is not None:
         card.save(folder / CARD_PATH)
     if sample_grid is not None:
@@ -65,6 +67,17 @@ def save_pipeline_repo(
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
     _make_readable(folder, files)
     return files
+
+
+def record_remote_pipeline_class(folder: Path, class_name: str) -> None:
+    """Record the pipeline in ``folder/model_index.json`` as ``["hf_ddpm", class_name]``: the remote-code file at the
+    repo root and the class in it. Stock diffusers then loads the repo with ``trust_remote_code=True`` and no other
+    argument (``pipeline_loading_utils._resolve_custom_pipeline_and_cls``); hf_ddpm's own ``from_pretrained`` reads
+    the class name and uses the installed class."""
+    index_path = folder / MODEL_INDEX
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["_class_name"] = [REMOTE_CODE_FILENAME.removesuffix(".py"), class_name]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _make_readable(folder: Path, files: list[str]) -> None:

@@ -22,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .loading import load_package_components, pipeline_folder, read_model_index
+from .loading import load_package_components, pipeline_class_name, pipeline_folder, read_model_index
 from .naming import PACKAGE, library_of, package_namespace
 
 #: The diffusers base classes the component loader looks up in the ``hf_ddpm`` namespace.
@@ -76,7 +76,7 @@ class HFDDPMRegistrationMixin:
         """
         hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
         folder = pipeline_folder(pretrained_model_name_or_path, **hub_options)
-        saved_class = read_model_index(folder).get("_class_name")
+        saved_class = pipeline_class_name(read_model_index(folder))
         if saved_class and saved_class not in {klass.__name__ for klass in cls.__mro__}:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {saved_class}, not a {cls.__name__}: load it with "
@@ -86,6 +86,17 @@ class HFDDPMRegistrationMixin:
         pipeline = super().from_pretrained(folder, **components, **kwargs)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))  # the repo id, as diffusers does
         return pipeline
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config``, with ``_class_name`` read as the class name alone: a repo records it as
+        ``["hf_ddpm", ClassName]`` for stock diffusers (see :func:`hf_ddpm.hub.loading.pipeline_class_name`), which
+        would make diffusers run the repo's remote code instead of this installed class."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if "_class_name" in config:
+            config["_class_name"] = pipeline_class_name(config)
+        return loaded
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push this pipeline as a complete Hub repo: safetensors weights, model card, the self-contained remote

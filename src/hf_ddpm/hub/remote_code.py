@@ -1,8 +1,9 @@
 """The self-contained copy of hf_ddpm that a Hub repo ships, generated from hf_ddpm's own modules at push time.
 
 Stock diffusers (hf_ddpm not installed) loads a component recorded as ``["hf_ddpm", "DenoisingUNet"]`` from the
-repo file ``unet/hf_ddpm.py``, and the pipeline from ``hf_ddpm.py`` at the repo root when called with
-``custom_pipeline="hf_ddpm", trust_remote_code=True``. It imports each such file as one module on its own, so the
+repo file ``unet/hf_ddpm.py``, and the pipeline from ``hf_ddpm.py`` at the repo root, which the repo's
+``model_index.json`` names as ``["hf_ddpm", ClassName]``, when called with ``trust_remote_code=True`` (repos pushed
+before that record also load with ``custom_pipeline="hf_ddpm"``). It imports each such file as one module on its own, so the
 file can import neither hf_ddpm nor a sibling file. :func:`bundle_source` writes that module: the hf_ddpm modules
 that define the given classes and every hf_ddpm module they import, in dependency order, each with its imports
 from hf_ddpm removed (the names they imported are defined earlier in the same file). Nothing is copied by hand, so
@@ -203,7 +204,7 @@ def bundle_source(modules: Iterable[str], package: str = PACKAGE) -> str:
         f"# {', '.join(m.name for m in ordered)}.\n"
         f"# Do not edit: every push writes it again. It lets stock diffusers load this repo without {PACKAGE}:\n"
         "#     DiffusionPipeline.from_pretrained(\n"
-        f'#         repo_id, custom_pipeline="{PACKAGE}", trust_remote_code=True, revision="main")\n'
+        f'#         repo_id, trust_remote_code=True, revision="main")\n'
         f"# With {PACKAGE} installed, its pipeline's from_pretrained uses the installed code and never runs this file.\n"
         f"{FUTURE_IMPORT}\n\n"
         "# diffusers runs this file again in the same module for each component it loads: see the end of the file.\n"
