@@ -1,63 +1,182 @@
-"""The stratified bound estimator is unbiased for the exact sum of all T terms, within its error bars."""
+"""evaluate_bound, the one way to measure a bound on a set of images: batching, the summary and its standard
+error, and the stratified estimate of a diffusion model against the exact sum of all T terms, within error bars."""
+
+from __future__ import annotations
 
 import math
 
 import pytest
 import torch
 
-from hf_ddpm import DenoisingUNet, VDMScheduler
-from hf_ddpm.evaluation import estimate_bound, exact_bound, strata
+from helpers import mnist_like_pixels, tiny_vae
+from hf_ddpm import BoundOptions, BoundResult, DenoisingUNet, HFDDPMPipeline, VAEPipeline, VDMScheduler, evaluate_bound
+from hf_ddpm.evaluation import BatchBound, mean_and_standard_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def small_model():
+def small_pipeline() -> tuple[HFDDPMPipeline, torch.Tensor]:
     torch.manual_seed(0)
-    unet = DenoisingUNet(sample_size=8, block_out_channels=(8, 16), attention_resolutions=(), learn_variance=True).eval()
+    unet = DenoisingUNet(
+        sample_size=8, block_out_channels=(8, 16), attention_resolutions=(), learn_variance=True
+    ).eval()
     with torch.no_grad():  # a non-trivial model: the output layer starts at zero
         unet.conv_out.weight.normal_(0, 0.05)
-    scheduler = VDMScheduler(num_train_timesteps=20, variance_type="learned_range", beta_schedule="linear", beta_end=0.2)
-    images = (torch.randint(0, 256, (6, 1, 8, 8)).float() / 127.5 - 1.0)
-    return unet, scheduler, images
+    scheduler = VDMScheduler(
+        num_train_timesteps=20, variance_type="learned_range", beta_schedule="linear", beta_end=0.2
+    )
+    pipeline = HFDDPMPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    images = torch.randint(0, 256, (6, 1, 8, 8)).float() / 127.5 - 1.0
+    return pipeline, images
 
 
-def model_fn_of(unet):
-    return lambda x_t, t: unet(x_t.float(), t).sample
+class CountingPipeline:
+    """The smallest pipeline evaluate_bound accepts: two deterministic terms per image, and a record of its batches."""
+
+    image_channels = 1
+
+    def __init__(self, iwae: bool = False):
+        self.batches: list[int] = []
+        self.iwae = iwae
+
+    def bound_terms(
+        self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None
+    ) -> BatchBound:
+        self.batches.append(len(images))
+        mean = images.flatten(1).mean(dim=1).double()
+        terms = {"a": mean + 2.0, "b": 0.5 * mean**2}
+        return BatchBound(terms=terms, estimator="counting", iwae=mean + 1.0 if self.iwae else None)
 
 
-def test_strata_cover_every_denoising_timestep_once():
-    groups = strata(1000, 8)
-    assert torch.equal(torch.cat(groups), torch.arange(1, 1000))
-    assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
-    with pytest.raises(ValueError, match="between 1 and T-1 = 999"):
-        strata(1000, 1000)
+# ---------------------------------------------------------------------------------------------- the summary
+def test_mean_and_standard_error():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    mean, error = mean_and_standard_error(values)
+    assert mean == pytest.approx(3.5, rel=1e-15)
+    assert error == pytest.approx(math.sqrt(((values - 3.5) ** 2).sum().item() / 3) / 2, rel=1e-15)
+    single_mean, single_error = mean_and_standard_error(torch.tensor([0.25]))
+    assert single_mean == 0.25 and math.isnan(single_error)
 
 
-def test_estimator_mean_matches_the_exact_sum_within_its_error_bars(small_model):
-    unet, scheduler, images = small_model
-    model_fn = model_fn_of(unet)
+def test_bound_result_summarises_its_per_image_terms():
+    a, d = 1.25, 0.125
+    result = BoundResult(
+        per_image_terms={
+            "x": torch.tensor([a - d - 1, a + d - 1], dtype=torch.float64),
+            "y": torch.ones(2, dtype=torch.float64),
+        },
+        estimator="two images",
+    )
+    assert torch.equal(result.per_image, torch.tensor([a - d, a + d], dtype=torch.float64))
+    assert result.num_images == 2 and result.bits_per_dim == a and result.standard_error == pytest.approx(d, rel=1e-15)
+    assert result.terms == {"x": a - 1, "y": 1.0}
+    assert result.to_dict() == {
+        "bits_per_dim": a,
+        "standard_error": result.standard_error,
+        "terms": {"x": a - 1, "y": 1.0},
+        "estimator": "two images",
+        "num_images": 2,
+    }
+    with_iwae = BoundResult(
+        result.per_image_terms, "two images", per_image_iwae=torch.tensor([0.5, 1.5], dtype=torch.float64)
+    )
+    summary = with_iwae.to_dict()
+    assert summary["iwae_bits_per_dim"] == 1.0 and summary["iwae_standard_error"] == pytest.approx(0.5, rel=1e-15)
+
+
+def test_evaluate_bound_batches_concatenates_and_reports_progress():
+    pipeline = CountingPipeline(iwae=True)
+    pixels = torch.randint(0, 256, (7, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def progress(batches):
+        for batch in batches:
+            seen.append(len(batch))
+            yield batch
+
+    result = evaluate_bound(pipeline, pixels.numpy(), batch_size=3, progress=progress)
+    assert pipeline.batches == [3, 3, 1] and seen == [3, 3, 1]
+    x = pixels[:, None].double() / 127.5 - 1  # uint8 arrays become the float images on the 8-bit grid
+    mean = x.flatten(1).mean(dim=1)
+    torch.testing.assert_close(result.per_image_terms["a"], mean + 2.0, rtol=1e-7, atol=0)
+    assert result.per_image_terms["a"].dtype == torch.float64 and result.estimator == "counting"
+    torch.testing.assert_close(result.per_image_iwae, mean + 1.0, rtol=1e-7, atol=0)
+    assert result.num_images == 7 and set(result.to_dict()) >= {"iwae_bits_per_dim", "iwae_standard_error"}
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        evaluate_bound(pipeline, pixels.numpy(), batch_size=0)
+    with pytest.raises(ValueError, match="No images given"):
+        evaluate_bound(pipeline, torch.zeros(0, 1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------- diffusion models
+def test_estimator_mean_matches_the_exact_sum_within_its_error_bars(small_pipeline):
+    pipeline, images = small_pipeline
     # the exact bound is itself a one-draw-per-term estimate over x_t ~ q: average many draws for its expectation
-    exact = torch.stack([exact_bound(scheduler, model_fn, images, generator=torch.Generator().manual_seed(s)).per_image for s in range(30)])
-    estimates = torch.stack([
-        estimate_bound(scheduler, model_fn, images, timesteps_per_image=3, generator=torch.Generator().manual_seed(100 + s)).per_image
-        for s in range(120)
-    ])
+    exact = torch.stack(
+        [
+            evaluate_bound(
+                pipeline, images, BoundOptions(exact=True), generator=torch.Generator().manual_seed(s)
+            ).per_image
+            for s in range(30)
+        ]
+    )
+    stratified = BoundOptions(timesteps_per_image=3)
+    estimates = torch.stack(
+        [
+            evaluate_bound(pipeline, images, stratified, generator=torch.Generator().manual_seed(100 + s)).per_image
+            for s in range(120)
+        ]
+    )
     for image in range(len(images)):
         difference = estimates[:, image].mean() - exact[:, image].mean()
         error = math.sqrt(estimates[:, image].var() / len(estimates) + exact[:, image].var() / len(exact))
         assert abs(difference) < 4.5 * error, (image, difference.item(), error)
 
 
-def test_estimator_reports_a_standard_error_and_a_consistent_breakdown(small_model):
-    unet, scheduler, images = small_model
-    result = estimate_bound(scheduler, model_fn_of(unet), images, timesteps_per_image=4, generator=torch.Generator().manual_seed(0))
-    assert result.num_images == 6 and result.timesteps_per_image == 4
-    assert result.bits_per_dim == pytest.approx(result.prior_term + result.denoising_terms + result.reconstruction_term, rel=1e-12)
+def test_estimator_reports_a_standard_error_and_a_consistent_breakdown(small_pipeline):
+    pipeline, images = small_pipeline
+    result = evaluate_bound(
+        pipeline, images, BoundOptions(timesteps_per_image=4), generator=torch.Generator().manual_seed(0)
+    )
+    assert result.num_images == 6
+    assert result.estimator == (
+        "unbiased stratified estimate of the full 20-term bound, 4 timesteps per image "
+        "+ exact reconstruction and prior terms"
+    )
+    terms = result.terms
+    assert list(terms) == ["prior", "denoising", "reconstruction"]
+    assert result.bits_per_dim == pytest.approx(
+        terms["prior"] + terms["denoising"] + terms["reconstruction"], rel=1e-12
+    )
     assert result.standard_error == pytest.approx(result.per_image.std().item() / math.sqrt(6), rel=1e-12)
+    exact = evaluate_bound(
+        pipeline, images, BoundOptions(exact=True), batch_size=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert exact.estimator == "exact: all 20 terms" and exact.num_images == 6
 
 
-def test_estimator_refuses_a_respaced_chain(small_model):
-    unet, _, images = small_model
-    respaced = VDMScheduler(num_train_timesteps=20)
-    respaced.set_timesteps(5)
-    with pytest.raises(ValueError, match="needs the full chain"):
-        estimate_bound(respaced, model_fn_of(unet), images)
+def test_the_bound_is_of_the_training_chain_whatever_the_scheduler_samples_on(small_pipeline):
+    pipeline, images = small_pipeline
+    options = BoundOptions(timesteps_per_image=4)
+    before = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(1))
+    pipeline(batch_size=1, num_inference_steps=5)  # leaves the scheduler respaced to 5 steps
+    assert not pipeline.scheduler.chain.is_full
+    after = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(before.per_image, after.per_image)
+
+
+# ---------------------------------------------------------------------------------------------- VAEs
+def test_a_vae_reports_its_elbo_terms_and_the_iwae_bound():
+    pipeline = VAEPipeline(tiny_vae(num_latent_layers=2))
+    pixels = mnist_like_pixels(5)
+    options = BoundOptions(elbo_samples=2, iwae_samples=3)
+    result = evaluate_bound(
+        pipeline, pixels.numpy(), options, batch_size=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert list(result.terms) == ["reconstruction", "kl"] and result.num_images == 5
+    assert result.estimator == "ELBO with 2 sample(s) of z; IWAE with K=3"
+    summary = result.to_dict()
+    assert summary["bits_per_dim"] == pytest.approx(sum(summary["terms"].values()), rel=1e-12)
+    assert 0 < summary["iwae_bits_per_dim"] and result.per_image_iwae.shape == (5,)

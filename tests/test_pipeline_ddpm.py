@@ -14,8 +14,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import hf_ddpm
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler, losses
-from hf_ddpm.pipelines.registration import HFDDPMRegistrationMixin
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+from hf_ddpm.evaluation import BoundOptions, evaluate_bound
+from hf_ddpm.hub.registration import HFDDPMRegistrationMixin
+from hf_ddpm.vdm.chain import DiffusionChain
+from hf_ddpm.vdm.elbo import ELBOOutput, full_elbo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +53,9 @@ def pipeline() -> HFDDPMPipeline:
 
 def sample(pipeline: HFDDPMPipeline, seed: int, steps: int = T, **kwargs: Any) -> Any:
     """Three images drawn with a generator seeded with ``seed``."""
-    return pipeline(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs).images
+    return pipeline(
+        batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs
+    ).images
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -104,7 +109,9 @@ def test_output_types_hold_the_same_images(pipeline):
     pixels = np.stack([np.asarray(image) for image in pil])
     np.testing.assert_array_equal(pixels, (array[..., 0] * 255).round().astype(np.uint8))
     generator = torch.Generator().manual_seed(6)
-    (as_tuple,) = pipeline(batch_size=3, num_inference_steps=4, generator=generator, output_type="pt", return_dict=False)
+    (as_tuple,) = pipeline(
+        batch_size=3, num_inference_steps=4, generator=generator, output_type="pt", return_dict=False
+    )
     assert torch.equal(as_tuple, pt)
     with pytest.raises(ValueError, match="'pil', 'np' or 'pt'"):
         pipeline(output_type="latent")
@@ -151,33 +158,61 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     pixels = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = pixels[:, None].float() / 127.5 - 1
     result = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
+    assert isinstance(result, ELBOOutput) and result.per_timestep is None
     parts = (result.prior_term, result.denoising_terms, result.reconstruction_term)
     assert result.bits_per_dim.shape == (3,) and all(part.shape == (3,) for part in parts)
     torch.testing.assert_close(result.bits_per_dim, sum(parts), rtol=1e-12, atol=0)
     assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
     # the same bound computed directly: every one of the T terms, the model's output as is
-    direct = losses.full_elbo(
-        VDMScheduler(num_train_timesteps=T, variance_type="learned_range"),
+    direct = full_elbo(
+        VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain,
         lambda x_t, t: pipeline.unet(x_t.float(), t).sample,
         images,
         generator=torch.Generator().manual_seed(0),
     )
     torch.testing.assert_close(result.bits_per_dim, direct.bits_per_dim, rtol=1e-12, atol=0)
     sample(pipeline, 0, steps=5)  # leaves the pipeline's scheduler respaced to 5 steps
+    assert len(pipeline.scheduler.chain.timesteps) == 5
     after = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
     assert torch.equal(after.bits_per_dim, result.bits_per_dim)
+    # the pipeline's elbo is evaluate_bound's exact bound, image by image
+    bound = evaluate_bound(pipeline, images, BoundOptions(exact=True), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bound.per_image, result.bits_per_dim)
+    assert torch.equal(bound.per_image_terms["denoising"], result.denoising_terms)
+
+
+def test_train_chain_is_the_configs_full_chain_and_bound_terms_name_their_estimator(pipeline):
+    chain = pipeline.train_chain
+    assert isinstance(chain, DiffusionChain) and chain.is_full and chain.num_train_timesteps == T
+    assert (chain.prediction_type, chain.variance_type) == ("epsilon", "learned_range")
+    np.testing.assert_array_equal(chain.train_alphas_cumprod, pipeline.scheduler.train_chain.train_alphas_cumprod)
+    assert pipeline.image_channels == 1
+    images = -torch.ones(2, 1, SIZE, SIZE)
+    exact = pipeline.bound_terms(images, BoundOptions(exact=True), torch.Generator().manual_seed(0))
+    assert exact.estimator == f"exact: all {T} terms" and exact.iwae is None
+    assert list(exact.terms) == ["prior", "denoising", "reconstruction"]
+    stratified = pipeline.bound_terms(images, BoundOptions(timesteps_per_image=3), torch.Generator().manual_seed(0))
+    assert stratified.estimator == (
+        f"unbiased stratified estimate of the full {T}-term bound, 3 timesteps per image "
+        "+ exact reconstruction and prior terms"
+    )
+    assert all(values.dtype == torch.float64 and values.shape == (2,) for values in stratified.terms.values())
 
 
 def test_elbo_accepts_uint8_arrays_and_pil_images_and_rejects_off_grid_floats(pipeline):
     pixels = torch.randint(0, 256, (2, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    reference = pipeline.elbo(pixels[:, None].float() / 127.5 - 1, generator=torch.Generator().manual_seed(3)).bits_per_dim
+    reference = pipeline.elbo(
+        pixels[:, None].float() / 127.5 - 1, generator=torch.Generator().manual_seed(3)
+    ).bits_per_dim
     inputs = {
         "uint8 (N, H, W)": pixels.numpy(),
         "uint8 (N, H, W, C)": pixels[..., None].numpy(),
         "PIL images": [PIL.Image.fromarray(p.numpy()) for p in pixels],
     }
     for name, images in inputs.items():
-        assert torch.equal(pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).bits_per_dim, reference), name
+        assert torch.equal(
+            pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).bits_per_dim, reference
+        ), name
     off_grid = pixels[:, None].double() / 127.5 - 1
     off_grid[0, 0, 0, 0] = 100.3 / 127.5 - 1  # between the pixel values 100 and 101
     with pytest.raises(ValueError, match="256-level grid of 8-bit data"):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_ddpm import HFDDPMPipeline
+from hf_ddpm import HFDDPMPipeline, objectives
+from hf_ddpm.training_utils import list_checkpoints, resolve_resume_path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
@@ -22,10 +23,35 @@ import train  # noqa: E402
 
 # A tiny model and run: 2 levels (28 -> 14), T = 50, a few steps on 512 embedded MNIST digits.
 TINY = [
-    "--block_out_channels", "8", "16", "--attention_resolutions", "14", "--num_train_timesteps", "50",
-    "--max_train_images", "512", "--num_eval_images", "16", "--train_batch_size", "16", "--eval_batch_size", "16",
-    "--num_sample_images", "4", "--sample_steps", "5", "--eval_timesteps_per_image", "4", "--lr_warmup_steps", "1",
-    "--mixed_precision", "no", "--logger", "none", "--seed", "3",
+    "--block_out_channels",
+    "8",
+    "16",
+    "--attention_resolutions",
+    "14",
+    "--num_train_timesteps",
+    "50",
+    "--max_train_images",
+    "512",
+    "--num_eval_images",
+    "16",
+    "--train_batch_size",
+    "16",
+    "--eval_batch_size",
+    "16",
+    "--num_sample_images",
+    "4",
+    "--sample_steps",
+    "5",
+    "--eval_timesteps_per_image",
+    "4",
+    "--lr_warmup_steps",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--logger",
+    "none",
+    "--seed",
+    "3",
 ]
 
 
@@ -39,8 +65,27 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
     # eval at step 1 logs a sample grid to TensorBoard mid-run, and training must go on with the full chain
-    out = run(tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps", "2", "--eval_steps", "1", "--logger", "tensorboard")
-    for name in ("model_index.json", "samples.png", "eval_results.json", "README.md", "training_args.json", "checkpoint-2", "checkpoint-3", "logs/hf_ddpm"):
+    out = run(
+        tmp_path / "run",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "2",
+        "--eval_steps",
+        "1",
+        "--logger",
+        "tensorboard",
+    )
+    for name in (
+        "model_index.json",
+        "samples.png",
+        "eval_results.json",
+        "README.md",
+        "training_args.json",
+        "checkpoint-2",
+        "checkpoint-3",
+        "logs/hf_ddpm",
+    ):
         assert (out / name).exists(), name
     results = json.loads((out / "eval_results.json").read_text())
     assert results["steps"] == 3 and results["images_seen"] == 3 * 16
@@ -50,7 +95,9 @@ def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
     saved_args = json.loads((out / "training_args.json").read_text())
     assert saved_args["num_train_timesteps"] == 50 and "hub_token" not in saved_args
     pipe = HFDDPMPipeline.from_pretrained(out)
-    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 28, 28, 1) and 0 <= images.min() and images.max() <= 1
     card = (out / "README.md").read_text()
     assert f"{nll['bits_per_dim']:.4f}" in card
@@ -59,7 +106,9 @@ def test_smoke_run_writes_a_loadable_pipeline_samples_nll_and_card(tmp_path):
 def test_vae_run_writes_a_loadable_vae_pipeline_with_its_bounds(tmp_path):
     from hf_ddpm import VAEPipeline
 
-    out = run(tmp_path / "vae", "--model", "vae", "--max_train_steps", "2", "--iwae_samples", "4", "--num_latent_layers", "2")
+    out = run(
+        tmp_path / "vae", "--model", "vae", "--max_train_steps", "2", "--iwae_samples", "4", "--num_latent_layers", "2"
+    )
     nll = json.loads((out / "eval_results.json").read_text())["nll"]
     assert nll["bits_per_dim"] == pytest.approx(sum(nll["terms"].values()), rel=1e-6)
     assert nll["iwae_bits_per_dim"] > 0
@@ -85,8 +134,19 @@ def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
 
 def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "training" / "train.py"), "--output_dir", str(out), *TINY,
-               "--max_train_steps", "400", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
+    command = [
+        sys.executable,
+        str(REPO / "training" / "train.py"),
+        "--output_dir",
+        str(out),
+        *TINY,
+        "--max_train_steps",
+        "400",
+        "--checkpointing_steps",
+        "3",
+        "--checkpoints_total_limit",
+        "1",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -96,7 +156,7 @@ def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(t
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    latest = train.list_checkpoints(out)[-1]
+    latest = list_checkpoints(out)[-1]
     step = int(latest.name.split("-")[1])
     assert step >= 6
     run(out, "--max_train_steps", str(step + 1), "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
@@ -117,8 +177,8 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(tmp_pat
     monkeypatch.setattr(train.Accelerator, "save_state", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run(out, "--max_train_steps", "6", "--checkpointing_steps", "2")
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2"]
-    assert train.resolve_resume_path("latest", out).name == "checkpoint-2"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert resolve_resume_path("latest", out).name == "checkpoint-2"
     monkeypatch.setattr(train.Accelerator, "save_state", real_save)
     run(out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
     assert not list(out.glob("*.tmp"))
@@ -126,7 +186,7 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(tmp_pat
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real_loss = train.training_loss
+    real_loss = objectives.training_loss  # what DiffusionObjective.loss calls
     calls = {"n": 0}
 
     def loss_that_diverges(*args, **kwargs):
@@ -136,11 +196,11 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train, "training_loss", loss_that_diverges)
+    monkeypatch.setattr(objectives, "training_loss", loss_that_diverges)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match=r"loss became nan at step 2 .*checkpoint-2"):
         run(out, "--max_train_steps", "5", "--checkpointing_steps", "2")
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
 
 
@@ -150,7 +210,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
         (["--loss_type", "l2"], "--loss_type 'l2' is not one of: simple, vlb, hybrid"),
         (["--prediction_type", "noise"], "--prediction_type 'noise' is not one of: epsilon, sample, v_prediction"),
         (["--variance_type", "learned"], "--variance_type 'learned' is not one of"),
-        (["--beta_schedule", "sigmoid"], "--beta_schedule 'sigmoid' is not one of"),
+        (["--beta_schedule", "not_a_schedule"], "--beta_schedule 'not_a_schedule' is not one of"),
         (["--resolution", "27"], "--resolution 27 cannot be halved 1 times"),
         (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint folder there"),
         (["--loss_type", "simple"], "does not train a learned variance"),
@@ -182,9 +242,20 @@ def test_config_file_gives_defaults_that_flags_override(tmp_path):
 def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "training/configs/cpu_2proc.yaml"),
-               str(REPO / "training/train.py"), "--output_dir", str(out), *TINY,
-               "--max_train_steps", "2", "--record_seen_indices"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "training/configs/cpu_2proc.yaml"),
+        str(REPO / "training/train.py"),
+        "--output_dir",
+        str(out),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--record_seen_indices",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [set(json.loads((out / f"seen_indices_rank{rank}.json").read_text())) for rank in (0, 1)]
@@ -198,9 +269,22 @@ def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(
 
 def test_push_to_hub_sends_checkpoints_and_the_final_pipeline_and_never_the_token(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "push_pipeline_to_hub", lambda pipeline, repo_id, **kwargs: calls.append((repo_id, kwargs)))
-    out = run(tmp_path / "push", "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub", "--push_checkpoints",
-              "--hub_model_id", "org/ddpm-mnist", "--hub_token", "hf_secret_value")
+    monkeypatch.setattr(
+        train, "push_pipeline_to_hub", lambda pipeline, repo_id, **kwargs: calls.append((repo_id, kwargs))
+    )
+    out = run(
+        tmp_path / "push",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--push_to_hub",
+        "--push_checkpoints",
+        "--hub_model_id",
+        "org/ddpm-mnist",
+        "--hub_token",
+        "hf_secret_value",
+    )
     assert [c[1].get("path_in_repo", "") for c in calls] == ["checkpoints/step-1", "checkpoints/step-2", ""]
     assert all(repo == "org/ddpm-mnist" and kwargs["token"] == "hf_secret_value" for repo, kwargs in calls)
     assert all("hub_token" not in kwargs["training_args"] for _, kwargs in calls)

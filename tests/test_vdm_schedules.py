@@ -1,8 +1,9 @@
-"""Noise schedules: closed forms, diffusers' schedules, float64 precision and bad input."""
+"""Noise schedules (hf_ddpm.vdm.schedules): closed forms, diffusers' schedules, float64 precision and bad input."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from hf_ddpm import VDMScheduler
-from hf_ddpm.schedules import cosine_betas, linear_betas, make_betas
+from hf_ddpm.vdm.schedules import BETA_SCHEDULES, betas_from_config, cosine_betas, linear_betas, make_betas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +67,9 @@ def test_schedule_constants_are_float64():
     scheduler = VDMScheduler()
     assert scheduler.alphas_cumprod.dtype == torch.float64
     assert 1.0 - scheduler.alphas_cumprod[0].item() == pytest.approx(1e-4, rel=1e-12)
-    assert 1.0 - scheduler.chain.alphas_cumprod[1] == pytest.approx(1 - (1 - 1e-4) * (1 - (1e-4 + 0.0199 / 999)), rel=1e-11)
+    assert 1.0 - scheduler.chain.alphas_cumprod[1] == pytest.approx(
+        1 - (1 - 1e-4) * (1 - (1e-4 + 0.0199 / 999)), rel=1e-11
+    )
 
 
 def test_trained_betas_are_used_exactly_and_validated():
@@ -80,7 +83,20 @@ def test_trained_betas_are_used_exactly_and_validated():
         make_betas("linear", 3, trained_betas=[0.1, 1.0, 0.2])
 
 
+def test_betas_from_config_reads_ours_and_diffusers_configs_with_diffusers_defaults():
+    ours = VDMScheduler(num_train_timesteps=50, beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.03)
+    np.testing.assert_array_equal(betas_from_config(ours.config), ours.betas.numpy())
+    np.testing.assert_array_equal(betas_from_config(DDPMScheduler(num_train_timesteps=80).config), linear_betas(80))
+    np.testing.assert_array_equal(betas_from_config({"num_train_timesteps": 30}), linear_betas(30, 1e-4, 0.02))
+    trained = np.linspace(0.01, 0.2, 6)
+    np.testing.assert_array_equal(
+        betas_from_config({"num_train_timesteps": 6, "trained_betas": trained.tolist()}), trained
+    )
+
+
 def test_unknown_beta_schedule_is_rejected_with_the_choices():
-    for make in (lambda: make_betas("sigmoid", 10), lambda: VDMScheduler(beta_schedule="sigmoid")):
-        with pytest.raises(ValueError, match="'sigmoid'.*linear, scaled_linear, cosine, squaredcos_cap_v2"):
+    assert BETA_SCHEDULES[:4] == ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+    choices = re.escape(", ".join(BETA_SCHEDULES))
+    for make in (lambda: make_betas("not_a_schedule", 10), lambda: VDMScheduler(beta_schedule="not_a_schedule")):
+        with pytest.raises(ValueError, match=f"'not_a_schedule'.*{choices} or pass trained_betas"):
             make()

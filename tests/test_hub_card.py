@@ -1,0 +1,117 @@
+"""The model card (hf_ddpm.hub.card): metadata the Hub validates, the measured numbers as printed, no secrets."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from helpers import REPO, TOKEN, bound_of, code_blocks, report_for, tiny_ddpm_pipeline, tiny_vae_pipeline
+from hf_ddpm import NLLResult, TrainingReport, render_model_card
+from hf_ddpm.hub.card import redact_secrets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def table_rows(card_text: str) -> dict[str, str]:
+    return dict(re.findall(r"^\| (.+?) \| (.+?) \|$", card_text, flags=re.M))
+
+
+def assert_printed(printed: str, value: float) -> None:
+    """``printed`` is ``value`` rounded to the digits shown."""
+    decimals = len(printed.split("e")[0].split(".")[1]) - (int(printed.split("e")[1]) if "e" in printed else 0)
+    assert abs(float(printed) - value) <= 0.5 * 10.0**-decimals
+
+
+def test_the_report_holds_the_bound_it_was_given():
+    bound = report_for(tiny_ddpm_pipeline(0)).nll.bound
+    assert bound.num_images == 2 and bound.standard_error == pytest.approx(0.0123456, rel=1e-12)
+    assert bound.terms == pytest.approx(
+        {"denoising": 1.0012345, "prior": 3.1415e-05, "reconstruction": 0.23330195}, rel=1e-15
+    )
+    assert bound.bits_per_dim == pytest.approx(1.0012345 + 3.1415e-05 + 0.23330195, rel=1e-15)
+
+
+def test_card_metadata_validates_and_shows_the_measured_numbers(tmp_path):
+    report = report_for(tiny_ddpm_pipeline(0))
+    bound = report.nll.bound
+    card = render_model_card(report)
+    card.save(tmp_path / "README.md")
+
+    metadata = metadata_load(tmp_path / "README.md")
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert {"pytorch", "diffusers", "unconditional-image-generation", "ddpm", "hf_ddpm"} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["ylecun/mnist"] and metadata["license"] == "apache-2.0"
+    model_name, results = model_index_to_eval_results(metadata["model-index"])
+    assert model_name == "ddpm-mnist"
+    by_metric = {result.metric_type: result for result in results}
+    assert set(by_metric) == {"nll", "nll_standard_error"}
+    result = by_metric["nll"]
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type) == (
+        "unconditional-image-generation",
+        "ylecun/mnist",
+        "train[4500:5000]",
+        "nll",
+    )
+    assert result.metric_value == bound.bits_per_dim  # exactly: the metadata keeps every digit
+    assert by_metric["nll_standard_error"].metric_value == bound.standard_error
+    loaded = {r.metric_type: r.metric_value for r in ModelCard.load(tmp_path / "README.md").data.eval_results}
+    assert loaded["nll"] == bound.bits_per_dim
+
+    rows = table_rows(card.text)
+    assert_printed(rows["NLL bound (bits/dim)"], bound.bits_per_dim)
+    assert_printed(rows["standard error (bits/dim)"], bound.standard_error)
+    for term, value in bound.terms.items():
+        assert_printed(rows[term], value)
+    assert "importance-weighted bound (bits/dim)" not in rows  # a DDPM has none
+    assert "train[4500:5000], 2 images" in card.text and bound.estimator in card.text
+    assert rows["optimizer steps"] == "1,500" and rows["images seen"] == "96,000"
+    assert re.search(r"\((\d+) s\)", rows["wall time"]).group(1) == "723"
+    assert rows["hardware"] == report.hardware
+    assert rows["`learning_rate`"] == "0.001" and rows["`block_out_channels`"] == "[8, 16]"
+    assert "hub_token" not in card.content and TOKEN not in card.content
+    assert "![Samples from the model](samples.png)" in card.text
+    hf_ddpm_snippet, remote_snippet = code_blocks(card.text)
+    assert f'HFDDPMPipeline.from_pretrained("{REPO}", revision="main")' in hf_ddpm_snippet
+    assert 'custom_pipeline="hf_ddpm", trust_remote_code=True, revision="main"' in remote_snippet
+
+
+def test_card_of_a_vae_shows_its_importance_weighted_bound():
+    pipeline = tiny_vae_pipeline(0)
+    bound = bound_of(
+        {"reconstruction": 0.9, "kl": 0.1}, standard_error=0.02, estimator="ELBO with 1 sample(s) of z; IWAE with K=64"
+    )
+    bound.per_image_iwae = bound.per_image - 0.05
+    report = TrainingReport.for_pipeline(
+        pipeline, "org/vae-mnist", nll=NLLResult(bound, "ylecun/mnist", "MNIST", "test")
+    )
+    card = render_model_card(report)
+    rows = table_rows(card.text)
+    iwae, iwae_error = rows["importance-weighted bound (bits/dim)"].split(" ± ")
+    assert_printed(iwae, bound.to_dict()["iwae_bits_per_dim"])
+    assert_printed(iwae_error, bound.to_dict()["iwae_standard_error"])
+    assert "vae" in ModelCard(str(card)).data.tags and "`GaussianVAE`" in card.text
+    hf_ddpm_snippet, _ = code_blocks(card.text)
+    assert 'VAEPipeline.from_pretrained("org/vae-mnist", revision="main")' in hf_ddpm_snippet
+
+
+def test_card_of_a_pipeline_alone_has_no_results_and_validates():
+    card = render_model_card(TrainingReport.for_pipeline(tiny_ddpm_pipeline(0), REPO, sample_grid=None))
+    parsed = ModelCard(str(card))
+    assert parsed.data.eval_results is None and "model-index" not in card.content
+    assert "No likelihood was evaluated" in card.text and "![" not in card.text
+    assert "`DenoisingUNet`" in card.text  # the description and components come from the pipeline
+
+
+def test_secrets_are_dropped_by_key_and_by_value():
+    arguments = {
+        "hub_token": "x",
+        "api_key": "y",
+        "tokenizer_name": "t5",
+        "max_tokens": 3,
+        "url": f"https://u:{TOKEN}@h",
+        "nested": {"password": "p", "lr": 1},
+    }
+    assert redact_secrets(arguments, TOKEN) == {"tokenizer_name": "t5", "max_tokens": 3, "nested": {"lr": 1}}

@@ -1,0 +1,43 @@
+"""The sample-quality metric (hf_ddpm.metrics): the Fréchet distance's closed forms, and the embedded MNIST
+classifier on real digits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_ddpm.data import ImageTensorDataset, load_images
+from hf_ddpm.metrics import frechet_distance, mnist_classifier, sample_quality
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"the MNIST IDX files are not at {MNIST}")
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    sigma = a @ a.T + np.eye(5)
+    mu = rng.normal(size=5)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 0.25])
+    m1, m2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    closed = ((m1 - m2) ** 2).sum() + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum()
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-10)
+
+
+@needs_mnist
+def test_classifier_recognises_real_digits_and_the_metric_separates_digits_from_noise():
+    test = load_images(str(MNIST), split="test")
+    images = ImageTensorDataset(test.images)[:]
+    classifier = mnist_classifier()
+    with torch.no_grad():
+        accuracy = (classifier(images[:1000]).argmax(1).numpy() == test.labels[:1000]).mean()
+    assert accuracy >= 0.97
+    real = sample_quality(images[:1000], images[-2000:], classifier)
+    noise = sample_quality(torch.rand(1000, 1, 28, 28) * 2 - 1, images[-2000:], classifier)
+    assert real.frechet_distance < 0.1 * noise.frechet_distance
+    assert real.mean_confidence > 0.9 and real.class_kl_from_uniform < 0.02
+    assert 0 <= noise.mean_confidence <= 1

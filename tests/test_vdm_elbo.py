@@ -1,0 +1,285 @@
+"""The ELBO terms against scipy and closed forms, the exact bound and its stratified estimate, and the training
+losses against the exact bound; all on the frozen chain (hf_ddpm.vdm.chain.DiffusionChain)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from helpers import on_grid
+from hf_ddpm import VDMScheduler
+from hf_ddpm.distributions import nats_to_bits_per_dim
+from hf_ddpm.vdm import elbo
+from hf_ddpm.vdm.chain import DiffusionChain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- ELBO terms
+def test_prior_term_equals_its_closed_form():
+    """KL(N(sqrt(a) x, 1 - a) || N(0, 1)) = (a x^2 - a - log(1 - a)) / 2 per pixel, a = alphas_cumprod[T-1]."""
+    chain = VDMScheduler().train_chain
+    a = float(np.prod(1.0 - np.linspace(1e-4, 0.02, 1000)))
+    assert a == pytest.approx(4.04e-5, rel=2e-3)
+    shape = (3, 1, 4, 5)
+    images = {1.0: torch.ones(shape, dtype=torch.float64), 0.0: torch.zeros(shape, dtype=torch.float64)}
+    images[-1.0] = -images[1.0]
+    bpd = {x: nats_to_bits_per_dim(elbo.prior_term(chain, image), 20) for x, image in images.items()}
+    for x, value in bpd.items():
+        closed = 0.5 * (a * x * x - a - math.log1p(-a)) / LN2
+        torch.testing.assert_close(value, torch.full((3,), closed, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert bpd[1.0][0].item() == pytest.approx(2.91e-5, rel=2e-3)
+    assert bpd[0.0][0].item() == pytest.approx(5.9e-10, rel=1e-2)  # ~ a^2 / (4 ln 2): q(x_T) ~= N(0, I)
+
+
+def test_prior_term_sits_at_the_top_of_a_respaced_chain():
+    scheduler = VDMScheduler(timestep_spacing="leading")
+    scheduler.set_timesteps(50)  # leading: 0, 20, ..., 980
+    top = int(scheduler.chain.timesteps[-1])
+    assert top == 980
+    a = scheduler.alphas_cumprod[top].item()
+    nats = elbo.prior_term(scheduler.chain, torch.ones(2, 1, 2, 2, dtype=torch.float64))
+    torch.testing.assert_close(
+        nats, torch.full((2,), 4 * 0.5 * -math.log1p(-a), dtype=torch.float64), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("steps", [None, 10])
+def test_oracle_model_makes_every_denoising_term_zero(steps):
+    """A model that outputs the true x_0 with fixed_small variance: every KL(q || p) is 0, the bound is prior +
+    reconstruction, and the decoder is N(x_0, beta~_1) discretized, whose bin masses scipy gives independently."""
+    scheduler = VDMScheduler(num_train_timesteps=100, beta_end=0.1, prediction_type="sample")
+    if steps:
+        scheduler.set_timesteps(steps)
+    chain = scheduler.chain
+    x0 = on_grid(3, 1, 4, 4)
+    oracle = lambda x_t, t: x0  # noqa: E731
+    result = elbo.full_elbo(chain, oracle, x0, generator=torch.Generator().manual_seed(0), keep_per_timestep=True)
+    assert isinstance(result, elbo.ELBOOutput)
+    assert result.per_timestep.shape == (3, steps or 100)
+    assert result.per_timestep[:, 1:].abs().max().item() < 1e-12
+    assert result.denoising_terms.abs().max().item() < 1e-10
+    torch.testing.assert_close(result.bits_per_dim, result.prior_term + result.reconstruction_term, rtol=1e-12, atol=0)
+    parts = result.prior_term + result.denoising_terms + result.reconstruction_term
+    torch.testing.assert_close(result.bits_per_dim, parts, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.reconstruction_term, result.per_timestep[:, 0], rtol=0, atol=0)
+    sigma = math.sqrt(chain.posterior_variance[1])  # the clipped decoder variance
+    inner = 2 * norm.cdf(1 / 255 / sigma) - 1
+    edge = norm.cdf(1 / 255 / sigma)
+    masses = np.where(np.abs(x0.numpy()) == 1.0, edge, inner).reshape(3, -1)
+    expected_bpd = -np.log(masses).sum(axis=1) / (16 * LN2)
+    np.testing.assert_allclose(result.reconstruction_term.numpy(), expected_bpd, rtol=1e-10)
+    top = scheduler.alphas_cumprod[int(chain.timesteps[-1])].item()
+    closed_prior = 0.5 * (top * x0**2 - top - math.log1p(-top)).reshape(3, -1).sum(dim=1) / (16 * LN2)
+    torch.testing.assert_close(result.prior_term, closed_prior, rtol=1e-9, atol=0)
+
+
+def test_denoising_term_is_ho_et_al_weighted_noise_error():
+    """With epsilon prediction and fixed_small variance, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))
+    ||eps - eps_theta||^2 (Ho et al., 2020, eq. 12)."""
+    scheduler = VDMScheduler(num_train_timesteps=50, beta_end=0.2, clip_sample=False)
+    chain = scheduler.train_chain
+    generator = torch.Generator().manual_seed(1)
+    x0 = on_grid(2, 1, 3, 3)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    error = 0.3 * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    betas, abar = scheduler.betas.numpy(), scheduler.alphas_cumprod.numpy()
+    for step in (1, 2, 25, 49):
+        t = torch.full((2,), step)
+        x_t = chain.add_noise(x0, noise, t)
+        kl = elbo.variational_terms(chain, noise + error, x0, x_t, t)
+        sigma2 = betas[step] * (1 - abar[step - 1]) / (1 - abar[step])
+        weight = betas[step] ** 2 / (2 * sigma2 * (1 - betas[step]) * (1 - abar[step]))
+        torch.testing.assert_close(kl, weight * (error**2).reshape(2, -1).sum(dim=1), rtol=1e-9, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- the whole bound
+def linear_model(T: int, learned: bool) -> elbo.ModelFn:
+    """A fixed, deterministic model: a per-timestep affine map of x_t (and tanh(x_t) as the variance channel)."""
+    generator = torch.Generator().manual_seed(7)
+    scale = 0.5 + 0.3 * torch.rand(T, generator=generator, dtype=torch.float64)
+    shift = 0.1 * torch.randn(T, generator=generator, dtype=torch.float64)
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_t = x_t.double()
+        prediction = scale[t].view(-1, 1, 1, 1) * x_t + shift[t].view(-1, 1, 1, 1)
+        return torch.cat([prediction, torch.tanh(x_t)], dim=1) if learned else prediction
+
+    return model_fn
+
+
+def test_full_elbo_is_the_sum_of_every_term_of_the_chain():
+    """full_elbo draws one x_t per chain timestep, in order, from the generator (the one-sample term_at); the bound
+    is the prior plus all K terms summed at once, converted to bits/dim, exactly as before the refactor to chains."""
+    T = 20
+    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    model_fn = linear_model(T, learned=True)
+    x0 = on_grid(3, 1, 4, 4)
+    result = elbo.full_elbo(chain, model_fn, x0, generator=torch.Generator().manual_seed(5), keep_per_timestep=True)
+    generator = torch.Generator().manual_seed(5)
+    nats = torch.stack([elbo.term_at(chain, model_fn, x0, torch.full((3,), t), generator) for t in range(T)], dim=1)
+    prior = elbo.prior_term(chain, x0)
+    assert torch.equal(result.bits_per_dim, nats_to_bits_per_dim(prior + nats.sum(dim=1), 16))
+    assert torch.equal(result.per_timestep, nats_to_bits_per_dim(nats, 16))
+    assert torch.equal(result.prior_term, nats_to_bits_per_dim(prior, 16))
+    assert torch.equal(result.denoising_terms, nats_to_bits_per_dim(nats[:, 1:].sum(dim=1), 16))
+    assert torch.equal(result.reconstruction_term, nats_to_bits_per_dim(nats[:, 0], 16))
+    without = elbo.full_elbo(chain, model_fn, x0, generator=torch.Generator().manual_seed(5))
+    assert without.per_timestep is None and torch.equal(without.bits_per_dim, result.bits_per_dim)
+
+
+def test_strata_cover_every_denoising_timestep_once():
+    groups = elbo.strata(1000, 8)
+    assert torch.equal(torch.cat(groups), torch.arange(1, 1000))
+    assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
+    with pytest.raises(ValueError, match="between 1 and T-1 = 999, got 1000"):
+        elbo.strata(1000, 1000)
+    with pytest.raises(ValueError, match="between 1 and T-1 = 999, got 0"):
+        elbo.strata(1000, 0)
+
+
+def test_stratified_elbo_is_the_size_weighted_sum_of_one_term_per_stratum():
+    """sum_{t=1}^{T-1} L_t is estimated by sum_k |S_k| L_{t_k}, t_k drawn in stratum S_k; the reconstruction and
+    prior terms are exact. Checked on the x_t the model saw (unbiasedness within error bars: test_evaluation.py)."""
+    T, K = 12, 3
+    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    model_fn = linear_model(T, learned=True)
+    x0 = on_grid(2, 1, 4, 4)
+    calls = []
+
+    def recording_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append((t.clone(), x_t.clone()))
+        return model_fn(x_t, t)
+
+    estimate = elbo.stratified_elbo(
+        chain, recording_model, x0, timesteps_per_image=K, generator=torch.Generator().manual_seed(1)
+    )
+    groups = elbo.strata(T, K)
+    assert [len(g) for g in groups] == [4, 4, 3] and len(calls) == K + 1  # K + 1 network evaluations per image
+    terms = [elbo.variational_terms(chain, model_fn(x_t, t), x0, x_t, t) for t, x_t in calls]
+    for (t, _), group in zip(calls, groups):
+        assert all(int(s) in group.tolist() for s in t)  # each image's t_k lies in its stratum
+    assert torch.equal(calls[-1][0], torch.zeros(2, dtype=torch.long))
+    denoising = sum(len(group) * term for group, term in zip(groups, terms[:-1]))
+    torch.testing.assert_close(estimate.denoising_terms, nats_to_bits_per_dim(denoising, 16), rtol=1e-15, atol=0)
+    torch.testing.assert_close(estimate.reconstruction_term, nats_to_bits_per_dim(terms[-1], 16), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        estimate.prior_term, nats_to_bits_per_dim(elbo.prior_term(chain, x0), 16), rtol=0, atol=0
+    )
+    parts = estimate.prior_term + estimate.denoising_terms + estimate.reconstruction_term
+    torch.testing.assert_close(estimate.bits_per_dim, parts, rtol=1e-12, atol=0)
+
+
+def test_stratified_elbo_refuses_a_respaced_chain():
+    scheduler = VDMScheduler(num_train_timesteps=20)
+    scheduler.set_timesteps(5)
+    with pytest.raises(ValueError, match=r"stratified_elbo needs the full chain \(DiffusionChain.from_config\)"):
+        elbo.stratified_elbo(scheduler.chain, lambda x, t: x, -torch.ones(1, 1, 2, 2))
+    assert not scheduler.chain.is_full and scheduler.train_chain.is_full
+
+
+# ---------------------------------------------------------------------------------------------- training losses
+@pytest.mark.parametrize("variance_type", ["fixed_large", "learned_range"])
+def test_vlb_loss_is_an_unbiased_estimate_of_the_exact_bound(variance_type):
+    """full_elbo draws one x_t per timestep; the vlb loss at every t with those same x_t, averaged over uniform t
+    (or weighted by 1 / (T p(t)) and averaged over p(t)), is that exact bound."""
+    T = 20
+    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type=variance_type).train_chain
+    model_fn = linear_model(T, variance_type == "learned_range")
+    x0 = on_grid(3, 1, 4, 4)
+    seen = {}
+
+    def recording_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen[int(t[0])] = x_t.clone()
+        return model_fn(x_t, t)
+
+    exact = elbo.full_elbo(chain, recording_model, x0, generator=torch.Generator().manual_seed(5))
+    abar = torch.from_numpy(chain.train_alphas_cumprod)
+
+    def vlb_at(t: int, weight: float = 1.0) -> elbo.TrainingLoss:
+        noise = (seen[t] - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # the noise full_elbo drew at t
+        weights = torch.full((3,), weight)
+        return elbo.training_loss(
+            "vlb", chain, model_fn, x0, torch.full((3,), t), noise=noise, timestep_weights=weights
+        )
+
+    uniform = [vlb_at(t) for t in range(T)]
+    vlb = torch.stack([out.vlb_bits_per_dim.double() for out in uniform])  # (T, B)
+    loss = torch.stack([out.loss.double() for out in uniform])
+    # the training path computes in float32 (here ~5e-6 off), the bound in float64; a wrong scale would be >= 1/T
+    torch.testing.assert_close(vlb.mean(dim=0), exact.bits_per_dim, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.mean(dim=0), exact.bits_per_dim - exact.prior_term, rtol=1e-5, atol=0)
+    p = torch.rand(T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
+    p /= p.sum()
+    weighted = torch.stack([vlb_at(t, 1.0 / (T * p[t].item())).vlb_bits_per_dim.double() for t in range(T)])
+    torch.testing.assert_close((p[:, None] * weighted).sum(dim=0), exact.bits_per_dim, rtol=1e-5, atol=0)
+
+
+def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb():
+    T = 20
+    chain = VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
+    generator = torch.Generator().manual_seed(0)
+    x0 = on_grid(4, 1, 4, 4).float()
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([0, 1, 9, 19])  # the reconstruction term and three KL terms
+    raw = torch.cat(
+        [torch.randn(x0.shape, generator=generator), torch.rand(x0.shape, generator=generator) * 2 - 1], dim=1
+    )
+    grads = {}
+    for kind in ("simple", "vlb", "hybrid"):
+        output = raw.clone().requires_grad_(True)
+        elbo.training_loss(kind, chain, lambda x_t, _, output=output: output, x0, t, noise=noise).loss.sum().backward()
+        grads[kind] = output.grad
+    mean, var = slice(0, 1), slice(1, 2)
+    torch.testing.assert_close(grads["hybrid"][:, mean], grads["simple"][:, mean], rtol=1e-6, atol=0)
+    # float32 rounding, amplified where a gradient nearly cancels: relative to the gradient's scale
+    expected = elbo.HYBRID_VLB_WEIGHT * grads["vlb"][:, var]
+    torch.testing.assert_close(grads["hybrid"][:, var], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert grads["simple"][:, var].abs().max() == 0  # the squared error does not see the variance
+    assert grads["vlb"][:, mean].abs().min() > 0  # ... and the bound does see the mean: hybrid detaches it
+    assert grads["hybrid"][:, var].abs().min() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_simple_loss_is_zero_for_the_true_target_and_positive_otherwise(prediction_type):
+    chain = VDMScheduler(num_train_timesteps=20, prediction_type=prediction_type).train_chain
+    generator = torch.Generator().manual_seed(0)
+    x0 = on_grid(3, 1, 4, 4).float()
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([0, 7, 19])
+    target = {"epsilon": noise, "sample": x0, "v_prediction": chain.get_velocity(x0, noise, t)}[prediction_type]
+    torch.testing.assert_close(elbo.training_target(chain, x0, noise, t), target, rtol=0, atol=0)
+    oracle = elbo.training_loss("hybrid", chain, lambda x_t, _: target, x0, t, noise=noise)
+    assert oracle.mse.abs().max().item() == 0.0
+    assert oracle.vlb_term_bits_per_dim[1:].abs().max().item() < 1e-5  # KL terms vanish (float32)
+    off = elbo.training_loss("simple", chain, lambda x_t, _: target + 0.5, x0, t, noise=noise)
+    torch.testing.assert_close(off.loss, torch.full((3,), 0.25), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_weight_weights_the_x0_error_by_min_snr_gamma(prediction_type):
+    """Each parameterisation's squared error is SNR_t (eps), 1 (x_0) or SNR_t + 1 (v) times the x_0-space error;
+    the weight makes all three min(SNR_t, gamma) times the x_0 error."""
+    chain = DiffusionChain.from_alphas_cumprod(
+        np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), prediction_type=prediction_type
+    )
+    t = torch.tensor([0, 100, 500, 999])
+    abar = chain.train_alphas_cumprod[t.numpy()]
+    snr = abar / (1 - abar)
+    per_x0_error = {"epsilon": snr, "sample": np.ones_like(snr), "v_prediction": snr + 1}[prediction_type]
+    weight = elbo.min_snr_weight(chain, t, 5.0)
+    assert weight.dtype == torch.float32
+    np.testing.assert_allclose(weight.double().numpy() * per_x0_error, np.minimum(snr, 5.0), rtol=1e-6)
+
+
+def test_unknown_loss_type_is_rejected_with_the_choices():
+    chain = VDMScheduler(num_train_timesteps=20).train_chain
+    with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid"):
+        elbo.training_loss("l2", chain, lambda x, t: x, -torch.ones(1, 1, 2, 2), torch.tensor([3]))
+    assert elbo.LOSS_TYPES == ("simple", "vlb", "hybrid") and elbo.HYBRID_VLB_WEIGHT == 0.001
