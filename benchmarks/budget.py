@@ -15,14 +15,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--logger", "none", "--overwrite_output_dir"]
 FAST_EVAL_IMAGES = 16  # training images a run with FAST_OUTPUTS holds out for its NLL estimate
-FAST_OUTPUTS = ["--num_eval_images", str(FAST_EVAL_IMAGES), "--num_sample_images", "1", "--sample_steps", "2"]  # runs that only time steps
+FAST_OUTPUTS = [
+    "--num_eval_images",
+    str(FAST_EVAL_IMAGES),
+    "--num_sample_images",
+    "1",
+    "--sample_steps",
+    "2",
+]  # runs that only time steps
 
 
 def train(output_dir: Path, flags: list[str], launch_config: Path | None = None) -> dict:
     """Run ``train.py --output_dir output_dir *flags`` (log beside the folder) and return its eval_results.json.
     With ``launch_config``, through ``accelerate launch --config_file launch_config``."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(launch_config)] if launch_config else [sys.executable]
+    launcher = (
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(launch_config)]
+        if launch_config
+        else [sys.executable]
+    )
     command = [*launcher, str(REPO / "training" / "train.py"), "--output_dir", str(output_dir), *QUIET, *flags]
     with open(output_dir.with_suffix(".log"), "w") as log:
         completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log)
@@ -33,8 +44,19 @@ def train(output_dir: Path, flags: list[str], launch_config: Path | None = None)
 
 def seconds_per_step(work_dir: Path, flags: list[str], calibration_steps: int) -> float:
     """Wall-clock seconds per optimizer step of ``flags``, from a ``calibration_steps``-step run (warm-up included)."""
-    calibration = train(work_dir, [*flags, *FAST_OUTPUTS, "--max_train_steps", str(calibration_steps),
-                                   "--checkpointing_steps", str(calibration_steps), "--lr_warmup_steps", "0"])
+    calibration = train(
+        work_dir,
+        [
+            *flags,
+            *FAST_OUTPUTS,
+            "--max_train_steps",
+            str(calibration_steps),
+            "--checkpointing_steps",
+            str(calibration_steps),
+            "--lr_warmup_steps",
+            "0",
+        ],
+    )
     return calibration["train_seconds_this_run"] / calibration["steps"]
 
 

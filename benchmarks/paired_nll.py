@@ -44,14 +44,20 @@ def main() -> None:
     a, b = bounds.values()
     difference, difference_error = mean_and_standard_error(a.per_image - b.per_image)
     result = {
-        "num_images": len(images), "timesteps_per_image": args.timesteps_per_image,
-        "models": {name: {"bits_per_dim": e.bits_per_dim, "standard_error": e.standard_error, **e.terms} for name, e in bounds.items()},
+        "num_images": len(images),
+        "timesteps_per_image": args.timesteps_per_image,
+        "models": {
+            name: {"bits_per_dim": e.bits_per_dim, "standard_error": e.standard_error, **e.terms}
+            for name, e in bounds.items()
+        },
         "a_minus_b_bits_per_dim": difference,
         "a_minus_b_standard_error": difference_error,
     }
     for name, e in bounds.items():
         print(f"{name}: {e.bits_per_dim:.4f} ± {e.standard_error:.4f} bits/dim")
-    print(f"A - B = {result['a_minus_b_bits_per_dim']:.4f} ± {result['a_minus_b_standard_error']:.4f} bits/dim (paired)")
+    print(
+        f"A - B = {result['a_minus_b_bits_per_dim']:.4f} ± {result['a_minus_b_standard_error']:.4f} bits/dim (paired)"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

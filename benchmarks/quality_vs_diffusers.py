@@ -34,14 +34,37 @@ sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, train, train_for_budget  # noqa: E402
 
 STOCK_FLAGS = [
-    "--architecture", "diffusers_unet2d", "--layers_per_block", "2", "--loss_type", "simple", "--variance_type", "fixed_small",
-    "--beta_schedule", "linear", "--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--adam_beta1", "0.95",
-    "--adam_beta2", "0.999", "--adam_weight_decay", "1e-6", "--train_batch_size", "16", "--mixed_precision", "no",
+    "--architecture",
+    "diffusers_unet2d",
+    "--layers_per_block",
+    "2",
+    "--loss_type",
+    "simple",
+    "--variance_type",
+    "fixed_small",
+    "--beta_schedule",
+    "linear",
+    "--learning_rate",
+    "1e-4",
+    "--lr_warmup_steps",
+    "500",
+    "--adam_beta1",
+    "0.95",
+    "--adam_beta2",
+    "0.999",
+    "--adam_weight_decay",
+    "1e-6",
+    "--train_batch_size",
+    "16",
+    "--mixed_precision",
+    "no",
 ]
 SMALL_GRID = ["--num_sample_images", "16"]
 
 
-def evaluate(folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool) -> dict:
+def evaluate(
+    folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool
+) -> dict:
     pipe = HFDDPMPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval()
@@ -52,16 +75,25 @@ def evaluate(folder: Path, test_images: torch.Tensor, reference: torch.Tensor, a
     if stock:  # the stock recipe samples with diffusers' DDPMScheduler
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     start = time.time()
-    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.sample_steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    samples = pipe(
+        batch_size=args.num_samples,
+        num_inference_steps=args.sample_steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     sample_seconds = time.time() - start
     quality = sample_quality(samples * 2 - 1, reference)
     grid = make_image_grid(pipe.numpy_to_pil(samples[:64].permute(0, 2, 3, 1).numpy()), rows=8, cols=8)
     return {
-        "nll_bits_per_dim": nll.bits_per_dim, "nll_standard_error": nll.standard_error,
+        "nll_bits_per_dim": nll.bits_per_dim,
+        "nll_standard_error": nll.standard_error,
         "nll_terms": nll.terms,
-        "frechet_distance": quality.frechet_distance, "mean_confidence": quality.mean_confidence,
-        "class_kl_from_uniform": quality.class_kl_from_uniform, "seconds_per_sample": sample_seconds / args.num_samples,
-        "nll_seconds": nll_seconds, "grid": grid,
+        "frechet_distance": quality.frechet_distance,
+        "mean_confidence": quality.mean_confidence,
+        "class_kl_from_uniform": quality.class_kl_from_uniform,
+        "seconds_per_sample": sample_seconds / args.num_samples,
+        "nll_seconds": nll_seconds,
+        "grid": grid,
     }
 
 
@@ -85,24 +117,43 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ours_dir = args.ours or args.work_dir / "hf_ddpm_default"
     ours = json.loads((ours_dir / "eval_results.json").read_text()) if args.ours else train(ours_dir, SMALL_GRID)
-    stock = train_for_budget(args.work_dir / "stock_diffusers", [*STOCK_FLAGS, *SMALL_GRID], ours["train_seconds_this_run"])
+    stock = train_for_budget(
+        args.work_dir / "stock_diffusers", [*STOCK_FLAGS, *SMALL_GRID], ours["train_seconds_this_run"]
+    )
 
     test = load_images(args.eval_data, split="test")
     images = ImageTensorDataset(test.images)[:]
     test_images, reference = images[: args.num_eval_images], images[-2000:]
     rows = {}
-    for name, folder, run in (("hf_ddpm default", ours_dir, ours), ("stock diffusers recipe", args.work_dir / "stock_diffusers", stock)):
+    for name, folder, run in (
+        ("hf_ddpm default", ours_dir, ours),
+        ("stock diffusers recipe", args.work_dir / "stock_diffusers", stock),
+    ):
         result = evaluate(folder, test_images, reference, args, stock=name.startswith("stock"))
         args.out.mkdir(parents=True, exist_ok=True)
         result.pop("grid").save(args.out / f"samples_{name.split()[0]}.png")
-        rows[name] = {"train_seconds": run["train_seconds_this_run"], "steps": run["steps"], "images_seen": run["images_seen"], **result}
+        rows[name] = {
+            "train_seconds": run["train_seconds_this_run"],
+            "steps": run["steps"],
+            "images_seen": run["images_seen"],
+            **result,
+        }
     floor = real_digits_floor(test_images, reference, args.num_samples)
     (args.out / "quality_vs_diffusers.json").write_text(json.dumps({**rows, "real t10k digits": floor}, indent=2))
-    print(f"{'recipe':24s} {'train min':>9s} {'steps':>6s} {'images':>7s} {'NLL bpd':>16s} {'FD':>8s} {'conf':>5s} {'KL(cls)':>7s}")
+    print(
+        f"{'recipe':24s} {'train min':>9s} {'steps':>6s} {'images':>7s} {'NLL bpd':>16s} {'FD':>8s} {'conf':>5s} "
+        f"{'KL(cls)':>7s}"
+    )
     for name, r in rows.items():
-        print(f"{name:24s} {r['train_seconds'] / 60:9.1f} {r['steps']:6d} {r['images_seen']:7d} "
-              f"{r['nll_bits_per_dim']:8.4f} ± {r['nll_standard_error']:.4f} {r['frechet_distance']:8.2f} {r['mean_confidence']:5.3f} {r['class_kl_from_uniform']:7.4f}")
-    print(f"{'real t10k digits':68s} {floor['frechet_distance']:8.2f} {floor['mean_confidence']:5.3f} {floor['class_kl_from_uniform']:7.4f}")
+        print(
+            f"{name:24s} {r['train_seconds'] / 60:9.1f} {r['steps']:6d} {r['images_seen']:7d} "
+            f"{r['nll_bits_per_dim']:8.4f} ± {r['nll_standard_error']:.4f} {r['frechet_distance']:8.2f} "
+            f"{r['mean_confidence']:5.3f} {r['class_kl_from_uniform']:7.4f}"
+        )
+    print(
+        f"{'real t10k digits':68s} {floor['frechet_distance']:8.2f} {floor['mean_confidence']:5.3f} "
+        f"{floor['class_kl_from_uniform']:7.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,20 +30,38 @@ from budget import FAST_EVAL_IMAGES, FAST_OUTPUTS, REPO, train  # noqa: E402
 def epoch(work_dir: Path, name: str, images: int, batch_per_process: int, processes: int = 1) -> dict:
     """Train one epoch of ``images`` images (minus the ones held out); seconds and images/s of the training loop."""
     steps = (images - FAST_EVAL_IMAGES) // (batch_per_process * processes)
-    flags = [*FAST_OUTPUTS, "--max_train_images", str(images), "--train_batch_size", str(batch_per_process),
-             "--max_train_steps", str(steps), "--checkpointing_steps", str(steps)]
+    flags = [
+        *FAST_OUTPUTS,
+        "--max_train_images",
+        str(images),
+        "--train_batch_size",
+        str(batch_per_process),
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        str(steps),
+    ]
     config = REPO / "training" / "configs" / ("cpu_2proc.yaml" if processes == 2 else "cpu_1proc.yaml")
     run = train(work_dir / name, flags, launch_config=config)
     seconds = run["train_seconds_this_run"]
-    row = {"images": images, "trained_images": images - FAST_EVAL_IMAGES, "batch_per_process": batch_per_process, "processes": processes, "steps": steps,
-           "epoch_seconds": seconds, "images_per_second": run["images_seen"] / seconds}
+    row = {
+        "images": images,
+        "trained_images": images - FAST_EVAL_IMAGES,
+        "batch_per_process": batch_per_process,
+        "processes": processes,
+        "steps": steps,
+        "epoch_seconds": seconds,
+        "images_per_second": run["images_seen"] / seconds,
+    }
     print(f"{name:24s} {steps:5d} steps  {seconds:7.1f} s/epoch  {row['images_per_second']:6.1f} img/s", flush=True)
     return row
 
 
 def sampling(batch_sizes: tuple[int, ...], steps: int) -> list[dict]:
     """Milliseconds per sampled image at each batch size (default network, random weights: the cost is the same)."""
-    pipe = HFDDPMPipeline(unet=DenoisingUNet(), scheduler=VDMScheduler(beta_schedule="cosine", variance_type="learned_range"))
+    pipe = HFDDPMPipeline(
+        unet=DenoisingUNet(), scheduler=VDMScheduler(beta_schedule="cosine", variance_type="learned_range")
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=2, num_inference_steps=2)  # warm-up
     rows = []

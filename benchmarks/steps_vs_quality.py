@@ -25,19 +25,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 def configurations(config) -> list[tuple[str, object, int]]:
     """(label, scheduler, steps) for every sampler compared."""
-    learned = [(f"VDM learned variance, {n} steps", VDMScheduler.from_config(config), n) for n in (1000, 250, 100, 50, 25)]
-    fixed = [(f"VDM fixed_small variance, {n} steps", VDMScheduler.from_config(config, variance_type="fixed_small"), n) for n in (250, 100, 50, 25)]
+    learned = [
+        (f"VDM learned variance, {n} steps", VDMScheduler.from_config(config), n) for n in (1000, 250, 100, 50, 25)
+    ]
+    fixed = [
+        (f"VDM fixed_small variance, {n} steps", VDMScheduler.from_config(config, variance_type="fixed_small"), n)
+        for n in (250, 100, 50, 25)
+    ]
     return learned + fixed + [("DDIM (eta 0), 50 steps", DDIMScheduler.from_config(config), 50)]
 
 
 def real_digits(test: torch.Tensor, reference: torch.Tensor, count: int, sets: int = 10) -> dict:
     """The metrics of real test digits in place of samples, for ``sets`` disjoint sets of ``count`` digits: the mean
     is what a perfect sampler would score at this sample count, the spread over sets is the metric's sampling noise."""
-    scores = [sample_quality(test[i * count : (i + 1) * count], reference) for i in range(min(sets, len(test) // count))]
+    scores = [
+        sample_quality(test[i * count : (i + 1) * count], reference) for i in range(min(sets, len(test) // count))
+    ]
     distances = torch.tensor([q.frechet_distance for q in scores], dtype=torch.float64)
-    return {"sets": len(scores), "num_samples": count, "frechet_distance_mean": distances.mean().item(),
-            "frechet_distance_std": distances.std().item(), "frechet_distances": distances.tolist(),
-            "mean_confidence": sum(q.mean_confidence for q in scores) / len(scores)}
+    return {
+        "sets": len(scores),
+        "num_samples": count,
+        "frechet_distance_mean": distances.mean().item(),
+        "frechet_distance_std": distances.std().item(),
+        "frechet_distances": distances.tolist(),
+        "mean_confidence": sum(q.mean_confidence for q in scores) / len(scores),
+    }
 
 
 def plot(rows: list[dict], floor: dict, out: Path) -> None:
@@ -61,7 +73,9 @@ def plot(rows: list[dict], floor: dict, out: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     mean, std = floor["frechet_distance_mean"], floor["frechet_distance_std"]
-    quality_axis.axhline(mean, color="gray", linestyle=":", label=f"real t10k digits (mean ± std of {floor['sets']} sets)")
+    quality_axis.axhline(
+        mean, color="gray", linestyle=":", label=f"real t10k digits (mean ± std of {floor['sets']} sets)"
+    )
     quality_axis.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
     time_axis.set_yscale("log")
     quality_axis.legend()
@@ -79,8 +93,11 @@ def main() -> None:
     test = ImageTensorDataset(load_images(args.eval_data, split="test").images)[:]
     reference = test[-2000:]
     floor = real_digits(test[:-2000], reference, args.num_samples)
-    print(f"real t10k digits, {floor['sets']} sets of {args.num_samples}: FD {floor['frechet_distance_mean']:.2f} ± "
-          f"{floor['frechet_distance_std']:.2f} (std over sets), confidence {floor['mean_confidence']:.3f}", flush=True)
+    print(
+        f"real t10k digits, {floor['sets']} sets of {args.num_samples}: FD {floor['frechet_distance_mean']:.2f} ± "
+        f"{floor['frechet_distance_std']:.2f} (std over sets), confidence {floor['mean_confidence']:.3f}",
+        flush=True,
+    )
     pipe = HFDDPMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
@@ -88,12 +105,21 @@ def main() -> None:
     for label, scheduler, steps in configurations(base_config):
         pipe.scheduler = scheduler
         start = time.time()
-        samples = pipe(batch_size=args.num_samples, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        samples = pipe(
+            batch_size=args.num_samples,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
         seconds = (time.time() - start) / args.num_samples
         quality = sample_quality(samples * 2 - 1, reference)
         rows.append({"sampler": label, "steps": steps, "seconds_per_image": seconds, **vars(quality)})
-        print(f"{label:36s} {seconds * 1000:8.1f} ms/image  FD {quality.frechet_distance:8.2f}  confidence {quality.mean_confidence:.3f}  "
-              f"class KL {quality.class_kl_from_uniform:.4f}", flush=True)
+        print(
+            f"{label:36s} {seconds * 1000:8.1f} ms/image  FD {quality.frechet_distance:8.2f}  confidence "
+            f"{quality.mean_confidence:.3f}  "
+            f"class KL {quality.class_kl_from_uniform:.4f}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"samplers": rows, "real_t10k_digits": floor}, indent=2))
     plot(rows, floor, args.out.with_suffix(".png"))

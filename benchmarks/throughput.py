@@ -1,4 +1,4 @@
-"""Training-step throughput: hf_ddpm's default DenoisingUNet vs diffusers' UNet2DModel of similar size, on this machine.
+"""Training-step throughput of hf_ddpm's default DenoisingUNet vs diffusers' UNet2DModel of similar size, here.
 
 Measures, in one run and interleaved (so machine drift hits both alike):
   * forward+backward+AdamW images/s at 28x28 x 1 channel, float32 and bf16 autocast;
@@ -27,13 +27,21 @@ from hf_ddpm import DenoisingUNet
 def diffusers_unet() -> UNet2DModel:
     """UNet2DModel at 28x28 with levels 28/14/7, attention at 7 and a parameter count close to DenoisingUNet's."""
     return UNet2DModel(
-        sample_size=28, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=(32, 64, 64),
+        sample_size=28,
+        in_channels=1,
+        out_channels=2,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16,
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=16,
     )
 
 
-def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor, bf16: bool) -> None:
+def training_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor, bf16: bool
+) -> None:
     """One forward + backward + AdamW step on the mean squared output (the cost of an epsilon-MSE step)."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -114,21 +122,43 @@ def main() -> None:
         name, precision = key.rsplit(" ", 1)
         step = sorted(seconds)[len(seconds) // 2]
         gflops = flops[name] / step / 1e9
-        rows.append({
-            "model": name, "precision": precision, "parameters": sum(p.numel() for p in models[name].parameters()),
-            "images_per_second": args.batch_size / step, "gflop_per_image": flops[name] / args.batch_size / 1e9,
-            "achieved_gflops": gflops, "fraction_of_fp32_matmul_peak": gflops / peak,
-        })
-    baseline = next(r for r in rows if r["model"] == "diffusers UNet2DModel" and r["precision"] == "fp32")["images_per_second"]
+        rows.append(
+            {
+                "model": name,
+                "precision": precision,
+                "parameters": sum(p.numel() for p in models[name].parameters()),
+                "images_per_second": args.batch_size / step,
+                "gflop_per_image": flops[name] / args.batch_size / 1e9,
+                "achieved_gflops": gflops,
+                "fraction_of_fp32_matmul_peak": gflops / peak,
+            }
+        )
+    baseline = next(r for r in rows if r["model"] == "diffusers UNet2DModel" and r["precision"] == "fp32")[
+        "images_per_second"
+    ]
     for row in rows:
         row["speed_vs_diffusers_fp32"] = row["images_per_second"] / baseline
-    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "batch_size": args.batch_size, "fp32_matmul_peak_gflops": peak, "rows": rows}
+    result = {
+        "machine": (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}"
+        ),
+        "batch_size": args.batch_size,
+        "fp32_matmul_peak_gflops": peak,
+        "rows": rows,
+    }
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({result['machine']})")
-    print(f"{'model':24s} {'prec':5s} {'params':>9s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} {'%peak':>6s} {'vs diffusers':>12s}")
+    print(
+        f"{'model':24s} {'prec':5s} {'params':>9s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
+        f"{'vs diffusers':>12s}"
+    )
     for r in rows:
-        print(f"{r['model']:24s} {r['precision']:5s} {r['parameters']:9,d} {r['images_per_second']:7.1f} {r['gflop_per_image']:9.3f} "
-              f"{r['achieved_gflops']:8.1f} {100 * r['fraction_of_fp32_matmul_peak']:5.0f}% {r['speed_vs_diffusers_fp32']:11.2f}x")
+        print(
+            f"{r['model']:24s} {r['precision']:5s} {r['parameters']:9,d} {r['images_per_second']:7.1f} "
+            f"{r['gflop_per_image']:9.3f} "
+            f"{r['achieved_gflops']:8.1f} {100 * r['fraction_of_fp32_matmul_peak']:5.0f}% "
+            f"{r['speed_vs_diffusers_fp32']:11.2f}x"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

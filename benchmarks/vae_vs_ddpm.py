@@ -58,13 +58,37 @@ def main() -> None:
     rows, grids = {}, {}
     for index, (name, flags) in enumerate(RECIPES.items()):
         folder = args.work_dir / f"model_{index}"
-        run = train_for_budget(folder, [*flags, "--num_sample_images", "64"], args.budget_minutes * 60,
-                               calibration_steps=200 if "vae" in flags else 60)
+        run = train_for_budget(
+            folder,
+            [*flags, "--num_sample_images", "64"],
+            args.budget_minutes * 60,
+            calibration_steps=200 if "vae" in flags else 60,
+        )
         evaluation = folder / "evaluate.json"
-        hf_ddpm_cli(["evaluate", str(folder), "--data", args.eval_data, "--max_images", str(args.num_eval_images),
-                     "--num_samples", str(args.num_samples), "--elbo_samples", "8", "--iwae_samples", "256", "--json", str(evaluation)])
-        rows[name] = {"train_seconds": run["train_seconds_this_run"], "steps": run["steps"], "images_seen": run["images_seen"],
-                      **json.loads(evaluation.read_text())}
+        hf_ddpm_cli(
+            [
+                "evaluate",
+                str(folder),
+                "--data",
+                args.eval_data,
+                "--max_images",
+                str(args.num_eval_images),
+                "--num_samples",
+                str(args.num_samples),
+                "--elbo_samples",
+                "8",
+                "--iwae_samples",
+                "256",
+                "--json",
+                str(evaluation),
+            ]
+        )
+        rows[name] = {
+            "train_seconds": run["train_seconds_this_run"],
+            "steps": run["steps"],
+            "images_seen": run["images_seen"],
+            **json.loads(evaluation.read_text()),
+        }
         grids[name] = folder / "samples.png"
         print(f"{name}: {rows[name]['bits_per_dim']:.4f} bits/dim after {run['steps']} steps", flush=True)
     (args.out / "vae_vs_ddpm.json").write_text(json.dumps(rows, indent=2))
@@ -73,8 +97,11 @@ def main() -> None:
     for name, r in rows.items():
         q = r["sample_quality"]
         iwae = f"{r['iwae_bits_per_dim']:8.4f}" if "iwae_bits_per_dim" in r else f"{'-':>8s}"
-        print(f"{name:28s} {r['train_seconds'] / 60:5.1f} {r['steps']:6d} {r['bits_per_dim']:8.4f} ± {r['standard_error']:.4f} {iwae} "
-              f"{q['frechet_distance']:8.2f} {q['mean_confidence']:5.3f}")
+        print(
+            f"{name:28s} {r['train_seconds'] / 60:5.1f} {r['steps']:6d} {r['bits_per_dim']:8.4f} ± "
+            f"{r['standard_error']:.4f} {iwae} "
+            f"{q['frechet_distance']:8.2f} {q['mean_confidence']:5.3f}"
+        )
 
 
 if __name__ == "__main__":

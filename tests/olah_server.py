@@ -32,9 +32,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, RepoUrl
 
@@ -85,7 +86,9 @@ class OlahServer:
         with open(root / "olah.out", "wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "olah.server", "--config", str(config), "--log-path", str(root / "logs")],
-                stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=root,
             )
         server = cls(root, port, process)
         try:
@@ -117,7 +120,9 @@ class OlahServer:
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *GIT_IDENTITY, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *GIT_IDENTITY, *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _content(operation: CommitOperationAdd) -> bytes:
@@ -161,7 +166,9 @@ class CapturedHub:
             return
         _git(path, "branch", branch, "main")
 
-    def create_commit(self, repo_id: str, operations: list, *, commit_message: str, revision: str | None = None, **_: Any) -> CommitInfo:
+    def create_commit(
+        self, repo_id: str, operations: list, *, commit_message: str, revision: str | None = None, **_: Any
+    ) -> CommitInfo:
         path = self.repo_path(repo_id)
         branch = revision or "main"
         _git(path, "checkout", "-q", branch)
@@ -181,14 +188,24 @@ class CapturedHub:
         sha = _git(path, "rev-parse", "HEAD")
         _git(path, "checkout", "-q", "main")
         self.commits.append({"repo_id": repo_id, "branch": branch, "sha": sha, "operations": recorded})
-        return CommitInfo(commit_url=f"{self.endpoint}/{repo_id}/commit/{sha}", commit_message=commit_message, commit_description="", oid=sha, _endpoint=self.endpoint)
+        return CommitInfo(
+            commit_url=f"{self.endpoint}/{repo_id}/commit/{sha}",
+            commit_message=commit_message,
+            commit_description="",
+            oid=sha,
+            _endpoint=self.endpoint,
+        )
 
     @contextlib.contextmanager
     def installed(self, monkeypatch: Any) -> Iterator[CapturedHub]:
         """Route ``HfApi``'s write calls here for the duration; upload helpers that bypass ``create_commit`` raise."""
         monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: self.create_repo(repo_id, **kw))
         monkeypatch.setattr(HfApi, "create_branch", lambda api, repo_id, **kw: self.create_branch(repo_id, **kw))
-        monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: self.create_commit(repo_id, operations, **kw))
+        monkeypatch.setattr(
+            HfApi,
+            "create_commit",
+            lambda api, repo_id, operations, **kw: self.create_commit(repo_id, operations, **kw),
+        )
         for bypass in ("upload_folder", "upload_file", "preupload_lfs_files"):
             monkeypatch.setattr(HfApi, bypass, _refuse(bypass))
         yield self
@@ -205,8 +222,16 @@ def run_python(code: str, env: dict[str, str], cwd: Path, timeout: float = 300.0
     """Run ``code`` in a fresh interpreter with ``env`` added to a cleaned environment (no Hub token, one thread:
     the machine is shared); raise with its output if it fails."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    full_env = {**base, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env}
-    result = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **base,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        **env,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -52,7 +52,11 @@ def package_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            target = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
+            target = (
+                importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                if node.level
+                else node.module
+            )
             if target and target.split(".")[0] == "hf_ddpm":
                 found.add(target)
         elif isinstance(node, ast.Import):

@@ -84,8 +84,21 @@ def test_sample_quality_refuses_a_model_not_1x28x28_before_the_bound(rgb_model, 
     import hf_ddpm.cli
 
     monkeypatch.setattr(hf_ddpm.cli, "evaluate_bound", lambda *a, **k: pytest.fail("computed the bound first"))
-    line = one_line(capsys, ["evaluate", str(rgb_model), "--data", "embedded", "--max_images", "4",
-                             "--num_samples", "4", "--json", str(tmp_path / "r.json")])
+    line = one_line(
+        capsys,
+        [
+            "evaluate",
+            str(rgb_model),
+            "--data",
+            "embedded",
+            "--max_images",
+            "4",
+            "--num_samples",
+            "4",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert "the sample-quality metrics use an MNIST classifier of 1x28x28 digits" in line
     assert "makes 3x8x8 images; drop --num_samples to evaluate the bound only." in line
 

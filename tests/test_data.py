@@ -368,73 +368,173 @@ SMALL = np.zeros((3, 2, 2), np.uint8)
 TINY_IMAGES = np.zeros((2, 4, 4), np.uint8)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"channels": 2}, r"channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
-    ({"resolution": 0}, "resolution must be a positive number of pixels, got 0"),
-    ({"max_images": 0}, r"max_images must be positive \(or None for all images\), got 0"),
-    ({"split": "validation"}, r"The embedded MNIST has the splits 'train' and 'test' \('t10k'\), not 'validation'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"channels": 2}, r"channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
+        ({"resolution": 0}, "resolution must be a positive number of pixels, got 0"),
+        ({"max_images": 0}, r"max_images must be positive \(or None for all images\), got 0"),
+        (
+            {"split": "validation"},
+            r"The embedded MNIST has the splits 'train' and 'test' \('t10k'\), not 'validation'",
+        ),
+    ],
+)
 def test_bad_options_fail_with_a_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_images(**kwargs)
 
 
-@pytest.mark.parametrize("content, message", [
-    (gzip.compress(idx_bytes(1234, SMALL)), "has IDX magic 1234, expected 2051 .*not an MNIST images file"),
-    (gzip.compress(idx_bytes(2051, SMALL)[:-1]), r"holds 11 data bytes, but its header promises 12 for shape \(3, 2,"),
-    (gzip.compress(idx_bytes(2051, SMALL))[:-10], "is a damaged or truncated gzip file"),
-    (idx_bytes(2051, SMALL)[:10], r"ends inside its IDX header \(10 bytes\): truncated or corrupt"),
-], ids=["wrong_magic", "truncated_data", "truncated_gzip", "truncated_header"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (gzip.compress(idx_bytes(1234, SMALL)), "has IDX magic 1234, expected 2051 .*not an MNIST images file"),
+        (
+            gzip.compress(idx_bytes(2051, SMALL)[:-1]),
+            r"holds 11 data bytes, but its header promises 12 for shape \(3, 2,",
+        ),
+        (gzip.compress(idx_bytes(2051, SMALL))[:-10], "is a damaged or truncated gzip file"),
+        (idx_bytes(2051, SMALL)[:10], r"ends inside its IDX header \(10 bytes\): truncated or corrupt"),
+    ],
+    ids=["wrong_magic", "truncated_data", "truncated_gzip", "truncated_header"],
+)
 def test_malformed_idx_files_fail_with_a_message(tmp_path, content, message):
     (tmp_path / "x-images-idx3-ubyte.gz").write_bytes(content)
     with pytest.raises(ValueError, match=message):
         load_images(str(tmp_path / "x-images-idx3-ubyte.gz"))
 
 
-@pytest.mark.parametrize("make_source, kwargs, message", [
-    (lambda d: folder_with(d, {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL)),
-                               "train-labels-idx1-ubyte.gz": gzip.compress(idx_bytes(2049, np.zeros(2)))}),
-     {}, "has 2 labels for the 3 images"),
-    (lambda d: folder_with(d, {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL))}),
-     {"split": "validation"}, r"holds MNIST IDX files, with splits 'train' and 'test' \('t10k'\), not 'validation'"),
-    (lambda d: folder_with(d, {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL))}),
-     {"split": "test"}, r"has no t10k-images-idx3-ubyte.gz .*its IDX files are \['train-images-idx3-ubyte.gz'\]"),
-    (lambda d: folder_with(d, {"train-labels-idx1-ubyte.gz": gzip.compress(idx_bytes(2049, np.zeros(2)))})
-     + "/train-labels-idx1-ubyte.gz", {}, "is an IDX labels file: pass the images file"),
-    (lambda d: folder_with(d, {}), {}, "holds no image files .*, MNIST IDX files or data files: nothing to train on"),
-    (lambda d: folder_with(d, {"a.jpg": b"xx", "b.png": b"\x89PNG"}), {},
-     r"none of its 2 image\(s\) could be decoded \(e.g. .*a.jpg\): nothing to train on"),
-    (lambda d: folder_with(d, {"notes.txt": b"hello"}) + "/notes.txt", {},
-     "is neither an MNIST IDX images file .* nor a data file"),
-    (lambda d: str(d / "nowhere"), {}, "nowhere does not exist. Pass an existing folder or file, 'embedded' or a Hub"),
-], ids=["idx_label_count", "idx_unknown_split", "idx_missing_split", "idx_labels_file", "empty_folder",
-        "only_corrupt_images", "unsupported_file", "unknown_path"])
+@pytest.mark.parametrize(
+    "make_source, kwargs, message",
+    [
+        (
+            lambda d: folder_with(
+                d,
+                {
+                    "train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL)),
+                    "train-labels-idx1-ubyte.gz": gzip.compress(idx_bytes(2049, np.zeros(2))),
+                },
+            ),
+            {},
+            "has 2 labels for the 3 images",
+        ),
+        (
+            lambda d: folder_with(d, {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL))}),
+            {"split": "validation"},
+            r"holds MNIST IDX files, with splits 'train' and 'test' \('t10k'\), not 'validation'",
+        ),
+        (
+            lambda d: folder_with(d, {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(2051, SMALL))}),
+            {"split": "test"},
+            r"has no t10k-images-idx3-ubyte.gz .*its IDX files are \['train-images-idx3-ubyte.gz'\]",
+        ),
+        (
+            lambda d: (
+                folder_with(d, {"train-labels-idx1-ubyte.gz": gzip.compress(idx_bytes(2049, np.zeros(2)))})
+                + "/train-labels-idx1-ubyte.gz"
+            ),
+            {},
+            "is an IDX labels file: pass the images file",
+        ),
+        (
+            lambda d: folder_with(d, {}),
+            {},
+            "holds no image files .*, MNIST IDX files or data files: nothing to train on",
+        ),
+        (
+            lambda d: folder_with(d, {"a.jpg": b"xx", "b.png": b"\x89PNG"}),
+            {},
+            r"none of its 2 image\(s\) could be decoded \(e.g. .*a.jpg\): nothing to train on",
+        ),
+        (
+            lambda d: folder_with(d, {"notes.txt": b"hello"}) + "/notes.txt",
+            {},
+            "is neither an MNIST IDX images file .* nor a data file",
+        ),
+        (
+            lambda d: str(d / "nowhere"),
+            {},
+            "nowhere does not exist. Pass an existing folder or file, 'embedded' or a Hub",
+        ),
+    ],
+    ids=[
+        "idx_label_count",
+        "idx_unknown_split",
+        "idx_missing_split",
+        "idx_labels_file",
+        "empty_folder",
+        "only_corrupt_images",
+        "unsupported_file",
+        "unknown_path",
+    ],
+)
 def test_bad_files_and_folders_fail_with_a_message(tmp_path, make_source, kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_images(make_source(tmp_path), **kwargs)
 
 
-@pytest.mark.parametrize("make_source, kwargs, message", [
-    (lambda d: saved(d, datasets.Dataset.from_dict({"text": ["a"], "label": [0]})), {},
-     r"no image column \(columns: \['text', 'label'\];.*name it with image_column \(--image_column\)"),
-    (lambda d: saved(d, image_dataset(TINY_IMAGES)), {"image_column": "img"},
-     r"no column 'img'; its columns are \['picture', 'label'\]"),
-    (lambda d: saved(d, image_dataset(TINY_IMAGES)), {"image_column": "label"},
-     r"column 'label' holds Value\('int64'\), not images"),
-    (lambda d: saved(d, image_dataset(TINY_IMAGES).add_column("name", ["a", "b"])), {"label_column": "name"},
-     r"label column 'name' holds object values, not integer class ids: pass a column of integers"),
-    (lambda d: saved(d, datasets.Dataset.from_dict({"pixels": [np.full((4, 4), 0.5)]})), {},
-     r"Row 0 of column 'pixels' .* holds float64 values in \[0.5, 0.5\]; pixel arrays must hold 8-bit values"),
-    (lambda d: saved(d, datasets.DatasetDict({"train": image_dataset(TINY_IMAGES)})), {"split": "test"},
-     r"has the splits \['train'\], not 'test'"),
-    (lambda d: saved(d, datasets.Dataset.from_dict({"image": []})), {}, "is an empty saved dataset"),
-    (lambda d: saved(d, datasets.DatasetDict({"train": image_dataset(TINY_IMAGES),
-                                              "test": image_dataset(TINY_IMAGES).select([])})),
-     {}, "or has an empty split"),
-    (lambda d: parquet(d, image_dataset(TINY_IMAGES).select([])), {},
-     r"Could not load .*x.parquet as a dataset .*corresponds to no data"),
-], ids=["no_image_column", "image_column_missing", "image_column_not_images", "label_column_not_integers",
-        "not_8_bit_arrays", "missing_split", "empty_saved_dataset", "empty_saved_split", "empty_data_file"])
+@pytest.mark.parametrize(
+    "make_source, kwargs, message",
+    [
+        (
+            lambda d: saved(d, datasets.Dataset.from_dict({"text": ["a"], "label": [0]})),
+            {},
+            r"no image column \(columns: \['text', 'label'\];.*name it with image_column \(--image_column\)",
+        ),
+        (
+            lambda d: saved(d, image_dataset(TINY_IMAGES)),
+            {"image_column": "img"},
+            r"no column 'img'; its columns are \['picture', 'label'\]",
+        ),
+        (
+            lambda d: saved(d, image_dataset(TINY_IMAGES)),
+            {"image_column": "label"},
+            r"column 'label' holds Value\('int64'\), not images",
+        ),
+        (
+            lambda d: saved(d, image_dataset(TINY_IMAGES).add_column("name", ["a", "b"])),
+            {"label_column": "name"},
+            r"label column 'name' holds object values, not integer class ids: pass a column of integers",
+        ),
+        (
+            lambda d: saved(d, datasets.Dataset.from_dict({"pixels": [np.full((4, 4), 0.5)]})),
+            {},
+            r"Row 0 of column 'pixels' .* holds float64 values in \[0.5, 0.5\]; pixel arrays must hold 8-bit values",
+        ),
+        (
+            lambda d: saved(d, datasets.DatasetDict({"train": image_dataset(TINY_IMAGES)})),
+            {"split": "test"},
+            r"has the splits \['train'\], not 'test'",
+        ),
+        (lambda d: saved(d, datasets.Dataset.from_dict({"image": []})), {}, "is an empty saved dataset"),
+        (
+            lambda d: saved(
+                d,
+                datasets.DatasetDict(
+                    {"train": image_dataset(TINY_IMAGES), "test": image_dataset(TINY_IMAGES).select([])}
+                ),
+            ),
+            {},
+            "or has an empty split",
+        ),
+        (
+            lambda d: parquet(d, image_dataset(TINY_IMAGES).select([])),
+            {},
+            r"Could not load .*x.parquet as a dataset .*corresponds to no data",
+        ),
+    ],
+    ids=[
+        "no_image_column",
+        "image_column_missing",
+        "image_column_not_images",
+        "label_column_not_integers",
+        "not_8_bit_arrays",
+        "missing_split",
+        "empty_saved_dataset",
+        "empty_saved_split",
+        "empty_data_file",
+    ],
+)
 def test_bad_datasets_fail_with_a_message(tmp_path, make_source, kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_images(make_source(tmp_path), **kwargs)
@@ -442,8 +542,11 @@ def test_bad_datasets_fail_with_a_message(tmp_path, make_source, kwargs, message
 
 def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
-    with pytest.raises(ValueError, match=r"Could not load 'hf-ddpm-tests/no-such-dataset' .*as a Hub dataset: "
-                                         r"ConnectionError.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"Could not load 'hf-ddpm-tests/no-such-dataset' .*as a Hub dataset: "
+        r"ConnectionError.*HF_HUB_OFFLINE=1",
+    ):
         load_images("hf-ddpm-tests/no-such-dataset")
 
 

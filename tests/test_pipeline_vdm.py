@@ -37,7 +37,11 @@ def seeded(seed: int = 0) -> torch.Generator:
 def tiny_model(seed: int = 0) -> VDMModel:
     torch.manual_seed(seed)
     unet = DenoisingUNet(
-        sample_size=SIZE, in_channels=1, learn_variance=False, block_out_channels=(8, 16), attention_resolutions=(4,),
+        sample_size=SIZE,
+        in_channels=1,
+        learn_variance=False,
+        block_out_channels=(8, 16),
+        attention_resolutions=(4,),
         fourier_features=(7, 8),
     )
     return VDMModel(unet, NoiseSchedule(schedule_type="learned", n_features=8))
@@ -189,12 +193,41 @@ def test_a_vdm_model_predicts_the_noise_only():
 
 
 def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_reads(tmp_path):
-    out = train.main([
-        "--output_dir", str(tmp_path / "vdm"), "--model", "vdm", "--block_out_channels", "8", "16",
-        "--attention_resolutions", "7", "--num_sample_images", "4", "--sample_steps", "5", "--num_eval_images", "8",
-        "--eval_timesteps_per_image", "2", "--logger", "none", "--max_train_steps", "3", "--max_train_images", "64",
-        "--train_batch_size", "16", "--eval_batch_size", "8", "--lr_warmup_steps", "1", "--mixed_precision", "no",
-    ])
+    out = train.main(
+        [
+            "--output_dir",
+            str(tmp_path / "vdm"),
+            "--model",
+            "vdm",
+            "--block_out_channels",
+            "8",
+            "16",
+            "--attention_resolutions",
+            "7",
+            "--num_sample_images",
+            "4",
+            "--sample_steps",
+            "5",
+            "--num_eval_images",
+            "8",
+            "--eval_timesteps_per_image",
+            "2",
+            "--logger",
+            "none",
+            "--max_train_steps",
+            "3",
+            "--max_train_images",
+            "64",
+            "--train_batch_size",
+            "16",
+            "--eval_batch_size",
+            "8",
+            "--lr_warmup_steps",
+            "1",
+            "--mixed_precision",
+            "no",
+        ]
+    )
     nll = json.loads((out / "eval_results.json").read_text())["nll"]
     assert set(nll["terms"]) == {"prior", "diffusion", "reconstruction"}
     assert nll["bits_per_dim"] == pytest.approx(sum(nll["terms"].values()), rel=1e-9)

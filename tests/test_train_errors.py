@@ -11,15 +11,42 @@ from pathlib import Path
 
 import pytest
 
+from hf_ddpm import training_args
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 import train  # noqa: E402
 
 TINY = [
-    "--block_out_channels", "8", "16", "--attention_resolutions", "14", "--num_train_timesteps", "50",
-    "--max_train_images", "512", "--num_eval_images", "16", "--train_batch_size", "16", "--eval_batch_size", "16",
-    "--num_sample_images", "4", "--sample_steps", "5", "--eval_timesteps_per_image", "4", "--lr_warmup_steps", "1",
-    "--mixed_precision", "no", "--logger", "none", "--seed", "3",
+    "--block_out_channels",
+    "8",
+    "16",
+    "--attention_resolutions",
+    "14",
+    "--num_train_timesteps",
+    "50",
+    "--max_train_images",
+    "512",
+    "--num_eval_images",
+    "16",
+    "--train_batch_size",
+    "16",
+    "--eval_batch_size",
+    "16",
+    "--num_sample_images",
+    "4",
+    "--sample_steps",
+    "5",
+    "--eval_timesteps_per_image",
+    "4",
+    "--lr_warmup_steps",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--logger",
+    "none",
+    "--seed",
+    "3",
 ]
 
 
@@ -29,7 +56,7 @@ def run(output_dir: Path, *flags: str) -> Path:
 
 def one_line_error(capsys, argv: list[str]) -> str:
     """What a user sees from ``python training/train.py ARGV``: exit code 2 and one stderr line."""
-    assert train.run_cli(argv) == 2
+    assert training_args.run_cli(train.main, argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: ")
@@ -63,7 +90,7 @@ def test_bad_counts_are_refused_in_one_line_before_any_work(tmp_path, capsys, fl
 
 
 def test_wandb_without_wandb_installed_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(training_args, "is_wandb_available", lambda: False)
     line = one_line_error(capsys, ["--output_dir", str(tmp_path / "o"), *TINY, "--logger", "wandb"])
     assert line == (
         "error: --logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
@@ -128,8 +155,17 @@ def test_resuming_a_checkpoint_of_another_model_names_the_differing_keys(tmp_pat
     other = tmp_path / "other"
     line = one_line_error(
         capsys,
-        ["--output_dir", str(other), *TINY, "--num_train_timesteps", "40", "--max_train_steps", "4",
-         "--resume_from_checkpoint", str(out / "checkpoint-2")],
+        [
+            "--output_dir",
+            str(other),
+            *TINY,
+            "--num_train_timesteps",
+            "40",
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-2"),
+        ],
     )
     assert "is of a different model (num_train_timesteps: 50 -> 40)" in line
 
@@ -163,8 +199,17 @@ def test_a_sigkilled_run_keeps_its_log_line_by_line(tmp_path):
     import time
 
     out = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "training" / "train.py"), "--output_dir", str(out), *TINY,
-               "--max_train_steps", "400", "--checkpointing_steps", "3"]
+    command = [
+        sys.executable,
+        str(REPO / "training" / "train.py"),
+        "--output_dir",
+        str(out),
+        *TINY,
+        "--max_train_steps",
+        "400",
+        "--checkpointing_steps",
+        "3",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "train_log.jsonl"
     try:
@@ -179,8 +224,14 @@ def test_a_sigkilled_run_keeps_its_log_line_by_line(tmp_path):
 
 
 def test_the_script_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
-    command = [sys.executable, str(REPO / "training" / "train.py"), "--output_dir", str(tmp_path / "o"),
-               "--checkpoints_total_limit", "-1"]
+    command = [
+        sys.executable,
+        str(REPO / "training" / "train.py"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--checkpoints_total_limit",
+        "-1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --checkpoints_total_limit must be >= 1 or unset, got -1"
@@ -196,7 +247,7 @@ def test_a_full_disk_names_the_path_and_the_cause_and_keeps_the_checkpoint(tmp_p
         raise OSError(28, "No space left on device", str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
     monkeypatch.setattr(train, "save_pipeline_repo", full_disk)
-    assert train.run_cli(["--output_dir", str(out), *TINY, "--max_train_steps", "2"]) == 1
+    assert training_args.run_cli(train.main, ["--output_dir", str(out), *TINY, "--max_train_steps", "2"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == (
         f"error: could not write {out / 'unet' / 'diffusion_pytorch_model.safetensors'}: No space left on device; "

@@ -46,11 +46,17 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(tmp_path):
     check_checkpoint_compatible(checkpoint, {"num_train_timesteps": 50}, ["num_train_timesteps"])  # no saved args: ok
     saved = {"num_train_timesteps": 50, "beta_schedule": "cosine", "seed": 1}
     (checkpoint / "training_args.json").write_text(json.dumps(saved))
-    check_checkpoint_compatible(checkpoint, {"num_train_timesteps": 50, "beta_schedule": "cosine", "seed": 2},
-                                ["num_train_timesteps", "beta_schedule"])
+    check_checkpoint_compatible(
+        checkpoint,
+        {"num_train_timesteps": 50, "beta_schedule": "cosine", "seed": 2},
+        ["num_train_timesteps", "beta_schedule"],
+    )
     with pytest.raises(ValueError) as error:
-        check_checkpoint_compatible(checkpoint, {"num_train_timesteps": 40, "beta_schedule": "linear"},
-                                    ["num_train_timesteps", "beta_schedule"])
+        check_checkpoint_compatible(
+            checkpoint,
+            {"num_train_timesteps": 40, "beta_schedule": "linear"},
+            ["num_train_timesteps", "beta_schedule"],
+        )
     assert str(error.value) == (
         f"--resume_from_checkpoint {checkpoint} is of a different model (num_train_timesteps: 50 -> 40, "
         "beta_schedule: 'cosine' -> 'linear'): resume with the arguments it was trained with, or start a new run "

@@ -153,8 +153,10 @@ def test_linear_schedule_endpoints_fixed_or_learned():
 
 @pytest.mark.parametrize("schedule_type", ["learned", "linear", "cosine"])
 def test_noise_schedule_save_pretrained_round_trip(schedule_type, tmp_path):
-    schedule = random_learned_schedule(seed=3) if schedule_type == "learned" else NoiseSchedule(
-        schedule_type=schedule_type, gamma_min=-9.0, gamma_max=4.0
+    schedule = (
+        random_learned_schedule(seed=3)
+        if schedule_type == "learned"
+        else NoiseSchedule(schedule_type=schedule_type, gamma_min=-9.0, gamma_max=4.0)
     )
     schedule.save_pretrained(tmp_path)
     loaded = NoiseSchedule.from_pretrained(tmp_path)

@@ -63,8 +63,9 @@ def test_step_matches_ddpm_with_the_same_generator(variance_type, prediction_typ
     for _, a, b in sample_both(ours, theirs, learned=variance_type == "learned_range"):
         torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=2e-5, rtol=1e-5)
-    ours_tuple = ours.step(fake_model(a.prev_sample, 0, variance_type == "learned_range"), 0, a.prev_sample,
-                           return_dict=False)
+    ours_tuple = ours.step(
+        fake_model(a.prev_sample, 0, variance_type == "learned_range"), 0, a.prev_sample, return_dict=False
+    )
     assert isinstance(ours_tuple, tuple) and len(ours_tuple) == 2
 
 
@@ -109,8 +110,14 @@ def test_dynamic_threshold_is_diffusers_threshold_sample():
 
 
 def test_thresholding_in_step_matches_ddpm_and_takes_precedence_over_clip_sample():
-    config = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0, clip_sample=True,
-                  clip_sample_range=0.25, prediction_type="sample")
+    config = dict(
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=3.0,
+        clip_sample=True,
+        clip_sample_range=0.25,
+        prediction_type="sample",
+    )
     ours, theirs = pair(**config)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
@@ -122,8 +129,17 @@ def test_thresholding_in_step_matches_ddpm_and_takes_precedence_over_clip_sample
 
 def test_thresholding_defaults_are_diffusers():
     ours, theirs = VDMScheduler(), DDPMScheduler()
-    for key in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value", "rescale_betas_zero_snr",
-                "steps_offset", "clip_sample", "clip_sample_range", "variance_type", "prediction_type"):
+    for key in (
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "rescale_betas_zero_snr",
+        "steps_offset",
+        "clip_sample",
+        "clip_sample_range",
+        "variance_type",
+        "prediction_type",
+    ):
         assert ours.config[key] == theirs.config[key], key
 
 
@@ -133,8 +149,9 @@ def test_rescale_zero_terminal_snr_matches_diffusers(schedule):
     betas = make_betas(schedule, 1000, 1e-4, 0.02)
     rescaled = rescale_zero_terminal_snr(betas)
     np.testing.assert_allclose(rescaled, diffusers_rescale(torch.from_numpy(betas)).numpy(), rtol=1e-12, atol=0)
-    ours = VDMScheduler(num_train_timesteps=1000, beta_schedule=schedule, rescale_betas_zero_snr=True,
-                        prediction_type="v_prediction")
+    ours = VDMScheduler(
+        num_train_timesteps=1000, beta_schedule=schedule, rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, rescale_betas_zero_snr=True)
     assert ours.alphas_cumprod[-1] == 0.0 and ours.betas[-1] == 1.0 and ours.alphas_cumprod.dtype == torch.float64
     np.testing.assert_allclose(ours.alphas_cumprod.numpy(), theirs.alphas_cumprod.double().numpy(), atol=2e-6)
@@ -244,9 +261,20 @@ def test_both_arguments_raise_diffusers_error():
 
 # ------------------------------------------------------------------------------------------------ config round trip
 def test_todays_config_loads_unchanged_and_configs_cross_load(tmp_path):
-    old = {"_class_name": "VDMScheduler", "num_train_timesteps": 20, "beta_start": 0.0001, "beta_end": 0.02,
-           "beta_schedule": "linear", "trained_betas": None, "variance_type": "learned_range", "clip_sample": True,
-           "prediction_type": "epsilon", "clip_sample_range": 1.0, "timestep_spacing": "linspace", "steps_offset": 0}
+    old = {
+        "_class_name": "VDMScheduler",
+        "num_train_timesteps": 20,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "variance_type": "learned_range",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+        "clip_sample_range": 1.0,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+    }
     (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
     loaded = VDMScheduler.from_pretrained(tmp_path)
     assert loaded.config.thresholding is False and loaded.config.rescale_betas_zero_snr is False
@@ -279,8 +307,11 @@ def test_a_single_timestep_is_refused():
 
 @pytest.mark.parametrize(
     "name,why",
-    [("fixed_small_log", "samples exactly as 'fixed_small'"), ("fixed_large_log", r"square root of log beta_t"),
-     ("learned", "unbounded raw variance")],
+    [
+        ("fixed_small_log", "samples exactly as 'fixed_small'"),
+        ("fixed_large_log", r"square root of log beta_t"),
+        ("learned", "unbounded raw variance"),
+    ],
 )
 def test_diffusers_only_variance_types_are_refused_with_a_reason(name, why):
     DDPMScheduler(num_train_timesteps=T, variance_type=name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -30,7 +29,9 @@ def accuracy(model: MNISTClassifier, images: torch.Tensor, labels: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="folder with the MNIST IDX files; default: the embedded 5,000 digits")
+    parser.add_argument(
+        "--data", default=None, help="folder with the MNIST IDX files; default: the embedded 5,000 digits"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 """The ``hf_ddpm`` command line: ``evaluate`` a model's likelihood and sample quality, ``sample`` images.
 
-    hf_ddpm evaluate ddpm-mnist --data ../shared/data/mnist --split test [--exact | --timesteps_per_image 8] [--json out.json]
-    hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --scheduler vdm --out grid.png
-    hf_ddpm demo ddpm-mnist [--export_space space/]
+hf_ddpm evaluate ddpm-mnist --data embedded --split test [--exact | --timesteps_per_image 8] [--json out.json]
+hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --scheduler vdm --out grid.png
+hf_ddpm demo ddpm-mnist [--export_space space/]
 """
 
 from __future__ import annotations
@@ -55,8 +55,16 @@ def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeli
 def evaluate(args: argparse.Namespace) -> dict:
     """The NLL bound in bits/dim (:func:`hf_ddpm.evaluation.evaluate_bound`: exact or estimated for diffusion
     models, ELBO and IWAE for VAEs) and, with --num_samples, sample quality."""
-    check_counts(args, ("batch_size", 1), ("timesteps_per_image", 1), ("num_samples", 0), ("max_images", 1),
-                 ("elbo_samples", 1), ("iwae_samples", 1), ("steps", 1))
+    check_counts(
+        args,
+        ("batch_size", 1),
+        ("timesteps_per_image", 1),
+        ("num_samples", 0),
+        ("max_images", 1),
+        ("elbo_samples", 1),
+        ("iwae_samples", 1),
+        ("steps", 1),
+    )
     if args.json:
         check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)
@@ -69,17 +77,32 @@ def evaluate(args: argparse.Namespace) -> dict:
                 f"{args.model} makes {'x'.join(map(str, shape))} images; drop --num_samples to evaluate the bound "
                 "only."
             )
-        data = load_images(args.data, split=args.split, max_images=args.max_images, resolution=network.config.sample_size,
-                           channels=network.config.in_channels)
+        data = load_images(
+            args.data,
+            split=args.split,
+            max_images=args.max_images,
+            resolution=network.config.sample_size,
+            channels=network.config.in_channels,
+        )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--data {args.data}: {error}") from None
     images = ImageTensorDataset(data.images)[:].to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    options = BoundOptions(exact=args.exact, timesteps_per_image=args.timesteps_per_image,
-                           elbo_samples=args.elbo_samples, iwae_samples=args.iwae_samples)
+    options = BoundOptions(
+        exact=args.exact,
+        timesteps_per_image=args.timesteps_per_image,
+        elbo_samples=args.elbo_samples,
+        iwae_samples=args.iwae_samples,
+    )
     pipeline.set_progress_bar_config(disable=True)
-    bound = evaluate_bound(pipeline, images, options, batch_size=args.batch_size, generator=generator,
-                           progress=lambda batches: tqdm(batches, desc="bound", leave=False))
+    bound = evaluate_bound(
+        pipeline,
+        images,
+        options,
+        batch_size=args.batch_size,
+        generator=generator,
+        progress=lambda batches: tqdm(batches, desc="bound", leave=False),
+    )
     result = {"model": args.model, "data": data.source, **bound.to_dict()}
     return add_sample_quality(result, pipeline, images, args, generator)
 
@@ -89,12 +112,19 @@ def sampling_call(pipeline: HFDDPMPipeline | VAEPipeline, args: argparse.Namespa
     return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": args.steps}
 
 
-def add_sample_quality(result: dict, pipeline, images: torch.Tensor, args: argparse.Namespace, generator: torch.Generator) -> dict:
+def add_sample_quality(
+    result: dict, pipeline, images: torch.Tensor, args: argparse.Namespace, generator: torch.Generator
+) -> dict:
     """With ``--num_samples``, the sample-quality metrics of that many samples against ``images``."""
     if args.num_samples:
-        samples = pipeline(batch_size=args.num_samples, generator=generator, output_type="pt", **sampling_call(pipeline, args)).images
+        samples = pipeline(
+            batch_size=args.num_samples, generator=generator, output_type="pt", **sampling_call(pipeline, args)
+        ).images
         quality = sample_quality(samples.cpu() * 2 - 1, images.cpu())
-        result["sample_quality"] = {**vars(quality), "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)"}
+        result["sample_quality"] = {
+            **vars(quality),
+            "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)",
+        }
     return result
 
 
@@ -142,7 +172,10 @@ def sample(args: argparse.Namespace) -> Path:
     if args.scheduler != "vdm" and not isinstance(pipeline, VAEPipeline):
         pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
         if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
-            print(f"note: {args.scheduler} ignores the model's learned variance (it uses the predicted noise only)", file=sys.stderr)
+            print(
+                f"note: {args.scheduler} ignores the model's learned variance (it uses the predicted noise only)",
+                file=sys.stderr,
+            )
     generator = torch.Generator().manual_seed(args.seed)
     images = []
     for start in range(0, args.num_images, args.batch_size):
@@ -162,7 +195,9 @@ def sample(args: argparse.Namespace) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf_ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf_ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("evaluate", "sample"):
         command = commands.add_parser(name)
@@ -173,20 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--batch_size", type=int, default=256)
         command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced)")
     evaluate_parser = commands.choices["evaluate"]
-    evaluate_parser.add_argument("--data", required=True, help="MNIST IDX folder, image folder, or dataset (see hf_ddpm.data)")
+    evaluate_parser.add_argument(
+        "--data", required=True, help="MNIST IDX folder, image folder, or dataset (see hf_ddpm.data)"
+    )
     evaluate_parser.add_argument("--split", default="test")
     evaluate_parser.add_argument("--max_images", type=int, default=None)
     evaluate_parser.add_argument("--exact", action="store_true", help="all T terms (T network evaluations per image)")
     evaluate_parser.add_argument("--timesteps_per_image", type=int, default=8)
-    evaluate_parser.add_argument("--num_samples", type=int, default=0, help="samples for the sample-quality metrics (0: skip)")
+    evaluate_parser.add_argument(
+        "--num_samples", type=int, default=0, help="samples for the sample-quality metrics (0: skip)"
+    )
     evaluate_parser.add_argument("--json", default=None, help="also write the results to this file")
-    evaluate_parser.add_argument("--elbo_samples", type=int, default=1, help="VAE: Monte-Carlo samples of z for the ELBO")
+    evaluate_parser.add_argument(
+        "--elbo_samples", type=int, default=1, help="VAE: Monte-Carlo samples of z for the ELBO"
+    )
     evaluate_parser.add_argument("--iwae_samples", type=int, default=64, help="VAE: K of the IWAE bound")
     sample_parser = commands.choices["sample"]
     sample_parser.add_argument("--num_images", type=int, default=64)
     sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
-    sample_parser.add_argument("--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image")
-    add_demo_arguments(commands.add_parser("demo", help="a Gradio app to sample, watch the denoising and score digits"))
+    sample_parser.add_argument(
+        "--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image"
+    )
+    add_demo_arguments(
+        commands.add_parser("demo", help="a Gradio app to sample, watch the denoising and score digits")
+    )
     return parser
 
 
@@ -219,14 +264,19 @@ def run_command(argv: list[str]) -> int:
         return 0
     result = evaluate(args)
     terms = ", ".join(f"{name} {value:.4f}" for name, value in result["terms"].items())
-    print(f"NLL {result['bits_per_dim']:.4f} ± {result['standard_error']:.4f} bits/dim on {result['num_images']} images of {result['data']} "
-          f"({result['estimator']}): {terms}")
+    print(
+        f"NLL {result['bits_per_dim']:.4f} ± {result['standard_error']:.4f} bits/dim on {result['num_images']} "
+        f"images of {result['data']} "
+        f"({result['estimator']}): {terms}"
+    )
     if "iwae_bits_per_dim" in result:
         print(f"IWAE bound {result['iwae_bits_per_dim']:.4f} ± {result['iwae_standard_error']:.4f} bits/dim")
     if "sample_quality" in result:
         q = result["sample_quality"]
-        print(f"samples: Fréchet distance {q['frechet_distance']:.3f} (MNIST-classifier features, not Inception-FID), "
-              f"confidence {q['mean_confidence']:.3f}, class KL from uniform {q['class_kl_from_uniform']:.4f}")
+        print(
+            f"samples: Fréchet distance {q['frechet_distance']:.3f} (MNIST-classifier features, not Inception-FID), "
+            f"confidence {q['mean_confidence']:.3f}, class KL from uniform {q['class_kl_from_uniform']:.4f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -58,7 +58,9 @@ def log_gaussian_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Elementwise log-probability (nats) of 8-bit data under a Gaussian discretized to its 256 bins.
 
     ``x`` holds pixel values k/127.5 - 1 (k = 0..255) in [-1, 1]; the bin of x is [x - 1/255, x + 1/255], with

@@ -14,8 +14,9 @@ of the estimator.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -119,9 +120,7 @@ class BoundResult:
             "num_images": self.num_images,
         }
         if self.per_image_iwae is not None:
-            summary["iwae_bits_per_dim"], summary["iwae_standard_error"] = mean_and_standard_error(
-                self.per_image_iwae
-            )
+            summary["iwae_bits_per_dim"], summary["iwae_standard_error"] = mean_and_standard_error(self.per_image_iwae)
         return summary
 
 

@@ -20,7 +20,8 @@ WEIGHTS = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
 
 
 class MNISTClassifier(nn.Module):
-    """conv(32) -> pool -> conv(64) -> pool -> linear(128) features -> linear(10) logits, on (N, 1, 28, 28) in [-1, 1]."""
+    """conv(32) -> pool -> conv(64) -> pool -> linear(128) features -> linear(10) logits, on (N, 1, 28, 28) in
+    [-1, 1]."""
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     values, vectors = np.linalg.eigh(sigma1)
     root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(middle, 0, None)).sum()
+    )
 
 
 @dataclass
@@ -70,7 +73,8 @@ class SampleQuality:
         frechet_distance: in the MNIST classifier's 128-d feature space (not Inception-FID).
         mean_confidence: mean max-softmax probability of the classifier on the samples (1 = every sample is a
             confidently recognised digit).
-        class_kl_from_uniform: KL(histogram of predicted classes || uniform over 10), nats; 0 = every digit equally often.
+        class_kl_from_uniform: KL(histogram of predicted classes || uniform over 10), nats; 0 = every digit equally
+            often.
         num_samples: how many generated images were scored.
     """
 
@@ -81,10 +85,14 @@ class SampleQuality:
 
 
 @torch.no_grad()
-def sample_quality(samples: torch.Tensor, reference: torch.Tensor, classifier: MNISTClassifier | None = None) -> SampleQuality:
+def sample_quality(
+    samples: torch.Tensor, reference: torch.Tensor, classifier: MNISTClassifier | None = None
+) -> SampleQuality:
     """Score ``samples`` against ``reference``; both float (N, 1, 28, 28) in [-1, 1]."""
     classifier = classifier or mnist_classifier()
-    features = [torch.cat([classifier.embed(b) for b in x.float().split(500)]).double().numpy() for x in (samples, reference)]
+    features = [
+        torch.cat([classifier.embed(b) for b in x.float().split(500)]).double().numpy() for x in (samples, reference)
+    ]
     stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in features]
     probabilities = torch.cat([F.softmax(classifier(b), dim=1) for b in samples.float().split(500)])
     histogram = torch.bincount(probabilities.argmax(1), minlength=10).double() / len(samples)

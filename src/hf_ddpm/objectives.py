@@ -102,8 +102,13 @@ class DiffusionObjective:
         one-timestep estimate (where the loss type computes them)."""
         timesteps, weights = self.timestep_sampler.sample(images.shape[0], images.device)
         out = training_loss(
-            self.loss_type, self.chain, lambda x, t: model(x, t).sample, images, timesteps,
-            timestep_weights=weights, snr_gamma=self.snr_gamma,
+            self.loss_type,
+            self.chain,
+            lambda x, t: model(x, t).sample,
+            images,
+            timesteps,
+            timestep_weights=weights,
+            snr_gamma=self.snr_gamma,
         )
         logs = loss_by_quartile(timesteps, out.per_timestep_loss, self.chain.num_train_timesteps)
         if out.vlb_bits_per_dim is not None:

@@ -10,8 +10,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -25,8 +26,17 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_ARGS = "training_args.json"
 #: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
 RUN_OUTPUTS = (
-    "training_args.json", "train_log.jsonl", "eval_results.json", "model_index.json", "README.md", "samples.png",
-    "unet", "vae", "scheduler", "seen_indices_rank*.json", "hf_ddpm.py",
+    "training_args.json",
+    "train_log.jsonl",
+    "eval_results.json",
+    "model_index.json",
+    "README.md",
+    "samples.png",
+    "unet",
+    "vae",
+    "scheduler",
+    "seen_indices_rank*.json",
+    "hf_ddpm.py",
 )
 
 
@@ -99,7 +109,9 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
         path = output_dir / resume
     if not path.is_dir() or checkpoint_step(path) is None:
         names = [p.name for p in list_checkpoints(output_dir)] or "the checkpoint-STEP folders a run writes"
-        raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of {names}.")
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of {names}."
+        )
     return path
 
 
@@ -188,6 +200,44 @@ class TrainLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def finished_run(resume_path: Path, output_dir: Path, max_train_steps: int | None) -> bool:
+    """True when the checkpoint is at or past ``--max_train_steps`` and the outputs of that step were written:
+    resuming it has nothing to do. (Past the steps but without outputs, the run writes them and trains no step.)"""
+    if max_train_steps is None or checkpoint_step(resume_path) < max_train_steps:
+        return False
+    try:
+        return json.loads((output_dir / "eval_results.json").read_text())["steps"] >= checkpoint_step(resume_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare_output_dir(
+    accelerator: Accelerator,
+    output_dir: Path,
+    arguments: dict[str, Any],
+    keys: Iterable[str],
+    overwrite: bool,
+    logging_dir: str,
+    resume: str | None,
+) -> tuple[Path | None, list[str]]:
+    """Make ``output_dir`` ready for a run and find the checkpoint to resume, before any work starts. On the main
+    process: refuse a folder of another model (unless ``overwrite``, which removes the old run's outputs), create
+    it, remove half-written checkpoints. Then, everywhere: the checkpoint of ``resume`` (None for a new run),
+    refused if it is of another model. Returns (checkpoint, what ``overwrite`` removed); raises ``ValueError``."""
+    removed: list[str] = []
+    if accelerator.is_main_process:
+        check_output_dir(output_dir, arguments, keys, overwrite)
+        if overwrite:
+            removed = clear_output_dir(output_dir, logging_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+    resume_path = resolve_resume_path(resume, output_dir)
+    if resume_path is not None:
+        check_checkpoint_compatible(resume_path, arguments, keys)
+    return resume_path, removed
 
 
 class ema_weights:

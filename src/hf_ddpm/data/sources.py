@@ -119,8 +119,10 @@ def visible_files(folder: Path, suffixes: Iterable[str]) -> list[Path]:
     """The files below ``folder`` with one of ``suffixes`` (case-insensitive), sorted by path, leaving out hidden
     files and folders (.git, .ipynb_checkpoints, ._* resource forks)."""
     return sorted(
-        path for path in folder.rglob("*")
-        if path.suffix.lower() in suffixes and path.is_file()
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in suffixes
+        and path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
 
@@ -318,8 +320,11 @@ def read_dataset(dataset, options: LoadOptions, where: str) -> tuple[np.ndarray,
 def looks_like_path(source: str) -> bool:
     """True when ``source`` cannot be a Hub dataset id ("name" or "owner/name") and so must be a local path."""
     return (
-        source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
-        or Path(source).suffix.lower() in DATA_FILE_BUILDERS or "ubyte" in source
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or Path(source).suffix.lower() in DATA_FILE_BUILDERS
+        or "ubyte" in source
     )
 
 

@@ -172,12 +172,21 @@ def _card_data(report: TrainingReport) -> ModelCardData:
         nll = report.nll
         eval_results = [
             EvalResult(
-                task_type=TASK, dataset_type=nll.dataset_id, dataset_name=nll.dataset_name, dataset_split=nll.split,
-                metric_type="nll", metric_name="NLL (bits/dim)", metric_value=nll.bound.bits_per_dim,
+                task_type=TASK,
+                dataset_type=nll.dataset_id,
+                dataset_name=nll.dataset_name,
+                dataset_split=nll.split,
+                metric_type="nll",
+                metric_name="NLL (bits/dim)",
+                metric_value=nll.bound.bits_per_dim,
             ),
             EvalResult(
-                task_type=TASK, dataset_type=nll.dataset_id, dataset_name=nll.dataset_name, dataset_split=nll.split,
-                metric_type="nll_standard_error", metric_name="NLL standard error (bits/dim)",
+                task_type=TASK,
+                dataset_type=nll.dataset_id,
+                dataset_name=nll.dataset_name,
+                dataset_split=nll.split,
+                metric_type="nll_standard_error",
+                metric_name="NLL standard error (bits/dim)",
                 metric_value=nll.bound.standard_error,
             ),
         ]

@@ -12,9 +12,10 @@ refused, in a local folder and in a Hub repo (before anything else is downloaded
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub import get_cached_repo_tree, resolve_revision, snapshot_download
@@ -105,8 +106,13 @@ def download_pipeline(
     def download(patterns: list[str]) -> Path:
         return Path(
             snapshot_download(
-                repo_id, revision=commit, allow_patterns=patterns, cache_dir=cache_dir, token=token,
-                local_files_only=local_files_only, force_download=force_download,
+                repo_id,
+                revision=commit,
+                allow_patterns=patterns,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
             )
         )
 

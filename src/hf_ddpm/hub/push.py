@@ -28,8 +28,8 @@ import PIL.Image
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 
 from .card import SAMPLE_GRID_PATH, TrainingReport, redact_secrets, render_model_card
-from .naming import PACKAGE
 from .loading import MODEL_INDEX
+from .naming import PACKAGE
 from .remote_code import REMOTE_CODE_FILENAME, remote_code_files
 
 TRAINING_ARGS_PATH = "training_args.json"

@@ -10,8 +10,8 @@ quarter of the usual upsample-then-convolve at the fine resolution.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,11 @@ class DenoisingUNetOutput(BaseOutput):
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (Vaswani et al.): [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2)), (B, dim)."""
+    """Sinusoidal embedding (Vaswani et al.), (B, dim): [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2))."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    frequencies = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
     angles = timesteps.float()[:, None] * frequencies[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -96,7 +98,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2).unbind(1)
+        q, k, v = (
+            self.qkv(self.norm(x))
+            .reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+            .transpose(-1, -2)
+            .unbind(1)
+        )
         attended = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
         return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -150,7 +157,9 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
             )
         base = block_out_channels[0]
         self.embedding_dim = 4 * base
-        self.time_mlp = nn.Sequential(nn.Linear(base, self.embedding_dim), nn.SiLU(), nn.Linear(self.embedding_dim, self.embedding_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base, self.embedding_dim), nn.SiLU(), nn.Linear(self.embedding_dim, self.embedding_dim)
+        )
         self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(fourier_features)), base, 3, padding=1)
 
         def block(cin: int, cout: int, size: int) -> nn.ModuleList:
@@ -183,7 +192,11 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
                 self.up.append(block(channels + skip_channels.pop(), width, size))
                 channels = width
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Conv2d(channels, channels, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest")]))
+                self.up.append(
+                    nn.ModuleList(
+                        [nn.Conv2d(channels, channels, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest")]
+                    )
+                )
                 size *= 2
 
         self.norm_out = _group_norm(channels, norm_num_groups)
@@ -197,7 +210,9 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
             h = layer(h, embedding) if isinstance(layer, ResidualBlock) else layer(h)
         return h
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True) -> DenoisingUNetOutput | tuple:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
+    ) -> DenoisingUNetOutput | tuple:
         """Predict from a noisy batch.
 
         Args:

@@ -142,7 +142,12 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             generator (`torch.Generator`, *optional*): for the x_t ~ q(x_t | x_0) draws.
         """
         bound = evaluate_bound(
-            self, images, BoundOptions(exact=True), batch_size=batch_size, generator=generator, progress=self.progress_bar
+            self,
+            images,
+            BoundOptions(exact=True),
+            batch_size=batch_size,
+            generator=generator,
+            progress=self.progress_bar,
         )
         terms = bound.per_image_terms
         return ELBOOutput(

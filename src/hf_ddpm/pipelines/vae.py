@@ -97,7 +97,9 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         return images_to_tensor(images, self.vae.config.in_channels).to(self._execution_device)
 
     @torch.no_grad()
-    def elbo(self, images: ImageInput, num_samples: int = 1, generator: torch.Generator | None = None) -> VAEELBOOutput:
+    def elbo(
+        self, images: ImageInput, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> VAEELBOOutput:
         """The ELBO of each image with ``num_samples`` Monte-Carlo draws of z (see :meth:`GaussianVAE.elbo`).
 
         Args:

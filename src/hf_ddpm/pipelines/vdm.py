@@ -204,7 +204,11 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             generator (`torch.Generator`, *optional*): for the z_t ~ q(z_t | x) draws.
         """
         bound = evaluate_bound(
-            self, images, BoundOptions(exact=True), batch_size=batch_size, generator=generator,
+            self,
+            images,
+            BoundOptions(exact=True),
+            batch_size=batch_size,
+            generator=generator,
             progress=self.progress_bar,
         )
         terms = bound.per_image_terms

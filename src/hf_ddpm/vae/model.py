@@ -4,19 +4,21 @@
 
 and, with ``num_latent_layers = L > 1``, the source's Markovian hierarchical VAE: latents z_1..z_L with
 
-    q(z_1:L | x) = q(z_1 | x) prod_{l=2}^{L} q(z_l | z_{l-1}),    p(x, z_1:L) = p(z_L) prod_{l=1}^{L-1} p(z_l | z_{l+1}) p(x | z_1),
+    q(z_1:L | x) = q(z_1 | x) prod_{l=2}^{L} q(z_l | z_{l-1}),
+    p(x, z_1:L) = p(z_L) prod_{l=1}^{L-1} p(z_l | z_{l+1}) p(x | z_1),
 
 whose ELBO splits, per image, into
 
-    -ELBO = -E_q[log p(x | z_1)]                                          reconstruction term
-            + sum_{l=1}^{L-1} E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})]   one term per intermediate layer (z_0 = x)
-            + E_q[KL(q(z_L | z_{L-1}) || N(0, I))]                         top prior-matching term.
+    -ELBO = -E_q[log p(x | z_1)]                                           reconstruction term
+            + sum_{l=1}^{L-1} E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})]  one term per intermediate layer
+            + E_q[KL(q(z_L | z_{L-1}) || N(0, I))]                          top prior-matching term    (z_0 = x).
 
 The decoder p_theta(x | z_1) is the discretized Gaussian over the 256 levels of 8-bit data that the diffusion model's
-reconstruction term uses (:func:`hf_ddpm.distributions.discretized_gaussian_log_likelihood`), so bits/dim are comparable
-between the two models. The importance-weighted bound (Burda et al., 2016) with K samples z^(k) ~ q(z_1:L | x),
+reconstruction term uses (:func:`hf_ddpm.distributions.discretized_gaussian_log_likelihood`), so bits/dim are
+comparable between the two models. The importance-weighted bound (Burda et al., 2016) with K samples
+z^(k) ~ q(z_1:L | x),
 
-    IWAE_K = log (1/K) sum_k p(x, z^(k)) / q(z^(k) | x),      ELBO = E[IWAE_1] <= E[IWAE_K] <= E[IWAE_{K+1}] <= log p(x),
+    IWAE_K = log (1/K) sum_k p(x, z^(k)) / q(z^(k) | x),    ELBO = E[IWAE_1] <= E[IWAE_K] <= E[IWAE_{K+1}] <= log p(x),
 
 is the tighter estimate of log p(x).
 """
@@ -137,7 +139,9 @@ class GaussianVAE(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if sample_size % 4:
-            raise ValueError(f"GaussianVAE halves the image twice: sample_size must be divisible by 4, got {sample_size}.")
+            raise ValueError(
+                f"GaussianVAE halves the image twice: sample_size must be divisible by 4, got {sample_size}."
+            )
         if num_latent_layers < 1:
             raise ValueError(f"num_latent_layers must be at least 1 (1 is the plain VAE), got {num_latent_layers}.")
         if len(block_out_channels) != 2:
@@ -148,13 +152,21 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         self.coarse_size = sample_size // 4
         flat = c2 * self.coarse_size**2
         self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(flat, 2 * latent_dim),
+            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(flat, 2 * latent_dim),
         )
         self.decoder_in = nn.Linear(latent_dim, flat)
         self.decoder = nn.Sequential(
-            nn.SiLU(), nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, padding=1), nn.SiLU(),
-            nn.Upsample(scale_factor=2), nn.Conv2d(c1, 2 * in_channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c2, c1, 3, padding=1),
+            nn.SiLU(),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(c1, 2 * in_channels, 3, padding=1),
         )
         # encoder_transitions[l - 1]: q(z_{l+1} | z_l); decoder_transitions[l - 1]: p(z_l | z_{l+1}); l = 1..L-1
         transitions = range(num_latent_layers - 1)
@@ -179,7 +191,8 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         return _split_gaussian(self.encoder_transitions[layer - 2](z_below), z_below.dtype)
 
     def decoder_transition(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(z_layer | z_{layer+1}) = N(mean, diag e^logvar) for layer = 1..L-1: (mean, logvar), each (N, latent_dim)."""
+        """p(z_layer | z_{layer+1}) = N(mean, diag e^logvar) for layer = 1..L-1: (mean, logvar), each
+        (N, latent_dim)."""
         return _split_gaussian(self.decoder_transitions[layer - 1](z_above), z_above.dtype)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +203,9 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         return mean, log_scale.clamp(*LOG_SCALE_RANGE)
 
     @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def reparameterize(
+        mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """z = mean + e^(logvar / 2) * eps, eps ~ N(0, I): a sample of N(mean, diag e^logvar), differentiable in both
         parameters; the shape of ``mean``."""
         eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -272,10 +287,15 @@ class GaussianVAE(ModelMixin, ConfigMixin):
             reconstruction.append(-self.reconstruction_log_likelihood(x, chain[0].sample))
             kl.append(kl_to_standard_normal(chain[-1].mean, chain[-1].logvar))
             layers.append(self.layer_terms(chain))
-        reconstruction_nats, kl_nats, layer_nats = (torch.stack(draws).mean(0) for draws in (reconstruction, kl, layers))
+        reconstruction_nats, kl_nats, layer_nats = (
+            torch.stack(draws).mean(0) for draws in (reconstruction, kl, layers)
+        )
         total = reconstruction_nats + kl_nats + layer_nats.sum(dim=1)
         return VAEELBOOutput(
-            reconstruction_nats=reconstruction_nats, kl_nats=kl_nats, layer_nats=layer_nats, negative_elbo_nats=total,
+            reconstruction_nats=reconstruction_nats,
+            kl_nats=kl_nats,
+            layer_nats=layer_nats,
+            negative_elbo_nats=total,
             bits_per_dim=nats_to_bits_per_dim(total, x[0].numel()),
         )
 
@@ -286,7 +306,9 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         self._check_images(x, num_samples)
         log_weights = torch.stack([self.log_importance_weight(x, generator) for _ in range(num_samples)])
         negative_bound = -log_mean_exp(log_weights)
-        return IWAEOutput(negative_bound_nats=negative_bound, bits_per_dim=nats_to_bits_per_dim(negative_bound, x[0].numel()))
+        return IWAEOutput(
+            negative_bound_nats=negative_bound, bits_per_dim=nats_to_bits_per_dim(negative_bound, x[0].numel())
+        )
 
     def training_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """What training minimises: the one-sample negative ELBO of each image in bits/dim, (N,) (average it over the
@@ -305,7 +327,9 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         """z_1 of one ancestral draw from the prior, z_L ~ N(0, I), z_l ~ p(z_l | z_{l+1}): (batch_size, latent_dim).
         ``decode(z_1)`` gives p_theta(x | z_1)."""
         weight = self.decoder_in.weight
-        z = randn_tensor((batch_size, self.config.latent_dim), generator=generator, device=weight.device, dtype=weight.dtype)
+        z = randn_tensor(
+            (batch_size, self.config.latent_dim), generator=generator, device=weight.device, dtype=weight.dtype
+        )
         for layer in range(self.config.num_latent_layers - 1, 0, -1):
             z = self.reparameterize(*self.decoder_transition(layer, z), generator)
         return z
@@ -313,10 +337,13 @@ class GaussianVAE(ModelMixin, ConfigMixin):
     def _check_images(self, x: torch.Tensor, num_samples: int) -> None:
         size, channels = self.config.sample_size, self.config.in_channels
         if x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size):
-            raise ValueError(f"GaussianVAE expects images of shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}.")
+            raise ValueError(
+                f"GaussianVAE expects images of shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}."
+            )
         if not x.is_floating_point():
             raise ValueError(
-                f"GaussianVAE expects float images in [-1, 1], got {x.dtype}; convert uint8 pixels k with k / 127.5 - 1 "
+                f"GaussianVAE expects float images in [-1, 1], got {x.dtype}; convert uint8 pixels k with k / 127.5 "
+                "- 1 "
                 "(hf_ddpm.image_utils.images_to_tensor)."
             )
         if num_samples < 1:

@@ -155,7 +155,7 @@ def discrete_diffusion_loss(
 def prior_loss(schedule: NoiseSchedule, x: torch.Tensor) -> torch.Tensor:
     """L_prior = KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)), (B,) nats:
 
-        1/2 sum_i (alpha_1^2 x_i^2 + sigma_1^2 - 1 - log sigma_1^2),  log sigma_1^2 = log sigmoid(gamma(1)).
+    1/2 sum_i (alpha_1^2 x_i^2 + sigma_1^2 - 1 - log sigma_1^2),  log sigma_1^2 = log sigmoid(gamma(1)).
     """
     gamma_1 = schedule(torch.ones(1, dtype=x.dtype, device=x.device))
     alpha_1, _ = alpha_sigma_from_gamma(gamma_1)

@@ -2,9 +2,9 @@
 
     -log p(x_0) <= -ELBO = L_prior + sum_{t=2}^{T} L_{t-1} + L_0      (in nats per image), with
 
-    L_prior = KL(q(x_T | x_0) || N(0, I))                          prior-matching term   :func:`prior_term`
-    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))  denoising matching    :func:`denoising_matching_term`
-    L_0     = -log p_theta(x_0 | x_1), discretized Gaussian decoder reconstruction term   :func:`reconstruction_term`
+    L_prior = KL(q(x_T | x_0) || N(0, I))                          prior matching   :func:`prior_term`
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))  denoising match  :func:`denoising_matching_term`
+    L_0     = -log p_theta(x_0 | x_1), discretized Gaussian        reconstruction   :func:`reconstruction_term`
 
 Every term here is a per-image tensor of shape (B,) in nats (summed over pixels);
 :func:`hf_ddpm.distributions.nats_to_bits_per_dim` converts. Terms are reported as their (non-negative)
@@ -16,8 +16,8 @@ Nothing here imports a model or a scheduler: every function takes the frozen con
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from diffusers.utils import BaseOutput

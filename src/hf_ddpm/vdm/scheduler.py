@@ -8,8 +8,8 @@ config, the chain currently sampled on (:meth:`VDMScheduler.set_timesteps` respa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

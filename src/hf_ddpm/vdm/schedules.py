@@ -7,7 +7,8 @@ betas into alphas, cumulative products and posterior coefficients (all in float6
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

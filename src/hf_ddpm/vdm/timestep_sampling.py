@@ -25,7 +25,9 @@ class UniformTimestepSampler:
         """p(t), float64 of shape (T,)."""
         return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
 
-    def sample(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw (timesteps (B,) long, weights w_t = 1 / (T p(t)) (B,) float32) on ``device``."""
         p = torch.from_numpy(self.probabilities())
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)

@@ -1,0 +1,446 @@
+"""The command line of ``training/train.py``: its arguments, read from flags and a YAML/JSON ``--config``, checked
+against each other before any work starts, and the one way its errors reach a person.
+
+Flags that exist in diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` keep their names
+and meanings there. Every check raises ``SystemExit`` with one line that says what is wrong and what to do;
+:func:`run_cli` prints it as ``error: ...`` (the traceback only with ``--debug`` or ``HF_DDPM_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+from transformers import HfArgumentParser
+
+from .vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
+from .vdm.elbo import LOSS_TYPES
+from .vdm.noise_schedule import VDM_SCHEDULE_TYPES
+from .vdm.schedules import BETA_SCHEDULES
+from .vdm.timestep_sampling import TIMESTEP_SAMPLERS
+
+MODELS = ("ddpm", "vae", "vdm")
+ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
+MIN_RESOLUTION, MAX_RESOLUTION = 4, 512
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+# ================================================================================================ arguments
+@dataclass
+class ModelArguments:
+    """What to train. The defaults are the recipe tuned for quality per CPU-minute on 28x28 digits."""
+
+    model: str = field(
+        default="ddpm",
+        metadata={
+            "help": f"{' | '.join(MODELS)}: the diffusion model, the Gaussian VAE, or the continuous-time VDM "
+            "(Kingma et al. 2021: the UNet below with Fourier features (7, 8) and the --noise_schedule, trained on "
+            "the bound; the same CPU recipe as ddpm: lr 1e-3, batch 32; --sample_steps ancestral steps)."
+        },
+    )
+    architecture: str = field(
+        default="hf_ddpm",
+        metadata={
+            "help": f"DDPM network: {' | '.join(ARCHITECTURES)} (diffusers' UNet2DModel with the same levels and "
+            "attention)."
+        },
+    )
+    loss_type: str = field(default="hybrid", metadata={"help": f"DDPM loss: {' | '.join(LOSS_TYPES)}."})
+    prediction_type: str = field(default="epsilon", metadata={"help": f"{' | '.join(PREDICTION_TYPES)}."})
+    variance_type: str = field(default="learned_range", metadata={"help": f"{' | '.join(VARIANCE_TYPES)}."})
+    beta_schedule: str = field(default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}."})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "T, the number of diffusion steps."})
+    timestep_sampler: str = field(
+        default="auto",
+        metadata={
+            "help": f"auto | {' | '.join(TIMESTEP_SAMPLERS)}; auto = loss-second-moment for vlb (where "
+            "improved-diffusion found it pays), uniform for simple and hybrid (whose squared error dominates the "
+            "per-t loss)."
+        },
+    )
+    snr_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "Min-SNR-gamma weighting of the squared error (as diffusers' --snr_gamma); 5 is the paper's value."
+        },
+    )
+    block_out_channels: list[int] = field(
+        default_factory=lambda: [32, 64, 64], metadata={"help": "UNet channels per level."}
+    )
+    layers_per_block: int = field(default=1, metadata={"help": "Residual blocks per UNet level."})
+    attention_resolutions: list[int] = field(
+        default_factory=lambda: [7], metadata={"help": "Feature sizes with self-attention."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
+    latent_dim: int = field(default=32, metadata={"help": "VAE only: dimension of each latent layer."})
+    num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
+    iwae_samples: int = field(default=64, metadata={"help": "VAE only: K of the held-out importance-weighted bound."})
+    noise_schedule: str = field(
+        default="learned",
+        metadata={
+            "help": f"VDM only: gamma(t) = -log SNR(t), {' | '.join(VDM_SCHEDULE_TYPES)} "
+            "(learned: trained with the network)."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. With neither --dataset_name nor --train_data_dir: the 60,000 official MNIST training
+    digits embedded in hf_ddpm, evaluated on the official test digits."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset (e.g. ylecun/mnist) or a local dataset path."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images, or of MNIST IDX files."})
+    image_column: str | None = field(default=None, metadata={"help": "The image column (auto-detected if not given)."})
+    resolution: int = field(default=28, metadata={"help": "Images are resized (and cropped) to this size."})
+    channels: int = field(default=1, metadata={"help": "1 (grayscale) or 3 (RGB); images are converted."})
+    center_crop: bool = field(default=False, metadata={"help": "Center-crop instead of squashing to a square."})
+    random_flip: bool = field(
+        default=False, metadata={"help": "Random horizontal flips (off: digits are not symmetric)."}
+    )
+    max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out evaluation data (e.g. a folder of MNIST IDX files); default: the embedded MNIST test "
+            "digits when training on the embedded MNIST, else a held-out slice of the training data."
+        },
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of --eval_data."})
+    num_eval_images: int = field(default=256, metadata={"help": "Held-out images for the NLL estimate."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+@dataclass
+class TrainingArguments:
+    """How to train, evaluate, save and share."""
+
+    output_dir: str = field(
+        default="ddpm-mnist", metadata={"help": "Where the pipeline, card, samples and checkpoints go."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow an output_dir that holds a different model."}
+    )
+    seed: int = field(default=0)
+    train_batch_size: int = field(default=32, metadata={"help": "Images per process per forward pass."})
+    eval_batch_size: int = field(default=256)
+    num_epochs: int = field(default=1000, metadata={"help": "Upper bound; --max_train_steps usually ends the run."})
+    max_train_steps: int | None = field(default=3600, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=1e-3)
+    lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers get_scheduler name."})
+    lr_warmup_steps: int = field(default=100)
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.99)
+    adam_weight_decay: float = field(default=0.0)
+    adam_epsilon: float = field(default=1e-8)
+    max_grad_norm: float = field(default=1.0)
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "auto | no | bf16 | fp16; auto = bf16 where the hardware computes it natively, else no."},
+    )
+    use_ema: bool = field(default=True)
+    ema_inv_gamma: float = field(default=1.0)
+    ema_power: float = field(default=0.75)
+    ema_max_decay: float = field(default=0.9999)
+    checkpointing_steps: int = field(default=1000)
+    checkpoints_total_limit: int | None = field(default=2)
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    eval_steps: int = field(default=1000, metadata={"help": "Held-out NLL estimate every N steps (and at the end)."})
+    eval_timesteps_per_image: int = field(
+        default=8, metadata={"help": "K stratified timesteps per image for the NLL estimate."}
+    )
+    num_sample_images: int = field(default=64)
+    sample_steps: int = field(default=100, metadata={"help": "Respaced sampling steps for the sample grid."})
+    logger: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none."})
+    logging_dir: str = field(default="logs", metadata={"help": "Relative to output_dir."})
+    record_seen_indices: bool = field(
+        default=False, metadata={"help": "Write the dataset indices each process trained on (verifies sharding)."}
+    )
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Defaults to HF_TOKEN or the login cache; never saved."}
+    )
+    hub_private_repo: bool = field(default=False)
+    push_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Also push the EMA pipeline at each checkpoint to checkpoints/step-N in the Hub repo."},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+SECRET_FIELDS = ("hub_token",)
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse flags; ``--config FILE.yaml|json`` gives defaults that explicit flags override. Validates choices."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
+    config_path = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        config_path = argv[index + 1] if index + 1 < len(argv) else None
+        del argv[index : index + 2]
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise SystemExit(f"--config {config_path}: no such file.")
+        values = read_config(path)
+        parser.set_defaults(**values)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)[
+        :3
+    ]  # [3]: the --config namespace
+    validate_arguments(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def read_config(path: Path) -> dict:
+    """The arguments of a YAML or JSON ``--config`` file, each checked against its field's type (an int field
+    refuses 2.7, a scalar field refuses a list): raises SystemExit in one line saying what to fix."""
+    try:
+        text = path.read_text()
+        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        reason = " ".join(str(error).split())
+        raise SystemExit(f"--config {path}: not valid {kind} ({reason}); fix the file or pass the flags.") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of argument: value, got a {type(values).__name__}.")
+    fields = {f.name: f for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown argument(s) {unknown}.")
+    hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
+    for name, value in values.items():
+        hint = hints[name]
+        kinds = typing.get_args(hint) or [hint]
+        kind = "list" if typing.get_origin(hint) is list else " | ".join(t.__name__ for t in kinds)
+        if value is None:
+            if "None" not in kind:
+                raise SystemExit(f"--config {path}: {name} cannot be null; remove it to keep its default.")
+        elif kind.startswith("list"):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise SystemExit(f"--config {path}: {name} must be a list of integers, got {value!r}.")
+        elif isinstance(value, (list, dict)):
+            raise SystemExit(f"--config {path}: {name} must be a single value, got {value!r}.")
+        elif kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise SystemExit(f"--config {path}: {name} must be true or false, got {value!r}.")
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SystemExit(f"--config {path}: {name} must be an integer, got {value!r}.")
+        elif kind.startswith("float"):
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; argparse converts it, as on the command line
+                try:
+                    values[name] = float(value)
+                    continue
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SystemExit(f"--config {path}: {name} must be a number, got {value!r}.")
+        elif kind.startswith("str") and not isinstance(value, str):
+            raise SystemExit(f"--config {path}: {name} must be a string, got {value!r}.")
+    return values
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """Reject unknown names and impossible sizes with a message that says what to fix."""
+    choices = {
+        "--model": (model_args.model, MODELS),
+        "--architecture": (model_args.architecture, ARCHITECTURES),
+        "--loss_type": (model_args.loss_type, LOSS_TYPES),
+        "--prediction_type": (model_args.prediction_type, PREDICTION_TYPES),
+        "--variance_type": (model_args.variance_type, VARIANCE_TYPES),
+        "--beta_schedule": (model_args.beta_schedule, BETA_SCHEDULES),
+        "--noise_schedule": (model_args.noise_schedule, VDM_SCHEDULE_TYPES),
+        "--timestep_sampler": (model_args.timestep_sampler, ("auto", *TIMESTEP_SAMPLERS)),
+        "--mixed_precision": (train_args.mixed_precision, MIXED_PRECISIONS),
+        "--logger": (train_args.logger, ("tensorboard", "wandb", "none")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise SystemExit(f"{flag} {value!r} is not one of: {', '.join(allowed)}.")
+    levels = len(model_args.block_out_channels)
+    smallest = max(MIN_RESOLUTION, 2 ** (levels - 1))
+    if not smallest <= data_args.resolution <= MAX_RESOLUTION:
+        raise SystemExit(
+            f"--resolution must be between {smallest} (the smallest image {levels} levels can halve) and "
+            f"{MAX_RESOLUTION} (attention and memory grow with its 4th power), got {data_args.resolution}."
+        )
+    if data_args.resolution % 2 ** (levels - 1):
+        raise SystemExit(
+            f"--resolution {data_args.resolution} cannot be halved {levels - 1} times by a model with {levels} levels "
+            f"(--block_out_channels {model_args.block_out_channels}); use a resolution divisible by "
+            f"{2 ** (levels - 1)}."
+        )
+    if model_args.model == "ddpm" and model_args.variance_type == "learned_range" and model_args.loss_type == "simple":
+        raise SystemExit(
+            "--loss_type simple does not train a learned variance: use hybrid or vlb, or --variance_type fixed_small."
+        )
+    if data_args.dataset_name and data_args.train_data_dir:
+        raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
+    if train_args.push_to_hub and not train_args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "eval_steps",
+        "num_eval_images",
+    ):
+        if getattr(train_args if hasattr(train_args, flag) else data_args, flag) <= 0:
+            raise SystemExit(f"--{flag} must be positive.")
+    validate_counts(model_args, data_args, train_args)
+
+
+def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """Every count and range that would otherwise fail only after training (no pipeline, card or log written) or
+    do the wrong thing silently; each message names the flag, the allowed range and the value given."""
+    at_least_one = {
+        "--num_sample_images": train_args.num_sample_images,
+        "--eval_batch_size": train_args.eval_batch_size,
+        "--num_epochs": train_args.num_epochs,
+        "--channels": data_args.channels,
+        "--layers_per_block": model_args.layers_per_block,
+    }
+    if model_args.model == "vae":
+        at_least_one.update(
+            {
+                "--latent_dim": model_args.latent_dim,
+                "--num_latent_layers": model_args.num_latent_layers,
+                "--iwae_samples": model_args.iwae_samples,
+            }
+        )
+    else:
+        at_least_one.update(
+            {
+                "--sample_steps": train_args.sample_steps,
+                "--eval_timesteps_per_image": train_args.eval_timesteps_per_image,
+            }
+        )
+    for flag, value in at_least_one.items():
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}.")
+    optional = {
+        "--max_train_steps": train_args.max_train_steps,
+        "--checkpoints_total_limit": train_args.checkpoints_total_limit,
+    }
+    for flag, value in optional.items():
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} must be >= 1 or unset, got {value}")
+    if data_args.max_train_images is not None and data_args.max_train_images < 1:
+        raise SystemExit(f"--max_train_images must be >= 1 or unset, got {data_args.max_train_images}")
+    if data_args.channels not in (1, 3):
+        raise SystemExit(f"--channels must be 1 (grayscale) or 3 (RGB), got {data_args.channels}.")
+    if min(model_args.block_out_channels, default=0) < 1:
+        raise SystemExit(f"--block_out_channels must be positive integers, got {model_args.block_out_channels}.")
+    if not (math.isfinite(train_args.learning_rate) and train_args.learning_rate > 0):
+        raise SystemExit(f"--learning_rate must be a finite number > 0, got {train_args.learning_rate}.")
+    if train_args.lr_warmup_steps < 0:
+        raise SystemExit(f"--lr_warmup_steps must be >= 0, got {train_args.lr_warmup_steps}.")
+    if model_args.model == "ddpm":
+        T = model_args.num_train_timesteps
+        if T < 2:
+            raise SystemExit(f"--num_train_timesteps must be >= 2 (T diffusion steps), got {T}.")
+        if not 1 <= train_args.sample_steps <= T:
+            raise SystemExit(
+                f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}."
+            )
+        if not 1 <= train_args.eval_timesteps_per_image <= T - 1:
+            raise SystemExit(
+                f"--eval_timesteps_per_image must be in [1, {T - 1}] (T - 1 denoising terms), "
+                f"got {train_args.eval_timesteps_per_image}."
+            )
+    if train_args.overwrite_output_dir and train_args.resume_from_checkpoint:
+        raise SystemExit(
+            "--overwrite_output_dir starts over (it removes the old run's checkpoints): drop it to resume, or drop "
+            "--resume_from_checkpoint to start over."
+        )
+    if train_args.logger == "wandb" and not is_wandb_available():
+        raise SystemExit(
+            "--logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
+        )
+    if train_args.logger == "tensorboard" and not is_tensorboard_available():
+        raise SystemExit(
+            "--logger tensorboard: tensorboard is not installed; pip install tensorboard, or pass --logger none."
+        )
+    check_writable(Path(train_args.output_dir))
+
+
+def check_writable(output_dir: Path) -> None:
+    """Refuse an --output_dir that is a file, lies under a file, or cannot be written, before any work starts."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir.")
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SystemExit(f"--output_dir {output_dir}: {existing} is a file, so the folder cannot be made there.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(
+            f"--output_dir {output_dir}: {existing} is not writable (permission denied); choose another --output_dir."
+        )
+
+
+def resolved_arguments(*arguments) -> dict:
+    """All arguments as one JSON-able dict, secrets removed: saved with every output so a run can be repeated."""
+    values = {}
+    for group in arguments:
+        values.update(dataclasses.asdict(group))
+    for name in SECRET_FIELDS:
+        values.pop(name, None)
+    return values
+
+
+def model_keys() -> list[str]:
+    """The arguments that define the model (another value is another model): every :class:`ModelArguments` field,
+    and the image size and channels."""
+    return [f.name for f in dataclasses.fields(ModelArguments)] + ["resolution", "channels"]
+
+
+def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    """The command-line entry of a training script: ``main(argv)``, with every error as one line
+    ``error: <what is wrong and what to do>`` on stderr and a non-zero exit (2 for a bad argument or input, 1 for a
+    failure while writing); the traceback only with ``--debug`` or ``HF_DDPM_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HF_DDPM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+        return 0
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            raise
+        failure, message, code = error, str(error.code), 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as error:
+        failure, message, code = error, " ".join(str(error).split()), 2
+    except OSError as error:  # disk full and other write failures: name the path and the cause
+        where = error.filename or "the output folder"
+        failure, code = error, 1
+        message = f"could not write {where}: {error.strerror or error}; free space or choose another --output_dir."
+    except RuntimeError as error:
+        if "PytorchStreamWriter" not in str(error) and "unexpected pos" not in str(error):
+            raise
+        message = f"could not write a checkpoint or weights file: {str(error).splitlines()[0]}; is the disk full?"
+        failure, code = error, 1
+    if debug:
+        traceback.print_exception(failure)
+    print(f"error: {message}", file=sys.stderr)
+    return code
