@@ -5,9 +5,10 @@ repo file ``unet/hf_ddpm.py``, and the pipeline from ``hf_ddpm.py`` at the repo 
 ``model_index.json`` names as ``["hf_ddpm", ClassName]``, when called with ``trust_remote_code=True`` (repos pushed
 before that record also load with ``custom_pipeline="hf_ddpm"``). It imports each such file as one module on its
 own, so the file can import neither hf_ddpm nor a sibling file. :func:`bundle_source` writes that module: the
-hf_ddpm modules that define the given classes and every hf_ddpm module they import, in dependency order, each with its imports
-from hf_ddpm removed (the names they imported are defined earlier in the same file). Nothing is copied by hand, so
-the remote code is always the code that wrote the weights; :func:`remote_code_files` says where the copies go.
+hf_ddpm modules that define the given classes and every hf_ddpm module they import, in dependency order, each
+with its imports from hf_ddpm removed (the names they imported are defined earlier in the same file). Nothing is
+copied by hand, so the remote code is always the code that wrote the weights; :func:`remote_code_files` says
+where the copies go.
 
 The rules that make a module bundleable, checked here with an error that names the module and line: import from
 hf_ddpm only at module level, only names (``from ..vdm.elbo import full_elbo``, not ``from .. import vdm``), without
