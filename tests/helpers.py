@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+
+#: The repository root, and training/train.py importable as ``train``.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "training"))
+#: A tiny model and run of train.py: 2 levels (28 -> 14), T = 50, a few steps on 512 embedded MNIST digits.
+TINY_TRAIN = (
+    "--block_out_channels 8 16 --attention_resolutions 14 --num_train_timesteps 50 --max_train_images 512 "
+    "--num_eval_images 16 --train_batch_size 16 --eval_batch_size 16 --num_sample_images 4 --sample_steps 5 "
+    "--eval_timesteps_per_image 4 --lr_warmup_steps 1 --mixed_precision no --logger none --seed 3"
+).split()
 
 
 def diffusers_in_float64(beta_schedule: str, **config) -> DDPMScheduler:

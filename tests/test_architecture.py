@@ -25,6 +25,7 @@ LAYERS = {
     "hf_ddpm.hub": 8,
     "hf_ddpm.objectives": 9,
     "hf_ddpm.training_utils": 9,
+    "hf_ddpm.training_args": 9,
     "hf_ddpm.data": 9,
     "hf_ddpm.metrics": 9,
     "hf_ddpm.demo": 10,

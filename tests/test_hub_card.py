@@ -75,7 +75,8 @@ def test_card_metadata_validates_and_shows_the_measured_numbers(tmp_path):
     assert "![Samples from the model](samples.png)" in card.text
     hf_ddpm_snippet, remote_snippet = code_blocks(card.text)
     assert f'HFDDPMPipeline.from_pretrained("{REPO}", revision="main")' in hf_ddpm_snippet
-    assert 'custom_pipeline="hf_ddpm", trust_remote_code=True, revision="main"' in remote_snippet
+    assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True, revision="main")' in remote_snippet
+    assert "custom_pipeline" not in remote_snippet  # one call, no argument to guess
 
 
 def test_card_of_a_vae_shows_its_importance_weighted_bound():

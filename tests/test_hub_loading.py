@@ -7,8 +7,12 @@ imported, as a user's process would.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
+from diffusers import DiffusionPipeline
 
 from helpers import (
     CHECKPOINT,
@@ -17,15 +21,19 @@ from helpers import (
     REPO,
     SAMPLES,
     code_blocks,
+    public_pipeline_classes,
     samples,
     snippet_images,
     tiny_ddpm_pipeline,
+    tiny_pipeline_of,
 )
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, save_pipeline_repo
 from hf_ddpm.hub.loading import component_entries, read_model_index, refuse_pickle_weights
+from hf_ddpm.pipelines.auto import PIPELINE_CLASSES, load_pipeline
 from olah_server import free_port, run_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PIPELINES = list(PIPELINE_CLASSES)
 
 
 # ============================================================================================ local folders
@@ -36,6 +44,37 @@ def test_a_repo_folder_with_remote_code_loads_with_the_installed_classes(tmp_pat
     loaded = HFDDPMPipeline.from_pretrained(tmp_path)
     assert type(loaded.unet) is DenoisingUNet
     np.testing.assert_array_equal(samples(loaded), samples(pipeline))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_loads_by_its_recorded_class_and_through_diffusers_with_trust_remote_code(name, tmp_path):
+    """A repo folder names its pipeline as ["hf_ddpm", ClassName]: hf_ddpm's auto loader and the class itself use
+    the installed code; diffusers' DiffusionPipeline needs trust_remote_code=True (a clear refusal without) and then
+    runs the repo's copy, which samples alike."""
+    pipeline, call = tiny_pipeline_of(name)
+    save_pipeline_repo(pipeline, tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == ["hf_ddpm", name]
+    auto = load_pipeline(tmp_path)
+    assert type(auto) is type(pipeline) and type(auto).__module__.startswith("hf_ddpm.")
+    assert type(type(pipeline).from_pretrained(tmp_path)) is type(pipeline)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+    remote = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(remote).__name__ == name and type(remote).__module__.startswith("diffusers_modules.")
+    generator = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    expected = auto(batch_size=2, generator=generator(), output_type="np", **call).images
+    np.testing.assert_allclose(
+        remote(batch_size=2, generator=generator(), output_type="np", **call).images, expected, atol=1e-5
+    )
+
+
+def test_the_auto_loader_refuses_a_pipeline_that_is_not_ours(tmp_path):
+    assert set(PIPELINE_CLASSES) == set(public_pipeline_classes())  # it knows every public pipeline class
+    save_pipeline_repo(tiny_ddpm_pipeline(0), tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "DDPMPipeline"}))
+    with pytest.raises(ValueError, match="holds a DDPMPipeline, not an hf_ddpm pipeline"):
+        load_pipeline(tmp_path)
 
 
 def test_pickle_weights_in_a_folder_are_refused(tmp_path):
@@ -72,6 +111,8 @@ def loaded_online(hub, pushed, tmp_path_factory):
 np.save("snippet.npy", np.stack([np.asarray(image) for image in images]))
 np.save("main.npy", samples(pipeline))
 np.save("pinned.npy", samples(HFDDPMPipeline.from_pretrained({REPO!r}, revision={pushed.first_sha!r})))
+from hf_ddpm.pipelines.auto import load_pipeline
+np.save("auto.npy", samples(load_pipeline({REPO!r}, revision="main")))
 checkpoint = HFDDPMPipeline.from_pretrained({REPO!r}, revision={CHECKPOINT_BRANCH!r}, subfolder={CHECKPOINT!r})
 np.save("checkpoint.npy", samples(checkpoint))
 try:
@@ -87,6 +128,7 @@ except ValueError as error:
 def test_load_by_repo_id_gives_the_pushed_pipelines_samples(pushed, loaded_online):
     np.testing.assert_array_equal(np.load(loaded_online / "snippet.npy"), snippet_images(pushed.second))
     np.testing.assert_array_equal(np.load(loaded_online / "main.npy"), samples(pushed.second))
+    np.testing.assert_array_equal(np.load(loaded_online / "auto.npy"), samples(pushed.second))  # class from the repo
 
 
 def test_a_pinned_commit_loads_the_older_version(pushed, loaded_online):

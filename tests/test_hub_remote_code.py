@@ -111,13 +111,23 @@ def test_modules_that_cannot_share_one_file_are_rejected(tmp_path, monkeypatch, 
 
 
 # ============================================================================================ stock diffusers
-@pytest.mark.parametrize("name", PIPELINES)
-def test_stock_diffusers_without_hf_ddpm_samples_every_pipeline_like_the_installed_one(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, arguments",
+    [(name, "") for name in PIPELINES] + [("HFDDPMPipeline", 'custom_pipeline="hf_ddpm", ')],
+    ids=[*PIPELINES, "pushed-before-one-call-loading"],
+)
+def test_stock_diffusers_without_hf_ddpm_samples_every_pipeline_like_the_installed_one(name, arguments, tmp_path):
     """save_pipeline_repo writes a folder; a fresh interpreter in which hf_ddpm cannot be imported loads it with
-    DiffusionPipeline.from_pretrained(folder, custom_pipeline="hf_ddpm", trust_remote_code=True) and samples."""
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), no other argument, and samples. A repo pushed
+    before model_index.json named the remote-code file (``_class_name`` a plain string) still loads with
+    ``custom_pipeline="hf_ddpm"``."""
     pipeline, call = tiny_pipeline_of(name)
     folder = tmp_path / "repo"
     save_pipeline_repo(pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["hf_ddpm", name]
+    if arguments:
+        (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
     code = (
         BLOCK_HF_DDPM
         + f"""
@@ -128,7 +138,7 @@ try:
 except ModuleNotFoundError:
     importable = False
 from diffusers import DiffusionPipeline
-pipeline = DiffusionPipeline.from_pretrained({str(folder)!r}, custom_pipeline="hf_ddpm", trust_remote_code=True)
+pipeline = DiffusionPipeline.from_pretrained({str(folder)!r}, {arguments}trust_remote_code=True)
 pipeline.set_progress_bar_config(disable=True)
 images = pipeline(batch_size=3, generator=torch.Generator().manual_seed(1), output_type="np", **{call!r}).images
 np.save("images.npy", images)

@@ -14,49 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import HFDDPMPipeline, objectives
 from hf_ddpm.training_utils import list_checkpoints, resolve_resume_path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-import train  # noqa: E402
-
-# A tiny model and run: 2 levels (28 -> 14), T = 50, a few steps on 512 embedded MNIST digits.
-TINY = [
-    "--block_out_channels",
-    "8",
-    "16",
-    "--attention_resolutions",
-    "14",
-    "--num_train_timesteps",
-    "50",
-    "--max_train_images",
-    "512",
-    "--num_eval_images",
-    "16",
-    "--train_batch_size",
-    "16",
-    "--eval_batch_size",
-    "16",
-    "--num_sample_images",
-    "4",
-    "--sample_steps",
-    "5",
-    "--eval_timesteps_per_image",
-    "4",
-    "--lr_warmup_steps",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--logger",
-    "none",
-    "--seed",
-    "3",
-]
+import train  # noqa: E402  (importable through helpers)
 
 
 def run(output_dir: Path, *flags: str) -> Path:
-    return train.main(["--output_dir", str(output_dir), *TINY, *flags])
+    return train.main(["--output_dir", str(output_dir), *TINY_TRAIN, *flags])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +106,7 @@ def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(t
         str(REPO / "training" / "train.py"),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_TRAIN,
         "--max_train_steps",
         "400",
         "--checkpointing_steps",
@@ -251,7 +218,7 @@ def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(
         str(REPO / "training/train.py"),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_TRAIN,
         "--max_train_steps",
         "2",
         "--record_seen_indices",

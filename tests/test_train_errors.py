@@ -11,47 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import training_args
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-import train  # noqa: E402
-
-TINY = [
-    "--block_out_channels",
-    "8",
-    "16",
-    "--attention_resolutions",
-    "14",
-    "--num_train_timesteps",
-    "50",
-    "--max_train_images",
-    "512",
-    "--num_eval_images",
-    "16",
-    "--train_batch_size",
-    "16",
-    "--eval_batch_size",
-    "16",
-    "--num_sample_images",
-    "4",
-    "--sample_steps",
-    "5",
-    "--eval_timesteps_per_image",
-    "4",
-    "--lr_warmup_steps",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--logger",
-    "none",
-    "--seed",
-    "3",
-]
+import train  # noqa: E402  (importable through helpers)
 
 
 def run(output_dir: Path, *flags: str) -> Path:
-    return train.main(["--output_dir", str(output_dir), *TINY, *flags])
+    return train.main(["--output_dir", str(output_dir), *TINY_TRAIN, *flags])
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -84,14 +52,14 @@ def one_line_error(capsys, argv: list[str]) -> str:
     ],
 )
 def test_bad_counts_are_refused_in_one_line_before_any_work(tmp_path, capsys, flags, message):
-    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "out"), *TINY, *flags])
+    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "out"), *TINY_TRAIN, *flags])
     assert message in line
     assert not (tmp_path / "out").exists()  # nothing started
 
 
 def test_wandb_without_wandb_installed_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(training_args, "is_wandb_available", lambda: False)
-    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "o"), *TINY, "--logger", "wandb"])
+    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "o"), *TINY_TRAIN, "--logger", "wandb"])
     assert line == (
         "error: --logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
     )
@@ -99,9 +67,9 @@ def test_wandb_without_wandb_installed_is_refused(tmp_path, capsys, monkeypatch)
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "file"), *TINY])
+    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "file"), *TINY_TRAIN])
     assert "is a file, not a folder" in line
-    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "file" / "sub"), *TINY])
+    line = one_line_error(capsys, ["--output_dir", str(tmp_path / "file" / "sub"), *TINY_TRAIN])
     assert "is a file, so the folder cannot be made there" in line
 
 
@@ -131,7 +99,7 @@ def test_a_config_float_written_1e_3_in_yaml_still_reads_as_a_number(tmp_path):
 
 
 def test_missing_training_data_is_one_line(tmp_path, capsys):
-    argv = ["--output_dir", str(tmp_path / "o"), *TINY, "--train_data_dir", str(tmp_path / "nope")]
+    argv = ["--output_dir", str(tmp_path / "o"), *TINY_TRAIN, "--train_data_dir", str(tmp_path / "nope")]
     line = one_line_error(capsys, argv)
     assert str(tmp_path / "nope") in line
 
@@ -158,7 +126,7 @@ def test_resuming_a_checkpoint_of_another_model_names_the_differing_keys(tmp_pat
         [
             "--output_dir",
             str(other),
-            *TINY,
+            *TINY_TRAIN,
             "--num_train_timesteps",
             "40",
             "--max_train_steps",
@@ -204,7 +172,7 @@ def test_a_sigkilled_run_keeps_its_log_line_by_line(tmp_path):
         str(REPO / "training" / "train.py"),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_TRAIN,
         "--max_train_steps",
         "400",
         "--checkpointing_steps",
@@ -247,7 +215,7 @@ def test_a_full_disk_names_the_path_and_the_cause_and_keeps_the_checkpoint(tmp_p
         raise OSError(28, "No space left on device", str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
     monkeypatch.setattr(train, "save_pipeline_repo", full_disk)
-    assert training_args.run_cli(train.main, ["--output_dir", str(out), *TINY, "--max_train_steps", "2"]) == 1
+    assert training_args.run_cli(train.main, ["--output_dir", str(out), *TINY_TRAIN, "--max_train_steps", "2"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == (
         f"error: could not write {out / 'unet' / 'diffusion_pytorch_model.safetensors'}: No space left on device; "

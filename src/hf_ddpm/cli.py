@@ -23,6 +23,7 @@ from .data import ImageTensorDataset, load_images
 from .demo import add_demo_arguments, run_demo
 from .evaluation import BoundOptions, evaluate_bound
 from .metrics import sample_quality
+from .pipelines.auto import load_pipeline as load_any_pipeline
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
@@ -37,15 +38,12 @@ class UsageError(Exception):
 
 
 def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline | VAEPipeline | VDMPipeline:
-    """A pipeline from a local folder or a Hub repo id: the VAEPipeline or VDMPipeline that a local folder's
-    model_index.json names, else an HFDDPMPipeline."""
+    """A pipeline from a local folder or a Hub repo id, of the class its model_index.json names
+    (:func:`hf_ddpm.pipelines.auto.load_pipeline`)."""
     if not Path(model).is_dir() and "/" not in model:
         raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
-    index = Path(model) / "model_index.json"
-    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    pipeline_class = {"VAEPipeline": VAEPipeline, "VDMPipeline": VDMPipeline}.get(class_name, HFDDPMPipeline)
     try:
-        pipeline = pipeline_class.from_pretrained(model, revision=revision)
+        pipeline = load_any_pipeline(model, revision=revision)
     except (OSError, ValueError) as error:
         raise UsageError(f"Could not load {model}: {error}") from None
     pipeline.set_progress_bar_config(leave=False)

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import HFDDPMPipeline, VAEPipeline, VDMScheduler, __version__
 from .distributions import nats_to_bits_per_dim
 from .image_utils import model_range_to_output
+from .pipelines.auto import load_pipeline
 
 if TYPE_CHECKING:
     import gradio
@@ -78,10 +79,11 @@ def load_for_demo(model: str, revision: str | None) -> HFDDPMPipeline | VAEPipel
     """
     if not Path(model).is_dir() and "/" not in model:
         raise ValueError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
-    class_name = DiffusionPipeline.load_config(model, revision=revision).get("_class_name")
-    if class_name not in PIPELINES:
-        raise ValueError(f"{model} holds a {class_name}; the demo shows {' and '.join(PIPELINES)} models.")
-    pipeline = PIPELINES[class_name].from_pretrained(model, revision=revision)
+    pipeline = load_pipeline(model, revision=revision)
+    if type(pipeline).__name__ not in PIPELINES:
+        raise ValueError(
+            f"{model} holds a {type(pipeline).__name__}; the demo shows {' and '.join(PIPELINES)} models."
+        )
     return pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
 
 

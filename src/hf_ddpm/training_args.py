@@ -15,9 +15,9 @@ import os
 import sys
 import traceback
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from accelerate.utils import is_tensorboard_available, is_wandb_available

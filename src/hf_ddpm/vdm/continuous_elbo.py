@@ -23,8 +23,8 @@ Data x lie on the 8-bit grid v_k = k / 127.5 - 1, k = 0..255, in [-1, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable  # noqa: UP035 (the remote code shares one binding with vdm/elbo.py and evaluation.py)
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
