@@ -124,3 +124,12 @@ def test_a_vae_folder_given_to_the_diffusion_pipeline_says_which_class_to_use(tm
         f"{tmp_path / 'vae'} holds a VAEPipeline, not a HFDDPMPipeline: load it with VAEPipeline.from_pretrained "
         "(from hf_ddpm import VAEPipeline)."
     )
+
+
+def test_version_prints_the_installed_version(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hf_ddpm {importlib.metadata.version('hf_ddpm')}"

@@ -8,6 +8,7 @@ hf_ddpm demo ddpm-mnist [--export_space space/]
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf_ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"hf_ddpm {importlib.metadata.version('hf_ddpm')}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("evaluate", "sample"):
         command = commands.add_parser(name)
