@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hf_ddpm.data
 from helpers import TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import HFDDPMPipeline, objectives
 from hf_ddpm.training_utils import list_checkpoints, resolve_resume_path
@@ -258,3 +259,42 @@ def test_push_to_hub_sends_checkpoints_and_the_final_pipeline_and_never_the_toke
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_secret_value" not in path.read_bytes(), path
+
+
+def test_no_absolute_path_of_the_training_machine_reaches_the_pushed_repo(tmp_path, monkeypatch):
+    """Data, evaluation data and output folder given as absolute paths: every file the push uploads (read at
+    HfApi.create_commit) names at most the folders' last components; the run's own folder keeps the paths."""
+    data = Path(hf_ddpm.data.__file__).parent / "mnist"  # the official IDX files, by an absolute path
+    uploaded: dict[str, bytes] = {}
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+
+    monkeypatch.setattr(hf_ddpm.hub.push, "HfApi", RecordingApi)
+    out = (tmp_path / "machine-specific-output").resolve()
+    run(
+        out,
+        "--max_train_steps",
+        "1",
+        "--train_data_dir",
+        str(data),
+        "--eval_data",
+        str(data),
+        "--push_to_hub",
+        "--hub_model_id",
+        "org/ddpm-mnist",
+    )
+    assert {"README.md", "training_args.json", "model_index.json", "hf_ddpm.py"} <= set(uploaded)
+    assert str(data) in (out / "training_args.json").read_text()  # the run's own record keeps the path
+    for name, content in uploaded.items():
+        for local in (str(data), str(out), str(tmp_path), str(Path.home()) + "/"):
+            assert local.encode() not in content, (name, local)
+    assert b"MNIST IDX train (mnist)" in uploaded["README.md"]
+    assert json.loads(uploaded["training_args.json"])["train_data_dir"] == "mnist"

@@ -148,6 +148,16 @@ def redact_secrets(arguments: dict[str, Any], secret: str | None = None) -> dict
     return cleaned
 
 
+#: An absolute POSIX path (or one from ``~``), not part of a URL, a fraction or a word such as bits/dim.
+LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~/|/)(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def hide_local_paths(text: str) -> str:
+    """``text`` with every absolute (or ``~``) path replaced by its last component, so that what a repo shares names
+    the data's folder (``mnist``) but never where it lay on the training machine (``/home/me/data/mnist``)."""
+    return LOCAL_PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1] or match.group(0), text)
+
+
 def _number(value: float) -> str:
     """4 decimals, or 3 significant digits in scientific notation for values too small to show that way."""
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
@@ -208,7 +218,7 @@ def render_model_card(report: TrainingReport) -> ModelCard:
     template = resources.files(PACKAGE).joinpath(TEMPLATE).read_text(encoding="utf-8")
     call_arguments = "".join(f", {key}={value!r}" for key, value in report.sampling_kwargs.items())
     arguments = redact_secrets(report.training_args, get_token())
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         _card_data(report),
         template_str=template,
         report=report,
@@ -220,3 +230,4 @@ def render_model_card(report: TrainingReport) -> ModelCard:
         number=_number,
         duration=_duration,
     )
+    return ModelCard(hide_local_paths(str(card)))

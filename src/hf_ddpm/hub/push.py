@@ -10,6 +10,10 @@ A pushed repo (or a folder written by :func:`save_pipeline_repo`) holds::
     samples.png                           the sample grid the card shows (optional)
     training_args.json                    the resolved training arguments, secrets removed (optional)
 
+No absolute path of the machine that pushes appears in the card or the pushed arguments
+(:func:`hf_ddpm.hub.card.hide_local_paths`); a local folder keeps them, so ``--config training_args.json`` repeats
+the run there.
+
 Weights are safetensors only. The Hub token (argument, ``HF_TOKEN`` or the login cache, resolved by
 huggingface_hub) is never written: secret-looking keys are dropped from the arguments, and a push that would
 upload any file containing the token is refused before anything is sent.
@@ -27,7 +31,7 @@ from typing import Any
 import PIL.Image
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 
-from .card import SAMPLE_GRID_PATH, TrainingReport, redact_secrets, render_model_card
+from .card import SAMPLE_GRID_PATH, TrainingReport, hide_local_paths, redact_secrets, render_model_card
 from .loading import MODEL_INDEX
 from .naming import PACKAGE
 from .remote_code import REMOTE_CODE_FILENAME, remote_code_files
@@ -144,7 +148,9 @@ def push_pipeline_to_hub(
     """
     prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
     secret = token or get_token()
-    arguments = redact_secrets(training_args, secret) if training_args is not None else None
+    arguments = None
+    if training_args is not None:  # what others see: no credentials, no paths of this machine
+        arguments = json.loads(hide_local_paths(json.dumps(redact_secrets(training_args, secret), default=str)))
     if card is None and not prefix:
         grid = SAMPLE_GRID_PATH if sample_grid is not None else None
         report = TrainingReport.for_pipeline(pipeline, repo_id, sample_grid=grid, training_args=arguments or {})
