@@ -133,3 +133,86 @@ def test_version_prints_the_installed_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"hf_ddpm {importlib.metadata.version('hf_ddpm')}"
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cli_at_endpoint(tmp_path, endpoint: str, *argv: str) -> str:
+    """The one stderr line of ``hf_ddpm ARGV`` run in a fresh process whose Hub is ``endpoint`` (huggingface_hub
+    reads HF_ENDPOINT at import), with an empty cache; asserts exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_HUB_CACHE", None)
+    command = [sys.executable, "-c", "import sys; from hf_ddpm.cli import main; sys.exit(main())", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_an_unreachable_hub_is_one_line_naming_the_endpoint(tmp_path, command):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    extra = ["--data", "embedded"] if command == "evaluate" else ["--out", str(tmp_path / "g.png")]
+    line = cli_at_endpoint(tmp_path, endpoint, command, "org/ddpm-mnist", *extra)
+    assert line.startswith(f"hf_ddpm: error: could not reach the Hub at {endpoint} to load org/ddpm-mnist (")
+    assert "not in the local cache; check the network and HF_ENDPOINT, or give a local folder." in line
+    assert "refused" in line.lower()  # it reached for the closed local port, nothing else
+
+
+def test_a_repo_the_hub_does_not_have_is_one_line(tmp_path):
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # what the Hub answers for a repo it does not have
+            body = b'{"error": "Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        line = cli_at_endpoint(tmp_path, endpoint, "sample", "org/no-such-model", "--out", str(tmp_path / "g.png"))
+    finally:
+        server.shutdown()
+    assert line == (
+        f"hf_ddpm: error: no such repo org/no-such-model on the Hub at {endpoint} (or it is private: log in with hf "
+        "auth login or set HF_TOKEN); a local model is a folder that exists."
+    )
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["sample", "--help"], ["demo", "--help"]])
+def test_help_shows_defaults_and_choices_and_no_development_markup(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert "``" not in text and "../shared" not in text and ":func:" not in text
+    if argv[0] == "sample":
+        assert "--scheduler {vdm,ddpm,ddim,dpm}" in text and "(default: vdm)" in text
+    if argv[0] in ("evaluate", "sample"):
+        assert "(default: 256)" in text and "(default: 100)" in text
+    if argv[0] == "demo":
+        assert "(default: 7860)" in text

@@ -1,8 +1,12 @@
-"""The ``hf_ddpm`` command line: ``evaluate`` a model's likelihood and sample quality, ``sample`` images.
+"""hf_ddpm: evaluate, sample from and demo a trained hf_ddpm model (a folder or a Hub repo id ORG/NAME).
 
-hf_ddpm evaluate ddpm-mnist --data embedded --split test [--exact | --timesteps_per_image 8] [--json out.json]
-hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --scheduler vdm --out grid.png
-hf_ddpm demo ddpm-mnist [--export_space space/]
+examples:
+  hf_ddpm evaluate ddpm-mnist --data embedded --split test     # NLL bound in bits/dim on the MNIST test digits
+  hf_ddpm evaluate org/ddpm-mnist --data embedded --exact      # the exact bound (all T terms), from the Hub
+  hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --out grid.png
+  hf_ddpm demo ddpm-mnist                                      # a Gradio app on 127.0.0.1:7860
+
+Add --debug to any command to see the traceback of an error.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ from .vdm.scheduler import VDMScheduler
 SCHEDULERS = {"vdm": VDMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (when it has one), and descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit code 2."""
 
@@ -45,10 +58,76 @@ def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeli
         raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
     try:
         pipeline = load_any_pipeline(model, revision=revision)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Could not load {model}: {error}") from None
+    except Exception as error:
+        message = hub_error_message(model, revision, error)
+        if message is None:
+            if not isinstance(error, (OSError, ValueError)):
+                raise
+            message = f"Could not load {model}: {error}"
+        raise UsageError(message) from error
     pipeline.set_progress_bar_config(leave=False)
     return pipeline.to(device)
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True when ``error``, or an error it was raised from, is a failure to reach a server (refused, timed out,
+    offline mode, a proxy), whichever HTTP library huggingface_hub uses."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    seen: BaseException | None = error
+    while seen is not None:
+        names = {cls.__name__ for cls in type(seen).__mro__}
+        if isinstance(seen, (ConnectionError, TimeoutError, OfflineModeIsEnabled)) or names & {
+            "TransportError",
+            "TimeoutException",
+            "RequestException",
+        }:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def hub_error_message(model: str, revision: str | None, error: BaseException) -> str | None:
+    """One line for a Hub or network failure while loading ``model`` (None for other errors): the Hub unreachable,
+    no such repo, a gated repo, no such revision, or another answer of the Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
+
+    endpoint = constants.ENDPOINT
+    if isinstance(error, GatedRepoError):
+        return (
+            f"{model} is a gated repo on the Hub at {endpoint}: accept its terms on its page, then log in "
+            "(hf auth login)."
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return (
+            f"no such repo {model} on the Hub at {endpoint} (or it is private: log in with hf auth login or set "
+            "HF_TOKEN); a local model is a folder that exists."
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return f"{model} has no revision {revision!r} on the Hub at {endpoint}; pass an existing --revision."
+    if isinstance(error, (RevisionResolutionError, LocalEntryNotFoundError)) or is_connection_error(error):
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        if constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set"
+        return (
+            f"could not reach the Hub at {endpoint} to load {model} ({reason}) and it is not in the local cache; "
+            "check the network and HF_ENDPOINT, or give a local folder."
+        )
+    if isinstance(error, HfHubHTTPError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the Hub at {endpoint} could not give {model}: {first}"
+    return None
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -194,27 +273,43 @@ def sample(args: argparse.Namespace) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf_ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="hf_ddpm", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf_ddpm {importlib.metadata.version('hf_ddpm')}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("evaluate", "sample"):
-        command = commands.add_parser(name)
-        command.add_argument("model", help="a folder written by save_pretrained / train.py, or a Hub repo id")
-        command.add_argument("--revision", default=None, help="Hub revision (pass one for Hub repos, e.g. main)")
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        command.add_argument("--batch_size", type=int, default=256)
-        command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{evaluate,sample,demo}")
+    summaries = {"evaluate": "the likelihood bound in bits/dim (and sample quality)", "sample": "draw images"}
+    descriptions = {
+        "evaluate": "The negative log-likelihood bound of a model in bits/dim on a set of images, exact or estimated\n"
+        "from a few timesteps per image, with its standard error; for a VAE also the IWAE bound.\n"
+        "With --num_samples, also the quality of that many samples.",
+        "sample": "Draw images from a model and write them as one grid image or as one PNG per image.",
+    }
+    for name, description in descriptions.items():
+        command = commands.add_parser(
+            name, help=summaries[name], description=description, formatter_class=HelpFormatter
+        )
+        command.add_argument(
+            "model", help="a folder written by save_pretrained or train.py, or a Hub repo id ORG/NAME"
+        )
+        command.add_argument("--revision", default=None, help="Hub revision: a branch, tag or commit")
+        command.add_argument("--seed", type=int, default=0, help="random seed of the noise and the timesteps")
+        command.add_argument(
+            "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on"
+        )
+        command.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+        command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced; diffusion models)")
     evaluate_parser = commands.choices["evaluate"]
     evaluate_parser.add_argument(
-        "--data", required=True, help="MNIST IDX folder, image folder, or dataset (see hf_ddpm.data)"
+        "--data",
+        required=True,
+        help="'embedded' (the MNIST digits shipped with hf_ddpm), a folder of MNIST IDX files or images, a data "
+        "file, or a Hub dataset id such as ylecun/mnist",
     )
-    evaluate_parser.add_argument("--split", default="test")
-    evaluate_parser.add_argument("--max_images", type=int, default=None)
+    evaluate_parser.add_argument("--split", default="test", help="split of --data")
+    evaluate_parser.add_argument("--max_images", type=int, default=None, help="use only the first N images")
     evaluate_parser.add_argument("--exact", action="store_true", help="all T terms (T network evaluations per image)")
-    evaluate_parser.add_argument("--timesteps_per_image", type=int, default=8)
+    evaluate_parser.add_argument(
+        "--timesteps_per_image", type=int, default=8, help="stratified timesteps per image of the estimated bound"
+    )
     evaluate_parser.add_argument(
         "--num_samples", type=int, default=0, help="samples for the sample-quality metrics (0: skip)"
     )
@@ -224,13 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.add_argument("--iwae_samples", type=int, default=64, help="VAE: K of the IWAE bound")
     sample_parser = commands.choices["sample"]
-    sample_parser.add_argument("--num_images", type=int, default=64)
-    sample_parser.add_argument("--scheduler", default="vdm", help=f"one of {', '.join(SCHEDULERS)}")
+    sample_parser.add_argument("--num_images", type=int, default=64, help="how many images to draw")
+    sample_parser.add_argument(
+        "--scheduler",
+        default="vdm",
+        metavar="{" + ",".join(SCHEDULERS) + "}",
+        help="vdm: the model's own ancestral sampler; ddpm, ddim, dpm: diffusers' schedulers built from its config",
+    )
     sample_parser.add_argument(
         "--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image"
     )
+    demo_help = "a Gradio app to sample, watch the denoising and score digits (needs pip install 'hf_ddpm[demo]')"
     add_demo_arguments(
-        commands.add_parser("demo", help="a Gradio app to sample, watch the denoising and score digits")
+        commands.add_parser(
+            "demo",
+            help="a Gradio app to sample, watch the denoising and score digits",
+            description=demo_help[0].upper() + demo_help[1:] + ".",
+            formatter_class=HelpFormatter,
+        )
     )
     return parser
 

@@ -412,7 +412,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a folder written by save_pretrained / train.py, or a Hub repo id")
     parser.add_argument("--revision", default=None, help="Hub revision (pass one for Hub repos, e.g. main)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument(
         "--export_space",

@@ -2,8 +2,12 @@
 against each other before any work starts, and the one way its errors reach a person.
 
 Flags that exist in diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` keep their names
-and meanings there. Every check raises ``SystemExit`` with one line that says what is wrong and what to do;
-:func:`run_cli` prints it as ``error: ...`` (the traceback only with ``--debug`` or ``HF_DDPM_DEBUG=1``).
+and meanings there; where ours differ, its names are accepted as aliases (``--dataset_config_name``,
+``--ddpm_num_steps``, ``--ddpm_num_inference_steps``, ``--ddpm_beta_schedule``). This module needs the training
+extra (``pip install 'hf_ddpm[train]'``); importing it without one says so in one line.
+
+Every check raises ``SystemExit`` with one line that says what is wrong and what to do; :func:`run_cli` prints it
+as ``error: ...`` (the traceback only with ``--debug`` or ``HF_DDPM_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from accelerate.utils import is_tensorboard_available, is_wandb_available
-from transformers import HfArgumentParser
+
+try:
+    import accelerate.utils
+    from transformers import HfArgumentParser
+except ImportError as _missing:  # the light install: loading, sampling and the ELBO only
+    _package = (_missing.name or "a package").split(".")[0]
+    raise ImportError(
+        f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
+    ) from None
 
 from .vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .vdm.elbo import LOSS_TYPES
@@ -33,6 +44,19 @@ MODELS = ("ddpm", "vae", "vdm")
 ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")
 MIN_RESOLUTION, MAX_RESOLUTION = 4, 512
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+# --logger: accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), each with the PyPI package it needs
+LOGGER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "trackio": "trackio",
+    "wandb": "wandb",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "mlflow": "mlflow",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
+LOGGERS = (*LOGGER_PACKAGES, "none")
 
 
 # ================================================================================================ arguments
@@ -58,8 +82,12 @@ class ModelArguments:
     loss_type: str = field(default="hybrid", metadata={"help": f"DDPM loss: {' | '.join(LOSS_TYPES)}."})
     prediction_type: str = field(default="epsilon", metadata={"help": f"{' | '.join(PREDICTION_TYPES)}."})
     variance_type: str = field(default="learned_range", metadata={"help": f"{' | '.join(VARIANCE_TYPES)}."})
-    beta_schedule: str = field(default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}."})
-    num_train_timesteps: int = field(default=1000, metadata={"help": "T, the number of diffusion steps."})
+    beta_schedule: str = field(
+        default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}.", "aliases": ["--ddpm_beta_schedule"]}
+    )
+    num_train_timesteps: int = field(
+        default=1000, metadata={"help": "T, the number of diffusion steps.", "aliases": ["--ddpm_num_steps"]}
+    )
     timestep_sampler: str = field(
         default="auto",
         metadata={
@@ -92,6 +120,14 @@ class ModelArguments:
             "(learned: trained with the network)."
         },
     )
+    model_config_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "DDPM with the hf_ddpm architecture only: a DenoisingUNet config (a folder with config.json, "
+            "such as a saved pipeline's unet/, or the config.json itself) to build the network from, in place of "
+            "the network flags above."
+        },
+    )
 
 
 @dataclass
@@ -102,7 +138,12 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "A Hub dataset (e.g. ylecun/mnist) or a local dataset path."}
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "The dataset's configuration name.", "aliases": ["--dataset_config_name"]}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where datasets caches downloaded Hub datasets; unset: its own cache."}
+    )
     train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images, or of MNIST IDX files."})
     image_column: str | None = field(default=None, metadata={"help": "The image column (auto-detected if not given)."})
     resolution: int = field(default=28, metadata={"help": "Images are resized (and cropped) to this size."})
@@ -164,8 +205,14 @@ class TrainingArguments:
         default=8, metadata={"help": "K stratified timesteps per image for the NLL estimate."}
     )
     num_sample_images: int = field(default=64)
-    sample_steps: int = field(default=100, metadata={"help": "Respaced sampling steps for the sample grid."})
-    logger: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none."})
+    sample_steps: int = field(
+        default=100,
+        metadata={"help": "Respaced sampling steps for the sample grid.", "aliases": ["--ddpm_num_inference_steps"]},
+    )
+    logger: str = field(
+        default="tensorboard",
+        metadata={"help": f"{' | '.join(LOGGERS)}: an accelerate tracker (trackio: Hugging Face's local-first one)."},
+    )
     logging_dir: str = field(default="logs", metadata={"help": "Relative to output_dir."})
     record_seen_indices: bool = field(
         default=False, metadata={"help": "Write the dataset indices each process trained on (verifies sharding)."}
@@ -272,7 +319,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         "--noise_schedule": (model_args.noise_schedule, VDM_SCHEDULE_TYPES),
         "--timestep_sampler": (model_args.timestep_sampler, ("auto", *TIMESTEP_SAMPLERS)),
         "--mixed_precision": (train_args.mixed_precision, MIXED_PRECISIONS),
-        "--logger": (train_args.logger, ("tensorboard", "wandb", "none")),
+        "--logger": (train_args.logger, LOGGERS),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -373,15 +420,30 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
             "--overwrite_output_dir starts over (it removes the old run's checkpoints): drop it to resume, or drop "
             "--resume_from_checkpoint to start over."
         )
-    if train_args.logger == "wandb" and not is_wandb_available():
-        raise SystemExit(
-            "--logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
-        )
-    if train_args.logger == "tensorboard" and not is_tensorboard_available():
-        raise SystemExit(
-            "--logger tensorboard: tensorboard is not installed; pip install tensorboard, or pass --logger none."
-        )
+    check_logger(train_args.logger)
+    if model_args.model_config_name_or_path is not None:
+        if model_args.model != "ddpm" or model_args.architecture != "hf_ddpm":
+            raise SystemExit(
+                "--model_config_name_or_path builds the DenoisingUNet of --model ddpm --architecture hf_ddpm; for "
+                f"--model {model_args.model} --architecture {model_args.architecture} use the network flags instead."
+            )
+        if not Path(model_args.model_config_name_or_path).exists():
+            raise SystemExit(
+                f"--model_config_name_or_path {model_args.model_config_name_or_path}: no such folder or config.json."
+            )
     check_writable(Path(train_args.output_dir))
+
+
+def check_logger(name: str) -> None:
+    """Refuse a --logger whose package is not installed, in one line naming what to install."""
+    package = LOGGER_PACKAGES.get(name)
+    if package is None:
+        return
+    if not getattr(accelerate.utils, f"is_{name}_available")():
+        other = "none" if name == "tensorboard" else "tensorboard or none"
+        raise SystemExit(
+            f"--logger {name}: {package} is not installed; pip install {package}, or pass --logger {other}."
+        )
 
 
 def check_writable(output_dir: Path) -> None:

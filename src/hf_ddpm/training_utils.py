@@ -12,15 +12,17 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
 import torch
-from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
+
+if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
+    from accelerate import Accelerator
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_ARGS = "training_args.json"
@@ -32,6 +34,8 @@ RUN_OUTPUTS = (
     "model_index.json",
     "README.md",
     "samples.png",
+    "loss_curve.png",
+    "bound_by_time.png",
     "unet",
     "vae",
     "scheduler",
@@ -202,6 +206,21 @@ class TrainLog:
         self._file.close()
 
 
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``train_log.jsonl`` (:class:`TrainLog`) in order: the whole run, a resumed run's earlier
+    steps included; a line cut short by a kill is skipped. A missing file gives no rows."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict):
+                rows.append(entry)
+    return rows
+
+
 def finished_run(resume_path: Path, output_dir: Path, max_train_steps: int | None) -> bool:
     """True when the checkpoint is at or past ``--max_train_steps`` and the outputs of that step were written:
     resuming it has nothing to do. (Past the steps but without outputs, the run writes them and trains no step.)"""
@@ -316,10 +335,15 @@ def hardware_description(accelerator: Accelerator) -> str:
 
 def log_sample_grid(accelerator: Accelerator, grid: PIL.Image.Image, step: int) -> None:
     """Send a sample grid to every tracker of ``accelerator`` that logs images, through accelerate's own
-    ``log_images`` (TensorBoard takes an (N, H, W, C) array, the others a list of images)."""
+    ``log_images`` (TensorBoard takes an (N, H, W, C) array, the others a list of images); accelerate's trackio
+    tracker has no ``log_images``, so the grid goes to it as a ``trackio.Image`` through its ``log``."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "trackio" and not hasattr(tracker, "log_images"):
+            import trackio
+
+            tracker.log({"samples": trackio.Image(grid)}, step=step)
         elif hasattr(tracker, "log_images"):
             tracker.log_images({"samples": [grid]}, step=step)
 

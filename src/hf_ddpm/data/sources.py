@@ -188,12 +188,13 @@ def load_local_dataset(path: Path, split: str, dataset_config: str | None):
         raise ValueError(f"Could not load {path} as a dataset (split {split!r}): {reason}") from None
 
 
-def load_hub_dataset(name: str, split: str, dataset_config: str | None):
-    """``datasets.load_dataset(name, dataset_config, split=split)``, its failures turned into a ``ValueError``."""
+def load_hub_dataset(name: str, split: str, dataset_config: str | None, cache_dir: str | None = None):
+    """``datasets.load_dataset(name, dataset_config, split=split, cache_dir=cache_dir)``, its failures turned into a
+    ``ValueError``."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, dataset_config, split=split)
+        return datasets.load_dataset(name, dataset_config, split=split, cache_dir=cache_dir)
     except Exception as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError (split), ...
         raise ValueError(
             f"Could not load {name!r} (config {dataset_config!r}, split {split!r}), which is not a local path, as a "
@@ -382,6 +383,7 @@ def load_images(
     resolution: int = 28,
     center_crop: bool = False,
     max_images: int | None = None,
+    cache_dir: str | None = None,
 ) -> ImageData:
     """Load the first ``max_images`` (default: all) images of ``source`` (see the module docstring for the sources)
     as uint8 (N, channels, resolution, resolution), with int64 labels (N,) when the source has them.
@@ -389,9 +391,10 @@ def load_images(
     ``channels``: 1 (converted to grayscale, "L") or 3 ("RGB"). Images that are not ``resolution`` x ``resolution``
     are resized (see :func:`~hf_ddpm.data.images.convert_image`); ones that are stay untouched, on the 8-bit grid.
     ``dataset_config``, ``image_column`` (auto-detected: the first ``datasets.Image`` column, else the first column
-    of pixel arrays) and ``label_column`` (auto: "label" or "labels") apply to datasets. The result's
-    ``dataset_id`` and ``split`` name the dataset and split for the embedded MNIST, the official MNIST IDX files and
-    Hub datasets, and are None for other local data.
+    of pixel arrays) and ``label_column`` (auto: "label" or "labels") apply to datasets; ``cache_dir`` is the
+    ``datasets`` cache for Hub datasets (default: its own). The result's ``dataset_id`` and ``split`` name the
+    dataset and split for the embedded MNIST, the official MNIST IDX files and Hub datasets, and are None for other
+    local data.
 
     Raises ``ValueError`` saying what to fix for bad options, paths that do not exist, empty or unreadable sources
     and missing columns; damaged image files are skipped with a logged warning.
@@ -411,7 +414,7 @@ def load_images(
             "ylecun/mnist."
         )
     else:
-        images, labels = read_dataset(load_hub_dataset(source, split, dataset_config), options, source)
+        images, labels = read_dataset(load_hub_dataset(source, split, dataset_config, cache_dir), options, source)
         description = f"{source}[{split}]" if dataset_config is None else f"{source}:{dataset_config}[{split}]"
         data = ImageData(images, labels, description, source, split)
     data = data.subset(slice(max_images), data.source)
