@@ -28,6 +28,7 @@ LAYERS = {
     "hf_ddpm.training_args": 9,
     "hf_ddpm.data": 9,
     "hf_ddpm.metrics": 9,
+    "hf_ddpm.plots": 9,
     "hf_ddpm.demo": 10,
     "hf_ddpm.cli": 10,
 }

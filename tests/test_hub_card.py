@@ -116,3 +116,14 @@ def test_secrets_are_dropped_by_key_and_by_value():
         "nested": {"password": "p", "lr": 1},
     }
     assert redact_secrets(arguments, TOKEN) == {"tokenizer_name": "t5", "max_tokens": 3, "nested": {"lr": 1}}
+
+
+def test_card_shows_each_plot_with_its_caption_after_the_sample_grid():
+    plots = {"loss_curve.png": "The training loss", "bound_by_time.png": "Where the bits go"}
+    text = str(render_model_card(report_for(tiny_ddpm_pipeline(0), plots=plots)))
+    results = text[text.index("## Results") :]
+    grid = results.index("![Samples from the model](samples.png)")
+    for path, caption in plots.items():
+        assert f"![{caption}]({path})" in results and f"*{caption}*" in results
+        assert results.index(f"]({path})") > grid
+    assert "loss_curve.png" not in str(render_model_card(report_for(tiny_ddpm_pipeline(0))))

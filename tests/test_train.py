@@ -83,6 +83,7 @@ def test_vae_run_writes_a_loadable_vae_pipeline_with_its_bounds(tmp_path):
     pipe = VAEPipeline.from_pretrained(out)
     assert pipe(batch_size=2, output_type="np").images.shape == (2, 28, 28, 1)
     assert f"{nll['bits_per_dim']:.4f}" in (out / "README.md").read_text()
+    assert (out / "loss_curve.png").is_file() and not (out / "bound_by_time.png").exists()  # no time axis
 
 
 def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
@@ -298,3 +299,19 @@ def test_no_absolute_path_of_the_training_machine_reaches_the_pushed_repo(tmp_pa
             assert local.encode() not in content, (name, local)
     assert b"MNIST IDX train (mnist)" in uploaded["README.md"]
     assert json.loads(uploaded["training_args.json"])["train_data_dir"] == "mnist"
+
+
+def test_a_run_writes_the_loss_curve_and_the_bound_by_time_plot_and_its_card_shows_them(tmp_path):
+    import PIL.Image
+
+    from helpers import one_thread
+    from hf_ddpm.training_utils import read_train_log
+
+    with one_thread():  # the T = 50 terms of bound_by_time.png: tiny batches, 10x faster on one thread of a busy CPU
+        out = run(tmp_path / "plots", "--max_train_steps", "2")
+    assert [row["step"] for row in read_train_log(out / "train_log.jsonl")] == [1, 2]
+    card = (out / "README.md").read_text()
+    for name in ("loss_curve.png", "bound_by_time.png"):
+        with PIL.Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+        assert f"]({name})" in card

@@ -41,6 +41,14 @@ from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
 from hf_ddpm.objectives import DiffusionObjective, Objective, VAEObjective, VDMObjective
 from hf_ddpm.pipelines.vdm import VDMModel
+from hf_ddpm.plots import (
+    BOUND_BY_TIME_PATH,
+    LOSS_CURVE_PATH,
+    bound_by_time,
+    has_time_axis,
+    plot_bound_by_time,
+    plot_loss_curve,
+)
 from hf_ddpm.training_args import (
     DataArguments,
     ModelArguments,
@@ -60,6 +68,7 @@ from hf_ddpm.training_utils import (
     list_checkpoints,
     log_sample_grid,
     prepare_output_dir,
+    read_train_log,
     resolve_mixed_precision,
     sample_grid,
     save_checkpoint,
@@ -83,6 +92,7 @@ def load_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
         dataset_config=data_args.dataset_config,
         image_column=data_args.image_column,
         max_images=data_args.max_train_images,
+        cache_dir=data_args.cache_dir,
         **common,
     )
     if data_args.eval_data is not None or source is None:
@@ -169,6 +179,20 @@ def build_model(
             norm_num_groups=8,
             dropout=model_args.dropout,
         )
+        return unet, objective
+    if model_args.model_config_name_or_path is not None:  # diffusers' flag: the network from a saved config
+        try:
+            unet = DenoisingUNet.from_config(DenoisingUNet.load_config(model_args.model_config_name_or_path))
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())
+            raise SystemExit(f"--model_config_name_or_path {model_args.model_config_name_or_path}: {reason}") from None
+        given = (unet.config.sample_size, unet.config.in_channels, unet.config.learn_variance)
+        wanted = (data_args.resolution, data_args.channels, model_args.variance_type == "learned_range")
+        if given != wanted:
+            raise SystemExit(
+                f"--model_config_name_or_path {model_args.model_config_name_or_path}: its (sample_size, in_channels, "
+                f"learn_variance) {given} do not fit --resolution, --channels and --variance_type {wanted}."
+            )
         return unet, objective
     unet = DenoisingUNet(
         sample_size=data_args.resolution,
@@ -373,7 +397,7 @@ def main(argv: list[str] | None = None) -> Path:
             progress.update(1)
             images_per_second = (global_step - start_step) * global_batch / (time.time() - start_time)
             logs = {
-                "loss": loss.item(),
+                "loss": accelerator.reduce(loss.detach(), "mean").item(),  # the mean over processes
                 "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "images_per_second": images_per_second,
@@ -431,13 +455,22 @@ def main(argv: list[str] | None = None) -> Path:
     if train_args.record_seen_indices:
         (output_dir / f"seen_indices_rank{accelerator.process_index}.json").write_text(json.dumps(seen_indices))
 
-    # ---- outputs: the EMA weights as a pipeline, the NLL, samples, the card; then the Hub
+    # ---- outputs: the EMA weights as a pipeline, the NLL, samples, plots, the card; then the Hub
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
             pipeline = objective.pipeline(unwrapped)
             bound = evaluate(objective, unwrapped, held_out_images, train_args)
             grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
+            # the whole run's log (a resumed run's earlier steps too), and where the bound goes in time (diffusions)
+            plots = {LOSS_CURVE_PATH: plot_loss_curve(read_train_log(output_dir / "train_log.jsonl"))}
+            captions = {
+                LOSS_CURVE_PATH: "Training loss against the optimizer step (the whole run, from train_log.jsonl)"
+            }
+            if has_time_axis(pipeline):  # DDPM and VDM; the VAE has none
+                generator = torch.Generator().manual_seed(train_args.seed)
+                plots[BOUND_BY_TIME_PATH] = plot_bound_by_time(*bound_by_time(pipeline, held_out_images, generator))
+                captions[BOUND_BY_TIME_PATH] = "Where the bits of the bound go: its terms along the diffusion's time"
             results = {
                 "held_out": held_out_description,
                 "nll": bound.to_dict(),
@@ -459,6 +492,7 @@ def main(argv: list[str] | None = None) -> Path:
                 wall_time_seconds=train_seconds,
                 hardware=results["hardware"],
                 sampling_kwargs=objective.sampling_kwargs,
+                plots=captions,
                 nll=NLLResult(
                     bound,
                     dataset_id=held_out.dataset_id or "local",
@@ -469,7 +503,9 @@ def main(argv: list[str] | None = None) -> Path:
                 ),
             )
             card = render_model_card(report)
-            save_pipeline_repo(pipeline, output_dir, card=card, sample_grid=grid, training_args=arguments)
+            save_pipeline_repo(
+                pipeline, output_dir, card=card, sample_grid=grid, training_args=arguments, images=plots
+            )
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         train_log.close()
         logger.info(
@@ -484,6 +520,7 @@ def main(argv: list[str] | None = None) -> Path:
                 card=card,
                 sample_grid=grid,
                 training_args=arguments,
+                images=plots,
                 token=train_args.hub_token,
                 private=train_args.hub_private_repo,
             )

@@ -83,6 +83,8 @@ class TrainingReport:
         steps: optimizer steps. images_seen: training images processed (steps x global batch).
         wall_time_seconds: training time. hardware: what it ran on, e.g. ``"2 CPU cores, 1 process"``.
         sample_grid: path of the sample grid image relative to the card (None: no image).
+        plots: further images the results show after the sample grid, path relative to the card -> caption
+            (e.g. ``{"loss_curve.png": "The training loss"}``, as train.py writes them).
         sampling_kwargs: extra arguments of the snippet's pipeline call, e.g. ``{"num_inference_steps": 100}``.
         limitations: limitations beyond the generic ones the card always lists.
     """
@@ -101,6 +103,7 @@ class TrainingReport:
     wall_time_seconds: float | None = None
     hardware: str | None = None
     sample_grid: str | None = SAMPLE_GRID_PATH
+    plots: dict[str, str] = field(default_factory=dict)
     sampling_kwargs: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
 

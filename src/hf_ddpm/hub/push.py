@@ -8,6 +8,7 @@ A pushed repo (or a folder written by :func:`save_pipeline_repo`) holds::
     unet/hf_ddpm.py, scheduler/hf_ddpm.py the same file where diffusers looks for the "hf_ddpm" library's code
     README.md                             the model card (hf_ddpm.hub.card.render_model_card)
     samples.png                           the sample grid the card shows (optional)
+    loss_curve.png, bound_by_time.png     further images the card shows (optional; any ``images`` given)
     training_args.json                    the resolved training arguments, secrets removed (optional)
 
 No absolute path of the machine that pushes appears in the card or the pushed arguments
@@ -45,6 +46,17 @@ def _write_sample_grid(sample_grid: PIL.Image.Image | str | Path, path: Path) ->
     image.save(path, format="PNG")
 
 
+def _check_image_names(images: dict[str, Any]) -> None:
+    """Extra images go to the repo root as PNG files: plain ``name.png`` names, none of the repo's own files."""
+    reserved = {SAMPLE_GRID_PATH, CARD_PATH, TRAINING_ARGS_PATH}
+    for name in images:
+        if "/" in name or "\\" in name or not name.endswith(".png") or name.startswith(".") or name in reserved:
+            raise ValueError(
+                f"Image name {name!r}: give a plain file name ending in .png, other than "
+                f"{', '.join(sorted(reserved))}."
+            )
+
+
 def save_pipeline_repo(
     pipeline: Any,
     folder: str | Path,
@@ -52,11 +64,15 @@ def save_pipeline_repo(
     card: ModelCard | None = None,
     sample_grid: PIL.Image.Image | str | Path | None = None,
     training_args: dict[str, Any] | None = None,
+    images: dict[str, PIL.Image.Image | str | Path] | None = None,
 ) -> list[str]:
     """Write the repo layout of ``pipeline`` (see the module docstring) into ``folder``: safetensors weights,
-    the remote code, and the card, sample grid (as ``samples.png``) and training arguments (without secrets)
-    when given. Returns the files then in ``folder`` (relative paths): for a new folder, exactly the repo's."""
+    the remote code, and the card, sample grid (as ``samples.png``), training arguments (without secrets) and
+    further ``images`` (file name in the repo root, e.g. ``"loss_curve.png"`` -> a PIL image or an image file,
+    written as PNG) when given. Returns the files then in ``folder`` (relative paths): for a new folder, exactly
+    the repo's."""
     folder = Path(folder)
+    _check_image_names(images or {})
     pipeline.save_pretrained(folder, safe_serialization=True)
     for relative, source in remote_code_files(pipeline).items():
         (folder / relative).write_text(source, encoding="utf-8")
@@ -65,6 +81,8 @@ def save_pipeline_repo(
         card.save(folder / CARD_PATH)
     if sample_grid is not None:
         _write_sample_grid(sample_grid, folder / SAMPLE_GRID_PATH)
+    for name, image in (images or {}).items():
+        _write_sample_grid(image, folder / name)
     if training_args is not None:
         arguments = json.dumps(redact_secrets(training_args), indent=2, default=str)
         (folder / TRAINING_ARGS_PATH).write_text(arguments, encoding="utf-8")
@@ -121,6 +139,7 @@ def push_pipeline_to_hub(
     card: ModelCard | None = None,
     sample_grid: PIL.Image.Image | str | Path | None = None,
     training_args: dict[str, Any] | None = None,
+    images: dict[str, PIL.Image.Image | str | Path] | None = None,
     token: str | None = None,
     private: bool = False,
     revision: str | None = None,
@@ -136,6 +155,9 @@ def push_pipeline_to_hub(
             the pipeline alone; in a subfolder there is none unless given.
         sample_grid: a PIL image or an image file, stored as ``samples.png`` (where the card links it).
         training_args: the resolved training arguments, stored as ``training_args.json`` without secrets.
+        images: further images, file name at the layout's root (``"loss_curve.png"``) -> a PIL image or an image
+            file, stored as PNG; the card given should link them (``TrainingReport.plots``). The default card shows
+            each, captioned with its name.
         token: a Hub token; defaults to ``HF_TOKEN`` or the login cache. It is never written to any file.
         private: create the repo private (an existing repo keeps its visibility).
         revision: the branch to commit to (created from the default branch if missing); default: the main branch.
@@ -153,12 +175,17 @@ def push_pipeline_to_hub(
         arguments = json.loads(hide_local_paths(json.dumps(redact_secrets(training_args, secret), default=str)))
     if card is None and not prefix:
         grid = SAMPLE_GRID_PATH if sample_grid is not None else None
-        report = TrainingReport.for_pipeline(pipeline, repo_id, sample_grid=grid, training_args=arguments or {})
+        plots = {name: Path(name).stem.replace("_", " ") for name in images or {}}
+        report = TrainingReport.for_pipeline(
+            pipeline, repo_id, sample_grid=grid, plots=plots, training_args=arguments or {}
+        )
         card = render_model_card(report)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as staging:
         folder = Path(staging)
-        files = save_pipeline_repo(pipeline, folder, card=card, sample_grid=sample_grid, training_args=arguments)
+        files = save_pipeline_repo(
+            pipeline, folder, card=card, sample_grid=sample_grid, training_args=arguments, images=images
+        )
         _refuse_files_with_secret(folder, files, secret)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
