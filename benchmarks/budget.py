@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--logger", "none", "--overwrite_output_dir"]
-FAST_EVAL_IMAGES = 16  # training images a run with FAST_OUTPUTS holds out for its NLL estimate
+FAST_EVAL_IMAGES = 16  # held-out images of a run with FAST_OUTPUTS (the embedded test digits by default)
 FAST_OUTPUTS = [
     "--num_eval_images",
     str(FAST_EVAL_IMAGES),

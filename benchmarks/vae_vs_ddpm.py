@@ -3,7 +3,7 @@ diffusion model (an MHVAE with a fixed encoder) trained with the simple and with
 
     python benchmarks/vae_vs_ddpm.py --eval_data ../shared/data/mnist [--budget_minutes 6]
 
-Every model is trained by ``training/train.py`` on the same 5,000 embedded MNIST digits for the same wall-clock
+Every model is trained by ``training/train.py`` on the same 60,000 embedded MNIST digits for the same wall-clock
 budget (steps calibrated per recipe, see budget.py), then evaluated by ``hf_ddpm evaluate`` on the same first
 --num_eval_images t10k digits: bits/dim of the negative ELBO (the VAEs also with the tighter IWAE bound; the DDPMs
 with an unbiased stratified estimate of the full 1000-term bound) and sample quality in the features of

@@ -3,7 +3,7 @@
 
     python training/train_classifier.py [--data ../shared/data/mnist] [--epochs 2]
 
-Trains on MNIST *training* digits (the full IDX training set when --data points at it, else the 5,000 embedded
+Trains on MNIST *training* digits (the full IDX training set when --data points at it, else the 60,000 embedded
 digits), reports accuracy on t10k when available, and writes src/hf_ddpm/assets/mnist_classifier.safetensors with a
 JSON note of how it was made.
 """
@@ -30,7 +30,7 @@ def accuracy(model: MNISTClassifier, images: torch.Tensor, labels: torch.Tensor)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", default=None, help="folder with the MNIST IDX files; default: the embedded 5,000 digits"
+        "--data", default=None, help="folder with the MNIST IDX files; default: the 60,000 embedded training digits"
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
