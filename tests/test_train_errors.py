@@ -58,7 +58,9 @@ def test_bad_counts_are_refused_in_one_line_before_any_work(tmp_path, capsys, fl
 
 
 def test_wandb_without_wandb_installed_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(training_args, "is_wandb_available", lambda: False)
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     line = one_line_error(capsys, ["--output_dir", str(tmp_path / "o"), *TINY_TRAIN, "--logger", "wandb"])
     assert line == (
         "error: --logger wandb: wandb is not installed; pip install wandb, or pass --logger tensorboard or none."
