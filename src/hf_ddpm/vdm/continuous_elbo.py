@@ -217,6 +217,14 @@ def vdm_loss_terms(
         )
     else:
         diffusion = continuous_diffusion_loss(schedule, model_fn, x, t, noise)
+    return _vdm_terms_around(schedule, x, diffusion, generator)
+
+
+def _vdm_terms_around(
+    schedule: NoiseSchedule, x: torch.Tensor, diffusion: torch.Tensor, generator: torch.Generator | None
+) -> VDMLossTerms:
+    """The three terms around a diffusion term: the exact prior term and a one-sample reconstruction term (its
+    z_0 noise drawn from ``generator`` after the diffusion term's draws)."""
     reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return VDMLossTerms(
         prior=prior_loss(schedule, x),
@@ -243,12 +251,7 @@ def discrete_time_bound(
         t = torch.full((x.shape[0],), step / num_steps, dtype=x.dtype, device=x.device)
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         diffusion = diffusion + discrete_diffusion_loss(schedule, model_fn, x, t, noise, num_steps) / num_steps
-    reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return VDMLossTerms(
-        prior=prior_loss(schedule, x),
-        diffusion=diffusion,
-        reconstruction=reconstruction_loss(schedule, x, reconstruction_noise),
-    )
+    return _vdm_terms_around(schedule, x, diffusion, generator)
 
 
 def continuous_time_bound_estimate(
