@@ -8,6 +8,7 @@ learning-rate schedule over exactly those steps, so no recipe is cut off in the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +26,24 @@ FAST_OUTPUTS = [
 ]  # runs that only time steps
 
 
-def train(output_dir: Path, flags: list[str], launch_config: Path | None = None) -> dict:
+def train(
+    output_dir: Path, flags: list[str], launch_config: Path | str | None = None, threads: int | None = None
+) -> dict:
     """Run ``train.py --output_dir output_dir *flags`` (log beside the folder) and return its eval_results.json.
-    With ``launch_config``, through ``accelerate launch --config_file launch_config``."""
+    With ``launch_config``, through ``accelerate launch --config_file launch_config``; with ``launch_config="plain"``,
+    through a bare ``accelerate launch`` (the README's command). ``threads`` sets OMP_NUM_THREADS for the run."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    launcher = (
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(launch_config)]
-        if launch_config
-        else [sys.executable]
-    )
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    if launch_config == "plain":
+        launcher = [accelerate, "launch"]
+    elif launch_config:
+        launcher = [accelerate, "launch", "--config_file", str(launch_config)]
+    else:
+        launcher = [sys.executable]
     command = [*launcher, str(REPO / "training" / "train.py"), "--output_dir", str(output_dir), *QUIET, *flags]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(output_dir.with_suffix(".log"), "w") as log:
-        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log)
+        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"train.py failed ({completed.returncode}); see {output_dir.with_suffix('.log')}")
     return json.loads((output_dir / "eval_results.json").read_text())

@@ -7,7 +7,9 @@ final evaluation excluded):
   * batch size 16 / 32 / 64 / 128 on the first 5,000 embedded training digits;
   * 1,250 / 2,500 / 5,000 training images at batch 32;
   * 1 vs 2 processes through ``accelerate launch`` (training/configs/cpu_1proc.yaml and cpu_2proc.yaml) at the same
-    global batch of 32 images per optimizer step (32 x 1 and 16 x 2).
+    global batch of 32 images per optimizer step (32 x 1 and 16 x 2);
+  * 1 thread vs all cores in one process launched as the README does (a bare ``accelerate launch``), with
+    OMP_NUM_THREADS=1 set by the user or not set (then train.py gives torch all cores).
 Sampling: HFDDPMPipeline with the default network, 50 respaced steps, batch 1 / 16 / 64 / 256 (time per image).
 """
 
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from budget import FAST_OUTPUTS, REPO, train  # noqa: E402
 
 
-def epoch(work_dir: Path, name: str, images: int, batch_per_process: int, processes: int = 1) -> dict:
+def epoch(
+    work_dir: Path, name: str, images: int, batch_per_process: int, processes: int = 1, threads: int | None = None
+) -> dict:
     """Train one epoch of the first ``images`` embedded training digits (the held-out digits come from the official
     test split, so every one of them is trained on); seconds and images/s of the training loop."""
     steps = images // (batch_per_process * processes)
@@ -42,14 +46,18 @@ def epoch(work_dir: Path, name: str, images: int, batch_per_process: int, proces
         "--checkpointing_steps",
         str(steps),
     ]
-    config = REPO / "training" / "configs" / ("cpu_2proc.yaml" if processes == 2 else "cpu_1proc.yaml")
-    run = train(work_dir / name, flags, launch_config=config)
+    if threads is not None:  # the README's command, a bare `accelerate launch`, with OMP_NUM_THREADS set or not
+        run = train(work_dir / name, flags, launch_config="plain", threads=threads or None)
+    else:
+        config = REPO / "training" / "configs" / ("cpu_2proc.yaml" if processes == 2 else "cpu_1proc.yaml")
+        run = train(work_dir / name, flags, launch_config=config)
     seconds = run["train_seconds_this_run"]
     row = {
         "images": images,
         "trained_images": steps * batch_per_process * processes,
         "batch_per_process": batch_per_process,
         "processes": processes,
+        "threads_per_process": run.get("threads_per_process"),
         "steps": steps,
         "epoch_seconds": seconds,
         "images_per_second": run["images_seen"] / seconds,
@@ -84,6 +92,8 @@ def main() -> None:
         "batch_size": [epoch(args.work_dir, f"batch_{b}", 5000, b) for b in (16, 32, 64, 128)],
         "image_count": [epoch(args.work_dir, f"images_{n}", n, 32) for n in (1250, 2500, 5000)],
         "processes": [epoch(args.work_dir, f"processes_{p}", 5000, 32 // p, processes=p) for p in (1, 2)],
+        # 1 thread (OMP_NUM_THREADS=1, what a bare accelerate launch gave before train.py widened it) vs all cores
+        "threads": [epoch(args.work_dir, f"threads_{n or 'all'}", 5000, 32, threads=n) for n in (1, 0)],
         "sampling": sampling((1, 16, 64, 256), steps=50),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

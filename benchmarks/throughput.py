@@ -1,9 +1,12 @@
-"""Training-step throughput of hf_ddpm's default DenoisingUNet vs diffusers' UNet2DModel of similar size, here.
+"""Training-step throughput on this machine, against its matmul peaks measured in the same run.
 
-Measures, in one run and interleaved (so machine drift hits both alike):
-  * forward+backward+AdamW images/s at 28x28 x 1 channel, float32 and bf16 autocast;
-  * FLOPs per training step (torch.utils.flop_counter) -> achieved GFLOP/s;
-  * the machine's float32 matmul peak (torch.mm, square matrices), and the achieved fraction of it.
+Measures, in one run and interleaved (so machine drift hits every arm alike):
+  * the model comparison: hf_ddpm's default DenoisingUNet against diffusers' UNet2DModel of similar size, forward +
+    backward + AdamW at 28x28 x 1 channel, float32 and bf16 autocast, subnormals flushed as in train.py, FLOPs per
+    step (torch.utils.flop_counter), achieved GFLOP/s and its fraction of the torch.mm peak in the same precision;
+  * the default training step as train.py takes it (hybrid loss at sampled timesteps, bf16 autocast, backward,
+    clipping, AdamW, EMA; batch 32), as issue #13 found it (1 thread, foreach AdamW, per-tensor EMA, subnormal floats
+    on the CPU's slow path), on 2 threads, and as train.py runs it now; each in a process of its own.
 
     python benchmarks/throughput.py [--batch_size 128] [--repeats 5] [--json benchmarks/results/throughput.json]
     python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_ddpm import DenoisingUNet
+from hf_ddpm.training_utils import flush_denormals
 
 
 def diffusers_unet() -> UNet2DModel:
@@ -58,9 +65,9 @@ def flops_per_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     return float(counter.get_total_flops())
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 GFLOP/s of torch.mm on size x size matrices (2 size^3 FLOPs each)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of torch.mm on size x size matrices of ``dtype`` (2 size^3 FLOPs each)."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -68,6 +75,16 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. 'AMD EPYC'), or the platform's machine type elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def print_profile(x: torch.Tensor, t: torch.Tensor, steps: int = 3) -> None:
@@ -86,14 +103,102 @@ def print_profile(x: torch.Tensor, t: torch.Tensor, steps: int = 3) -> None:
         print(f"{event.key:40s} {100 * event.self_cpu_time_total / total:5.1f}%")
 
 
+# The default training step as train.py takes it, in the configurations issue #13 compares; each runs in a process
+# of its own, because the thread count and the subnormal flush are per process (and inherited by torch's threads).
+STEP_CONFIGURATIONS = {
+    "as found: 1 thread, foreach AdamW, per-tensor EMA": {"threads": 1, "fast_cpu_math": False},
+    "2 threads, foreach AdamW, per-tensor EMA": {"threads": 2, "fast_cpu_math": False},
+    "default: 2 threads, fused AdamW, foreach EMA, subnormals flushed": {"threads": 2, "fast_cpu_math": True},
+}
+
+
+def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, repeats: int) -> dict:
+    """Seconds per step of train.py's default recipe (hybrid loss at sampled timesteps, bf16 autocast, backward,
+    gradient clipping, AdamW, EMA) on random images, and this process's bf16 matmul peak at ``threads``."""
+    if fast_cpu_math:
+        flush_denormals()  # before torch starts its threads, as train.py does
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from diffusers.training_utils import EMAModel
+
+    from train import build_model, parse_arguments
+
+    model_args, data_args, train_args = parse_arguments(["--output_dir", "unused"])
+    torch.manual_seed(0)
+    model, objective = build_model(model_args, data_args, train_args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=fast_cpu_math or None)
+    ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=fast_cpu_math)
+    images = torch.rand(batch_size, data_args.channels, data_args.resolution, data_args.resolution) * 2 - 1
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = objective.loss(model, images)
+        out.loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.observe(out.feedback)
+        ema.step(model.parameters())
+
+    for _ in range(5):  # warm-up, and the optimizer's and EMA's state past their first steps
+        step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return {
+        "seconds_per_step": (time.perf_counter() - start) / repeats,
+        "bf16_peak_gflops": matmul_peak_gflops(torch.bfloat16),
+    }
+
+
+def default_step_rows(batch_size: int, repeats: int, rounds: int, flops_per_image: float) -> list[dict]:
+    """Every configuration of STEP_CONFIGURATIONS in its own process, interleaved over ``rounds``; medians."""
+    measured: dict[str, list[dict]] = {name: [] for name in STEP_CONFIGURATIONS}
+    for _ in range(rounds):
+        for name, configuration in STEP_CONFIGURATIONS.items():
+            command = [
+                sys.executable, __file__, "--_step", json.dumps(configuration), "--batch_size", str(batch_size),
+                "--repeats", str(repeats),
+            ]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": str(configuration["threads"])}
+            output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+            measured[name].append(json.loads(output.strip().splitlines()[-1]))
+    rows = []
+    for name, runs in measured.items():
+        seconds = sorted(r["seconds_per_step"] for r in runs)[len(runs) // 2]
+        rows.append(
+            {
+                "configuration": name,
+                **STEP_CONFIGURATIONS[name],
+                "seconds_per_step": seconds,
+                "images_per_second": batch_size / seconds,
+                "achieved_gflops": flops_per_image * batch_size / seconds / 1e9,
+                "bf16_peak_gflops_at_these_threads": sorted(r["bf16_peak_gflops"] for r in runs)[len(runs) // 2],
+            }
+        )
+    for row in rows:
+        row["speed_vs_as_found"] = rows[0]["seconds_per_step"] / row["seconds_per_step"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=128, help="batch of the model comparison")
+    parser.add_argument("--step_batch_size", type=int, default=32, help="batch of the default step (train.py's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
+    parser.add_argument("--_step", default=None, help=argparse.SUPPRESS)  # one default-step measurement (internal)
     args = parser.parse_args()
+    if args._step is not None:
+        print(
+            json.dumps(
+                default_step_seconds(**json.loads(args._step), batch_size=args.batch_size, repeats=args.repeats)
+            )
+        )
+        return
+    flush_denormals()  # the model comparison runs as train.py would run either model
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28)
     t = torch.randint(0, 1000, (args.batch_size,))
@@ -104,19 +209,20 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.parameters(), 1e-4) for name, m in models.items()}
     flops = {name: flops_per_step(m, x, t) for name, m in models.items()}
     timings: dict[str, list[float]] = {f"{name} {p}": [] for name in models for p in ("fp32", "bf16")}
-    peaks = []
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for name, model in models.items():  # warm-up
         for bf16 in (False, True):
             training_step(model, optimizers[name], x, t, bf16)
     for _ in range(args.rounds):
-        peaks.append(matmul_peak_gflops())
+        peaks["fp32"].append(matmul_peak_gflops(torch.float32))
+        peaks["bf16"].append(matmul_peak_gflops(torch.bfloat16))
         for name, model in models.items():
             for bf16 in (False, True):
                 start = time.perf_counter()
                 for _ in range(args.repeats):
                     training_step(model, optimizers[name], x, t, bf16)
                 timings[f"{name} {'bf16' if bf16 else 'fp32'}"].append((time.perf_counter() - start) / args.repeats)
-    peak = sorted(peaks)[len(peaks) // 2]
+    peak = {precision: sorted(values)[len(values) // 2] for precision, values in peaks.items()}
     rows = []
     for key, seconds in timings.items():
         name, precision = key.rsplit(" ", 1)
@@ -130,7 +236,7 @@ def main() -> None:
                 "images_per_second": args.batch_size / step,
                 "gflop_per_image": flops[name] / args.batch_size / 1e9,
                 "achieved_gflops": gflops,
-                "fraction_of_fp32_matmul_peak": gflops / peak,
+                "fraction_of_matmul_peak_in_its_precision": gflops / peak[precision],
             }
         )
     baseline = next(r for r in rows if r["model"] == "diffusers UNet2DModel" and r["precision"] == "fp32")[
@@ -138,16 +244,18 @@ def main() -> None:
     ]
     for row in rows:
         row["speed_vs_diffusers_fp32"] = row["images_per_second"] / baseline
+    flops_per_image = flops["hf_ddpm DenoisingUNet"] / args.batch_size
+    step_rows = default_step_rows(args.step_batch_size, args.repeats, args.rounds, flops_per_image)
     result = {
-        "machine": (
-            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}"
-        ),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}",
         "batch_size": args.batch_size,
-        "fp32_matmul_peak_gflops": peak,
+        "fp32_matmul_peak_gflops": peak["fp32"],
+        "bf16_matmul_peak_gflops": peak["bf16"],
         "rows": rows,
+        "default_step": {"batch_size": args.step_batch_size, "rows": step_rows},
     }
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({result['machine']})")
+    print(f"matmul peak: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f} GFLOP/s ({result['machine']})")
     print(
         f"{'model':24s} {'prec':5s} {'params':>9s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
         f"{'vs diffusers':>12s}"
@@ -155,9 +263,15 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['model']:24s} {r['precision']:5s} {r['parameters']:9,d} {r['images_per_second']:7.1f} "
-            f"{r['gflop_per_image']:9.3f} "
-            f"{r['achieved_gflops']:8.1f} {100 * r['fraction_of_fp32_matmul_peak']:5.0f}% "
-            f"{r['speed_vs_diffusers_fp32']:11.2f}x"
+            f"{r['gflop_per_image']:9.3f} {r['achieved_gflops']:8.1f} "
+            f"{100 * r['fraction_of_matmul_peak_in_its_precision']:5.0f}% {r['speed_vs_diffusers_fp32']:11.2f}x"
+        )
+    print(f"default training step, batch {args.step_batch_size}, bf16 autocast:")
+    for r in step_rows:
+        print(
+            f"  {r['configuration']:66s} {1000 * r['seconds_per_step']:7.1f} ms {r['images_per_second']:7.1f} img/s "
+            f"{r['achieved_gflops']:7.1f} GFLOP/s ({100 * r['achieved_gflops'] / peak['bf16']:.0f}% of the bf16 "
+            f"peak) {r['speed_vs_as_found']:5.2f}x"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

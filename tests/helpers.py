@@ -21,6 +21,18 @@ TINY_TRAIN = (
 ).split()
 
 
+def without_flags(flags: list[str], *names: str) -> list[str]:
+    """``flags`` (such as ``TINY_TRAIN``) without the flags ``names`` and their values (every word up to the next
+    ``--flag``), so that a run takes those arguments' defaults."""
+    kept, dropping = [], False
+    for word in flags:
+        if word.startswith("--"):
+            dropping = word in names
+        if not dropping:
+            kept.append(word)
+    return kept
+
+
 def diffusers_in_float64(beta_schedule: str, **config) -> DDPMScheduler:
     """diffusers' DDPMScheduler with its schedule recomputed in float64 from its own definitions.
 

@@ -27,6 +27,7 @@ LAYERS = {
     "hf_ddpm.training_utils": 9,
     "hf_ddpm.training_args": 9,
     "hf_ddpm.data": 9,
+    "hf_ddpm.data.emoji": 9,
     "hf_ddpm.metrics": 9,
     "hf_ddpm.plots": 9,
     "hf_ddpm.demo": 10,

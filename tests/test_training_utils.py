@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -238,3 +240,26 @@ def test_log_sample_grid_sends_the_grid_to_every_tracker_that_logs_images():
     assert board_kwargs == {"dataformats": "NHWC"} and board["samples"].shape == (1, 4, 6, 3)
     assert (board["samples"] == 7).all() and board["samples"].dtype == np.uint8
     assert other_kwargs == {} and other["samples"] == [grid]
+
+
+def test_flush_denormals_reaches_the_threads_torch_starts_after_it():
+    """Subnormal products become exact zeros on every one of torch's threads when flush_denormals runs first (train.py
+    calls it first thing); without it they stay subnormal. A fresh interpreter each, with 2 threads."""
+    program = (
+        "import sys, torch\n"
+        "from hf_ddpm.training_utils import flush_denormals\n"
+        "flushed = flush_denormals() if sys.argv[1] == 'flush' else False\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.full((1_000_000,), 1e-39) * torch.full((1_000_000,), 0.5)\n"
+        "print(flushed, int((x != 0).sum()))\n"
+    )
+    outputs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", program, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for mode in ("flush", "keep")
+    }
+    if outputs["flush"][0] != "True":
+        pytest.skip("this CPU cannot flush subnormals (not x86 with SSE3)")
+    assert outputs["flush"][1] == "0"
+    assert outputs["keep"][1] == "1000000"

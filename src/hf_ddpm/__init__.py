@@ -8,7 +8,7 @@ from .evaluation import BoundOptions, BoundResult, evaluate_bound
 from .hub.card import NLLResult, TrainingReport, render_model_card
 from .hub.push import push_pipeline_to_hub, save_pipeline_repo
 from .hub.registration import LOADING_BASE_CLASSES
-from .models.unet import DenoisingUNet, DenoisingUNetOutput
+from .models.unet import DenoisingUNet, DenoisingUNetOutput, default_unet_layout
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
@@ -47,6 +47,7 @@ __all__ = [
     "VDMPipeline",
     "VDMScheduler",
     "VDMSchedulerOutput",
+    "default_unet_layout",
     "evaluate_bound",
     "push_pipeline_to_hub",
     "render_model_card",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .data import ImageTensorDataset, load_images
 from .demo import add_demo_arguments, run_demo
 from .evaluation import BoundOptions, evaluate_bound
-from .metrics import sample_quality
+from .metrics import MNIST_SHAPE, sample_quality
 from .pipelines.auto import load_pipeline as load_any_pipeline
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
@@ -149,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     try:
         network = pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet
         shape = (network.config.in_channels, network.config.sample_size, network.config.sample_size)
-        if args.num_samples and shape != (1, 28, 28):
+        if args.num_samples and shape != MNIST_SHAPE:
             raise UsageError(
                 f"--num_samples: the sample-quality metrics use an MNIST classifier of 1x28x28 digits, and "
                 f"{args.model} makes {'x'.join(map(str, shape))} images; drop --num_samples to evaluate the bound "

@@ -261,6 +261,8 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
     config = _network_config(pipeline)
     scale = display_scale(config.sample_size)
     name = pipeline.name_or_path or type(pipeline).__name__
+    grayscale = config.in_channels == 1  # an MNIST-like model scores digits; a colour one, colour images
+    subject = "a digit" if grayscale else "an image"
 
     # A handler's ``progress=gr.Progress(track_tqdm=True)`` makes gradio show the pipeline's tqdm bars in the page.
     if is_vae:
@@ -286,7 +288,7 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
         images = [] if drawing is None else [drawing["composite"], drawing["background"]]
         image = next((image for image in images if image is not None), None)
         if image is None:
-            raise gr.Error("Draw or upload a digit first.")
+            raise gr.Error(f"Draw or upload {subject} first.")
         try:
             model_image = to_model_image(image, config.sample_size, config.in_channels)
         except ValueError as error:
@@ -333,18 +335,23 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
                 cost = f"the ELBO with {VAE_ELBO_SAMPLES} samples of z"
             else:
                 cost = f"the exact bound costs {pipeline.scheduler.config.num_train_timesteps} network calls"
+            framing = (
+                "A dark-on-light drawing is inverted to MNIST's white on black, and a drawing is framed as MNIST "
+                "frames its digits."
+                if grayscale
+                else "The image is resized to the model's size, in colour."
+            )
             gr.Markdown(
-                "Draw a digit (or upload an image) and get its negative ELBO in bits/dim, an upper bound on "
-                f"-log2 p(x) per dimension, with its terms ({cost}). A dark-on-light drawing is inverted to "
-                "MNIST's white on black, and a drawing is framed as MNIST frames its digits."
+                f"Draw {subject} (or upload an image) and get its negative ELBO in bits/dim, an upper bound on "
+                f"-log2 p(x) per dimension, with its terms ({cost}). {framing}"
             )
             with gr.Row():
                 drawing = gr.Sketchpad(
                     sources=("upload", "clipboard"),
-                    image_mode="L",
+                    image_mode="L" if grayscale else "RGB",
                     type="pil",
                     canvas_size=(280, 280),
-                    label="digit",
+                    label="digit" if grayscale else "image",
                     brush=gr.Brush(default_size=12, colors=["#000000"], color_mode="fixed"),
                 )
                 with gr.Column():

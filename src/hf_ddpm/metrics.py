@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 WEIGHTS = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
+#: (C, H, W) of the images the classifier, and so every metric here, is defined for: MNIST's grayscale 28x28.
+MNIST_SHAPE = (1, 28, 28)
 
 
 class MNISTClassifier(nn.Module):
@@ -88,7 +90,14 @@ class SampleQuality:
 def sample_quality(
     samples: torch.Tensor, reference: torch.Tensor, classifier: MNISTClassifier | None = None
 ) -> SampleQuality:
-    """Score ``samples`` against ``reference``; both float (N, 1, 28, 28) in [-1, 1]."""
+    """Score ``samples`` against ``reference``; both float (N, 1, 28, 28) in [-1, 1]. Raises ``ValueError`` for
+    images of another shape (RGB, another size): an MNIST classifier's features say nothing about them."""
+    for name, images in (("samples", samples), ("reference", reference)):
+        if tuple(images.shape[1:]) != MNIST_SHAPE:
+            raise ValueError(
+                f"sample_quality scores 1x28x28 digits with an MNIST classifier; the {name} have shape "
+                f"{tuple(images.shape)}: there is no such metric for other images."
+            )
     classifier = classifier or mnist_classifier()
     features = [
         torch.cat([classifier.embed(b) for b in x.float().split(500)]).double().numpy() for x in (samples, reference)

@@ -34,6 +34,7 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
+from .models.unet import default_unet_layout
 from .vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .vdm.elbo import LOSS_TYPES
 from .vdm.noise_schedule import VDM_SCHEDULE_TYPES
@@ -102,12 +103,22 @@ class ModelArguments:
             "help": "Min-SNR-gamma weighting of the squared error (as diffusers' --snr_gamma); 5 is the paper's value."
         },
     )
-    block_out_channels: list[int] = field(
-        default_factory=lambda: [32, 64, 64], metadata={"help": "UNet channels per level."}
+    block_out_channels: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "UNet channels per level (the VAE uses the first two). Default: hf_ddpm.default_unet_layout("
+            "--resolution, --channels): one level per size while halving the resolution gives an integer >= 7 "
+            "(28: 28, 14, 7; 32: 32, 16, 8; 64: 64, 32, 16, 8), widths b, 2b, 2b, ... with b = 32 for grayscale "
+            "and 48 for RGB (28x28x1: 32 64 64)."
+        },
     )
     layers_per_block: int = field(default=1, metadata={"help": "Residual blocks per UNet level."})
-    attention_resolutions: list[int] = field(
-        default_factory=lambda: [7], metadata={"help": "Feature sizes with self-attention."}
+    attention_resolutions: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Feature sizes with self-attention (the middle block has it whenever this is non-empty). "
+            "Default: the coarsest level only, --resolution / 2^(levels - 1) (28x28: 7; 32x32: 8; 64x64: 8)."
+        },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
     latent_dim: int = field(default=32, metadata={"help": "VAE only: dimension of each latent layer."})
@@ -179,7 +190,7 @@ class TrainingArguments:
     train_batch_size: int = field(default=32, metadata={"help": "Images per process per forward pass."})
     eval_batch_size: int = field(default=256)
     num_epochs: int = field(default=1000, metadata={"help": "Upper bound; --max_train_steps usually ends the run."})
-    max_train_steps: int | None = field(default=3600, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    max_train_steps: int | None = field(default=4000, metadata={"help": "Optimizer steps (overrides num_epochs)."})
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
     lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers get_scheduler name."})
@@ -308,7 +319,8 @@ def read_config(path: Path) -> dict:
 
 
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
-    """Reject unknown names and impossible sizes with a message that says what to fix."""
+    """Reject unknown names and impossible sizes with a message that says what to fix, after filling in the
+    network layout left unset (:func:`resolve_unet_layout`)."""
     choices = {
         "--model": (model_args.model, MODELS),
         "--architecture": (model_args.architecture, ARCHITECTURES),
@@ -324,6 +336,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise SystemExit(f"{flag} {value!r} is not one of: {', '.join(allowed)}.")
+    if data_args.channels not in (1, 3):
+        raise SystemExit(f"--channels must be 1 (grayscale) or 3 (RGB), got {data_args.channels}.")
+    resolve_unet_layout(model_args, data_args)
     levels = len(model_args.block_out_channels)
     smallest = max(MIN_RESOLUTION, 2 ** (levels - 1))
     if not smallest <= data_args.resolution <= MAX_RESOLUTION:
@@ -336,6 +351,12 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             f"--resolution {data_args.resolution} cannot be halved {levels - 1} times by a model with {levels} levels "
             f"(--block_out_channels {model_args.block_out_channels}); use a resolution divisible by "
             f"{2 ** (levels - 1)}."
+        )
+    if model_args.model == "vae" and (data_args.resolution % 4 or len(model_args.block_out_channels) < 2):
+        raise SystemExit(
+            "--model vae halves the image twice with the first two --block_out_channels: it needs a --resolution "
+            f"divisible by 4 and two widths, got --resolution {data_args.resolution} and --block_out_channels "
+            f"{model_args.block_out_channels}."
         )
     if model_args.model == "ddpm" and model_args.variance_type == "learned_range" and model_args.loss_type == "simple":
         raise SystemExit(
@@ -357,6 +378,48 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     validate_counts(model_args, data_args, train_args)
 
 
+def resolve_unet_layout(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Fill in ``--block_out_channels`` and ``--attention_resolutions`` where they are unset (None), in place: the
+    widths of :func:`hf_ddpm.default_unet_layout` (``--resolution``, ``--channels``), and self-attention at the
+    coarsest level of the widths used, ``--resolution / 2^(levels - 1)`` (the rule's own for its widths); the VAE,
+    which uses the first two widths, gets two even where the rule gives one level. Explicit values are kept;
+    everything downstream (the networks, ``training_args.json``, the card) sees concrete lists."""
+    if model_args.block_out_channels is None:
+        if data_args.resolution < 1:
+            raise SystemExit(
+                f"--resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {data_args.resolution}."
+            )
+        model_args.block_out_channels = default_widths(model_args.model, data_args.resolution, data_args.channels)
+    if model_args.attention_resolutions is None:
+        levels = max(len(model_args.block_out_channels), 1)
+        model_args.attention_resolutions = [data_args.resolution // 2 ** (levels - 1)]
+
+
+def default_widths(model: str, resolution: int, channels: int) -> list[int]:
+    """The ``--block_out_channels`` of :func:`hf_ddpm.default_unet_layout`, with a second level for the VAE (which
+    halves twice whatever the resolution) where the rule has one."""
+    widths = list(default_unet_layout(resolution, channels)[0])
+    return widths + [2 * widths[0]] if model == "vae" and len(widths) < 2 else widths
+
+
+def describe_network_layout(model_args: ModelArguments, data_args: DataArguments) -> str:
+    """The network's layout in words, for the start of a run's log: its levels, widths and attention, and whether
+    they are :func:`hf_ddpm.default_unet_layout`'s (on resolved arguments)."""
+    if model_args.model_config_name_or_path is not None:
+        return f"network from --model_config_name_or_path {model_args.model_config_name_or_path}"
+    resolution, channels = data_args.resolution, data_args.channels
+    widths, attention = list(model_args.block_out_channels), list(model_args.attention_resolutions)
+    rule = f"default_unet_layout({resolution}, {channels})"
+    if model_args.model == "vae":
+        source = rule if widths == default_widths("vae", resolution, channels) else "--block_out_channels"
+        return f"VAE widths {widths[:2]} (the first two of {widths}, {source})"
+    default = default_unet_layout(resolution, channels)
+    given = (tuple(widths), tuple(attention)) != default
+    source = "--block_out_channels / --attention_resolutions" if given else rule
+    sizes = [resolution // 2**level for level in range(len(widths))]
+    return f"UNet levels {sizes} with widths {widths}, self-attention at {attention} ({source})"
+
+
 def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
     """Every count and range that would otherwise fail only after training (no pipeline, card or log written) or
     do the wrong thing silently; each message names the flag, the allowed range and the value given."""
@@ -364,7 +427,6 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         "--num_sample_images": train_args.num_sample_images,
         "--eval_batch_size": train_args.eval_batch_size,
         "--num_epochs": train_args.num_epochs,
-        "--channels": data_args.channels,
         "--layers_per_block": model_args.layers_per_block,
     }
     if model_args.model == "vae":
@@ -394,8 +456,6 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
             raise SystemExit(f"{flag} must be >= 1 or unset, got {value}")
     if data_args.max_train_images is not None and data_args.max_train_images < 1:
         raise SystemExit(f"--max_train_images must be >= 1 or unset, got {data_args.max_train_images}")
-    if data_args.channels not in (1, 3):
-        raise SystemExit(f"--channels must be 1 (grayscale) or 3 (RGB), got {data_args.channels}.")
     if min(model_args.block_out_channels, default=0) < 1:
         raise SystemExit(f"--block_out_channels must be positive integers, got {model_args.block_out_channels}.")
     if not (math.isfinite(train_args.learning_rate) and train_args.learning_rate > 0):

@@ -373,6 +373,14 @@ def _launcher_chose_one_thread() -> bool:
     return False
 
 
+def flush_denormals() -> bool:
+    """Treat subnormal floats (|x| < 1.2e-38 in float32) as zero in this process's CPU arithmetic, as GPUs do by
+    default in mixed precision. Without it, the optimizer's and the EMA's updates of near-zero values (zero-initialised
+    residual branches, vanishing moments) fall onto the CPU's slow subnormal path: an AdamW step of the default
+    network measured 8x slower. Returns whether the CPU supports it (x86 with SSE3); a no-op elsewhere."""
+    return torch.set_flush_denormal(True)
+
+
 def use_all_cores() -> int:
     """On a CPU-only machine, give torch all cores (``os.cpu_count()`` divided by the processes on this machine,
     ``LOCAL_WORLD_SIZE``, threads per process)

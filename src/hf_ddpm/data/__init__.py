@@ -3,7 +3,9 @@
 :func:`load_images` turns any of them into an :class:`ImageData`. The modules: :mod:`.images` (ImageData, pixel
 conversion, held-out splits, the torch dataset), :mod:`.idx` (the IDX file format), :mod:`.embedded` (the official
 MNIST shipped in ``data/mnist/``, MD5-checked), :mod:`.sources` (:func:`load_images` and the readers of MNIST IDX
-folders, image folders, data files and datasets). This package re-exports their public names.
+folders, image folders, data files and datasets). This package re-exports their public names, except those of
+:mod:`.emoji` (``render_emoji_folder``: the colour emoji of Debian's fonts-noto-color-emoji as an image folder to train
+on), which runs as ``python -m hf_ddpm.data.emoji`` and so is imported only where it is used.
 """
 
 from .embedded import EMBEDDED, read_embedded_mnist
