@@ -3,7 +3,8 @@
 Renders every emoji of the font (hf_ddpm.data.emoji) into a folder, trains ``training/train.py`` on it through a bare
 ``accelerate launch`` (the README's launch) with ``--channels 3 --resolution 32``, so that the network is
 ``default_unet_layout(32, 3)``, and keeps what the run reports: its bound in bits/dim (D = 3 x 32 x 32) on the
-emoji held out at random, its wall time and its sample grid (copied to ``benchmarks/results/``).
+emoji held out at random, its wall time and its sample grid (copied to ``benchmarks/results/``, beside a grid of
+64 of the real emoji).
 
     python benchmarks/rgb_emoji.py [--max_train_steps 800] [--json benchmarks/results/rgb_emoji.json]
 """
@@ -17,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import PIL.Image
+
 from hf_ddpm.data.emoji import render_emoji_folder
+from hf_ddpm.training_utils import image_grid
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, train  # noqa: E402
@@ -33,6 +37,9 @@ def main() -> None:
     images = args.work_dir / "emoji32"
     shutil.rmtree(images, ignore_errors=True)
     count = render_emoji_folder(images, resolution=32)
+    real = [PIL.Image.open(path).convert("RGB") for path in sorted(images.glob("*.png"))[:64]]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(real).save(args.json.parent / "real_rgb_emoji.png")  # what the samples are to look like
     flags = [
         "--train_data_dir", str(images), "--channels", "3", "--resolution", "32",
         "--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.max_train_steps),
@@ -43,14 +50,14 @@ def main() -> None:
     wall = time.time() - start
     config = json.loads((args.work_dir / "run" / "unet" / "config.json").read_text())
     result = {
-        "command": "accelerate launch training/train.py " + " ".join(flags),
+        "command": "accelerate launch training/train.py " + " ".join(flags).replace(f"{REPO}/", ""),
         "emoji_rendered": count,
         "wall_seconds_of_the_run": wall,
         "unet": {key: config[key] for key in ("sample_size", "in_channels", "block_out_channels")}
         | {"attention_resolutions": config["attention_resolutions"]},
         **run,
+        "held_out": run["held_out"].replace(f"{REPO}/", ""),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     shutil.copy(args.work_dir / "run" / "samples.png", args.json.parent / "samples_rgb_emoji.png")
     nll = run["nll"]
