@@ -12,16 +12,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from hf_ddpm.data.sources import load_images
+from hf_ddpm.image_utils import uint8_to_model_range
 from hf_ddpm.metrics import sample_quality
-
-
-def as_model_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 1, 28, 28) -> float in [-1, 1], as evaluate passes samples and reference."""
-    return torch.from_numpy(images).float() / 127.5 - 1
 
 
 def main() -> None:
@@ -31,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     real = load_images("embedded", split="train", max_images=args.num_images).images
     reference = load_images("embedded", split="test").images
-    quality = sample_quality(as_model_input(real), as_model_input(reference))
+    quality = sample_quality(uint8_to_model_range(real), uint8_to_model_range(reference))
     result = {"real_train_digits": args.num_images, "reference": "all 10,000 t10k digits", **asdict(quality)}
     print(json.dumps(result, indent=2))
     if args.json:
