@@ -163,14 +163,24 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     assert result.bits_per_dim.shape == (3,) and all(part.shape == (3,) for part in parts)
     torch.testing.assert_close(result.bits_per_dim, sum(parts), rtol=1e-12, atol=0)
     assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
-    # the same bound computed directly: every one of the T terms, the model's output as is
-    direct = full_elbo(
-        VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain,
-        lambda x_t, t: pipeline.unet(x_t.float(), t).sample,
-        images,
-        generator=torch.Generator().manual_seed(0),
+    # the same bound computed directly: every one of the T terms, the x_0 estimate clipped (BoundOptions' default)
+    chain = VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
+    direct = {
+        clip: full_elbo(
+            chain,
+            lambda x_t, t: pipeline.unet(x_t.float(), t).sample,
+            images,
+            generator=torch.Generator().manual_seed(0),
+            clip_denoised=clip,
+        )
+        for clip in (True, False)
+    }
+    torch.testing.assert_close(result.bits_per_dim, direct[True].bits_per_dim, rtol=1e-12, atol=0)
+    unclipped = evaluate_bound(
+        pipeline, images, BoundOptions(exact=True, clip_denoised=False), generator=torch.Generator().manual_seed(0)
     )
-    torch.testing.assert_close(result.bits_per_dim, direct.bits_per_dim, rtol=1e-12, atol=0)
+    torch.testing.assert_close(unclipped.per_image, direct[False].bits_per_dim, rtol=1e-12, atol=0)
+    assert (direct[True].bits_per_dim <= direct[False].bits_per_dim).all()
     sample(pipeline, 0, steps=5)  # leaves the pipeline's scheduler respaced to 5 steps
     assert len(pipeline.scheduler.chain.timesteps) == 5
     after = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
@@ -189,12 +199,13 @@ def test_train_chain_is_the_configs_full_chain_and_bound_terms_name_their_estima
     assert pipeline.image_channels == 1
     images = -torch.ones(2, 1, SIZE, SIZE)
     exact = pipeline.bound_terms(images, BoundOptions(exact=True), torch.Generator().manual_seed(0))
-    assert exact.estimator == f"exact: all {T} terms" and exact.iwae is None
+    assert exact.estimator == f"exact: all {T} terms; x_0 estimate clipped to [-1, 1] in the denoising terms"
+    assert exact.iwae is None
     assert list(exact.terms) == ["prior", "denoising", "reconstruction"]
     stratified = pipeline.bound_terms(images, BoundOptions(timesteps_per_image=3), torch.Generator().manual_seed(0))
     assert stratified.estimator == (
         f"unbiased stratified estimate of the full {T}-term bound, 3 timesteps per image "
-        "+ exact reconstruction and prior terms"
+        "+ exact reconstruction and prior terms; x_0 estimate clipped to [-1, 1] in the denoising terms"
     )
     assert all(values.dtype == torch.float64 and values.shape == (2,) for values in stratified.terms.values())
 

@@ -19,7 +19,13 @@ from hf_ddpm.hub.remote_code import remote_code_files
 from hf_ddpm.objectives import VDMObjective
 from hf_ddpm.pipelines import vdm as vdm_pipeline_module
 from hf_ddpm.pipelines.vdm import VDMModel, vdm_epsilon
-from hf_ddpm.vdm.continuous_elbo import continuous_time_bound_estimate, discrete_time_bound, vdm_loss_terms
+from hf_ddpm.vdm.continuous_elbo import (
+    VDMLossTerms,
+    continuous_time_bound_estimate,
+    discrete_time_bound,
+    vdm_loss_terms,
+)
+from hf_ddpm.vdm.noise_schedule import DeferredGradientScale
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
@@ -184,6 +190,55 @@ def test_the_objective_loss_estimates_the_continuous_bound():
         nats_to_bits_per_dim(estimate.standard_error, SIZE * SIZE).pow(2).mean().sqrt().item() / math.sqrt(8),
     )
     assert abs(losses.mean().item() - bound.item()) < 4 * error
+
+
+def test_variance_mode_trains_the_interior_on_the_mean_squared_diffusion_term_and_nothing_else_changes():
+    """schedule_interior="variance": the learned schedule's interior gets d/d eta mean_i L_i^2 (L_i the diffusion
+    term in bits/dim, by autograd on the squares: an independent computation), the endpoints and the network keep
+    the bound's gradient, and the loss values are those of the bound mode."""
+    bound_model = tiny_model()
+    variance_model = VDMModel(bound_model.unet, bound_model.noise_schedule, schedule_interior="variance")
+    schedule, x = bound_model.noise_schedule, digits(6)
+    with torch.no_grad():  # a clearly curved schedule: at VDM's init the interior's gradients are float32 noise
+        for weight in (schedule.l2.weight, schedule.l2.bias, schedule.l3.weight):
+            weight.copy_(3.0 * torch.randn(weight.shape, generator=seeded(4)))
+    interior = [name for name, _ in schedule.named_parameters() if name not in ("gamma_0", "gamma_1")]
+    assert interior == ["l1_weight", "l2.weight", "l2.bias", "l3.weight"]
+
+    def gradients(model: VDMModel) -> tuple[VDMLossTerms, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        terms = model(x, generator=seeded(1))
+        terms.total.mean().backward()
+        return terms, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    bound_terms, bound_grads = gradients(bound_model)
+    variance_terms, variance_grads = gradients(variance_model)
+    torch.testing.assert_close(variance_terms.total, bound_terms.total, rtol=0, atol=0)
+    bound_model.zero_grad(set_to_none=True)
+    squares = bound_model(x, generator=seeded(1)).diffusion.pow(2).mean()
+    parameters = dict(schedule.named_parameters())
+    expected = dict(zip(interior, torch.autograd.grad(squares, [parameters[name] for name in interior])))
+    for name in interior:
+        scale = expected[name].abs().max().item()  # float32: entries near cancellation carry absolute error only
+        grad = variance_grads[f"noise_schedule.{name}"]
+        torch.testing.assert_close(grad, expected[name], rtol=1e-3, atol=1e-4 * scale)
+        assert not torch.allclose(variance_grads[f"noise_schedule.{name}"], bound_grads[f"noise_schedule.{name}"])
+    for name, grad in bound_grads.items():
+        if name.removeprefix("noise_schedule.") not in interior:
+            torch.testing.assert_close(variance_grads[name], grad, rtol=1e-6, atol=0, msg=name)
+
+
+def test_variance_mode_needs_its_scale_and_the_continuous_loss():
+    schedule, t = NoiseSchedule(n_features=8), torch.rand(4)
+    rescaler = DeferredGradientScale()
+    gamma, _ = schedule.gamma_and_derivative(t, rescaler)
+    with pytest.raises(RuntimeError, match="DeferredGradientScale.scale was never set"):
+        gamma.sum().backward()
+    rescaler = DeferredGradientScale()
+    with pytest.raises(ValueError, match="continuous-time loss"):
+        vdm_loss_terms(schedule, lambda z, t: torch.zeros_like(z), digits(2), num_steps=10, interior_gradient=rescaler)
+    with pytest.raises(ValueError, match="schedule_interior must be bound or variance"):
+        VDMModel(tiny_model().unet, schedule, schedule_interior="noise")
 
 
 def test_a_vdm_model_predicts_the_noise_only():

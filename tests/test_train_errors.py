@@ -49,6 +49,8 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["--learning_rate", "0"], "error: --learning_rate must be a finite number > 0, got 0.0."),
         (["--num_train_timesteps", "1", "--sample_steps", "1"], "error: --num_train_timesteps must be >= 2"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "l"], "error: --overwrite_output_dir starts over"),
+        (["--schedule_interior", "variance"], "error: --schedule_interior variance trains a learned noise schedule"),
+        (["--schedule_interior", "noise"], "error: --schedule_interior 'noise' is not one of: bound, variance."),
     ],
 )
 def test_bad_counts_are_refused_in_one_line_before_any_work(tmp_path, capsys, flags, message):

@@ -99,7 +99,50 @@ def test_denoising_term_is_ho_et_al_weighted_noise_error():
         torch.testing.assert_close(kl, weight * (error**2).reshape(2, -1).sum(dim=1), rtol=1e-9, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------- the whole bound
+def test_clipped_denoising_term_is_the_kl_to_the_mean_of_the_clipped_x0_estimate():
+    """clip_denoised: by hand, x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to [-1, 1], mean
+    c1 x0_hat + c2 x_t, and with fixed_small variance the KL is ||mu~ - mu_theta||^2 / (2 beta~_t)."""
+    scheduler = VDMScheduler(num_train_timesteps=50, beta_end=0.2)
+    chain = scheduler.train_chain
+    generator = torch.Generator().manual_seed(2)
+    x0 = on_grid(2, 1, 3, 3)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    eps_hat = noise + 0.5 * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    betas, abar = scheduler.betas.numpy(), scheduler.alphas_cumprod.numpy()
+    for step in (1, 10, 49):
+        t = torch.full((2,), step)
+        x_t = chain.add_noise(x0, noise, t)
+        x0_hat = (x_t - math.sqrt(1 - abar[step]) * eps_hat) / math.sqrt(abar[step])
+        clipped_pixels = (x0_hat.abs() > 1).reshape(2, -1).any(dim=1)
+        assert clipped_pixels.any()  # the clipping does something here
+        c1 = math.sqrt(abar[step - 1]) * betas[step] / (1 - abar[step])
+        c2 = math.sqrt(1 - betas[step]) * (1 - abar[step - 1]) / (1 - abar[step])
+        sigma2 = betas[step] * (1 - abar[step - 1]) / (1 - abar[step])
+        posterior_mean, model_mean = c1 * x0 + c2 * x_t, c1 * x0_hat.clamp(-1, 1) + c2 * x_t
+        expected = ((posterior_mean - model_mean) ** 2).reshape(2, -1).sum(dim=1) / (2 * sigma2)
+        clipped = elbo.variational_terms(chain, eps_hat, x0, x_t, t, clip_denoised=True)
+        torch.testing.assert_close(clipped, expected, rtol=1e-9, atol=1e-12)
+        unclipped = elbo.variational_terms(chain, eps_hat, x0, x_t, t)
+        assert torch.equal(clipped < unclipped, clipped_pixels)  # lower exactly where a pixel was clipped
+
+
+def test_clipping_never_raises_a_term_and_leaves_the_decoder_alone():
+    """Over every timestep of a chain with a learned variance: clipped terms <= unclipped terms (the same x_t
+    draws), the reconstruction term L_0 identical, and the clipped full bound lower."""
+    T = 20
+    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    model_fn = linear_model(T, learned=True)
+    x0 = on_grid(3, 1, 4, 4)
+    runs = [
+        elbo.full_elbo(chain, model_fn, x0, torch.Generator().manual_seed(5), True, clip_denoised=clip)
+        for clip in (False, True)
+    ]
+    unclipped, clipped = (run.per_timestep for run in runs)
+    assert torch.equal(clipped[:, 0], unclipped[:, 0])
+    assert (clipped[:, 1:] <= unclipped[:, 1:] + 1e-15).all() and (clipped[:, 1:] < unclipped[:, 1:]).any()
+    assert (runs[1].bits_per_dim < runs[0].bits_per_dim).all()
+
+
 def linear_model(T: int, learned: bool) -> elbo.ModelFn:
     """A fixed, deterministic model: a per-timestep affine map of x_t (and tanh(x_t) as the variance channel)."""
     generator = torch.Generator().manual_seed(7)

@@ -147,7 +147,7 @@ def build_model(
             dropout=model_args.dropout,
             fourier_features=(7, 8),
         )
-        model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule))
+        model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule), model_args.schedule_interior)
         return model, VDMObjective(options, sample_steps=train_args.sample_steps)
     scheduler = VDMScheduler(
         num_train_timesteps=model_args.num_train_timesteps,

@@ -171,6 +171,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         timesteps_per_image=args.timesteps_per_image,
         elbo_samples=args.elbo_samples,
         iwae_samples=args.iwae_samples,
+        clip_denoised=not args.no_clip_denoised,
     )
     pipeline.set_progress_bar_config(disable=True)
     bound = evaluate_bound(
@@ -307,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--split", default="test", help="split of --data")
     evaluate_parser.add_argument("--max_images", type=int, default=None, help="use only the first N images")
     evaluate_parser.add_argument("--exact", action="store_true", help="all T terms (T network evaluations per image)")
+    evaluate_parser.add_argument(
+        "--no_clip_denoised",
+        action="store_true",
+        help="DDPM: the bound with the unclipped x_0 estimate (default: clipped to [-1, 1] as the sampler does)",
+    )
     evaluate_parser.add_argument(
         "--timesteps_per_image", type=int, default=8, help="stratified timesteps per image of the estimated bound"
     )

@@ -34,12 +34,16 @@ class BoundOptions:
             exact reconstruction and prior terms: K + 1 network evaluations per image).
         elbo_samples: VAEs: Monte-Carlo samples of z per image for the ELBO.
         iwae_samples: VAEs: K of the importance-weighted bound reported beside the ELBO (0: none).
+        clip_denoised: DDPMs: the model's x_0 estimate clipped to [-1, 1] in the denoising-matching terms, as the
+            sampler clips it (:func:`hf_ddpm.vdm.elbo.variational_terms`): the bound of the model as sampled, and
+            never larger than the unclipped one, term by term.
     """
 
     exact: bool = False
     timesteps_per_image: int = 8
     elbo_samples: int = 1
     iwae_samples: int = 64
+    clip_denoised: bool = True
 
 
 @dataclass

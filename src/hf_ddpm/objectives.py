@@ -171,10 +171,9 @@ class VDMObjective:
     (:meth:`~hf_ddpm.pipelines.vdm.VDMModel.forward`); the pipeline is a :class:`~hf_ddpm.VDMPipeline`.
 
     The model is a :class:`~hf_ddpm.pipelines.vdm.VDMModel`, so the one optimizer trains the network and every
-    parameter of the noise schedule (a ``learned`` schedule's network and endpoints gamma_0, gamma_1) on the bound,
-    as VDM's released training code does. (The paper's appendix also describes training the schedule's interior
-    to minimise the variance of the loss instead, which leaves the bound's expectation unchanged; that is not
-    implemented here.)
+    parameter of the noise schedule (a ``learned`` schedule's network and endpoints gamma_0, gamma_1): on the bound,
+    as VDM's released training code does, or, with ``VDMModel(..., schedule_interior="variance")``, the interior on
+    the variance of the loss as the paper's appendix describes (the endpoints always on the bound).
 
     Args:
         bound_options: how the bound is evaluated (``exact``: the T = 1000 discrete-time bound; otherwise the

@@ -3,8 +3,9 @@
 :func:`bound_by_time` splits the negative ELBO of a few images along the diffusion's time axis:
 
 * ``HFDDPMPipeline``: the T terms of the full training chain (:func:`hf_ddpm.vdm.elbo.full_elbo`), one per timestep,
-  in bits/dim; t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1 the denoising KLs. With the prior term
-  they add up to the whole bound.
+  in bits/dim; t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1 the denoising KLs (with the x_0 estimate
+  clipped to [-1, 1], as ``BoundOptions`` computes them by default). With the prior term they add up to the whole
+  bound.
 * ``VDMPipeline``: the integrand of the continuous-time diffusion loss,
   ``1/2 gamma'(t) E||eps - eps_hat(z_t, t)||^2 / (D ln 2)``, bits/dim per unit of t, on a grid of t: its integral
   over [0, 1] is the diffusion term L_inf; the prior and reconstruction terms have no time and are in the label.
@@ -75,7 +76,7 @@ def _ddpm_bound_by_time(pipeline: HFDDPMPipeline, x: torch.Tensor, generator: to
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x_t.to(unet.dtype), t).sample
 
-    out = full_elbo(chain, model_fn, x, generator=generator, keep_per_timestep=True)
+    out = full_elbo(chain, model_fn, x, generator=generator, keep_per_timestep=True, clip_denoised=True)
     terms = out.per_timestep.mean(dim=0).cpu()
     prior = nats_to_bits_per_dim(prior_term(chain, x), x[0].numel()).mean().item()
     label = (

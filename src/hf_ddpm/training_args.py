@@ -34,10 +34,10 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
-from .models.unet import default_unet_layout
+from .models.unet import coarsest_level_attention, default_unet_layout
 from .vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .vdm.elbo import LOSS_TYPES
-from .vdm.noise_schedule import VDM_SCHEDULE_TYPES
+from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
 from .vdm.schedules import BETA_SCHEDULES
 from .vdm.timestep_sampling import TIMESTEP_SAMPLERS
 
@@ -129,6 +129,14 @@ class ModelArguments:
         metadata={
             "help": f"VDM only: gamma(t) = -log SNR(t), {' | '.join(VDM_SCHEDULE_TYPES)} "
             "(learned: trained with the network)."
+        },
+    )
+    schedule_interior: str = field(
+        default="bound",
+        metadata={
+            "help": f"VDM with the learned schedule only: {' | '.join(VDM_SCHEDULE_INTERIOR_OBJECTIVES)}, what the "
+            "schedule's shape between its endpoints is trained on (the bound, or the variance of the one-sample "
+            "diffusion term, as in the VDM paper's appendix; the endpoints always minimise the bound)."
         },
     )
     model_config_name_or_path: str | None = field(
@@ -329,6 +337,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         "--variance_type": (model_args.variance_type, VARIANCE_TYPES),
         "--beta_schedule": (model_args.beta_schedule, BETA_SCHEDULES),
         "--noise_schedule": (model_args.noise_schedule, VDM_SCHEDULE_TYPES),
+        "--schedule_interior": (model_args.schedule_interior, VDM_SCHEDULE_INTERIOR_OBJECTIVES),
         "--timestep_sampler": (model_args.timestep_sampler, ("auto", *TIMESTEP_SAMPLERS)),
         "--mixed_precision": (train_args.mixed_precision, MIXED_PRECISIONS),
         "--logger": (train_args.logger, LOGGERS),
@@ -362,6 +371,12 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         raise SystemExit(
             "--loss_type simple does not train a learned variance: use hybrid or vlb, or --variance_type fixed_small."
         )
+    learned_vdm = (model_args.model, model_args.noise_schedule) == ("vdm", "learned")
+    if model_args.schedule_interior == "variance" and not learned_vdm:
+        raise SystemExit(
+            "--schedule_interior variance trains a learned noise schedule: use it with --model vdm "
+            "--noise_schedule learned."
+        )
     if data_args.dataset_name and data_args.train_data_dir:
         raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
     if train_args.push_to_hub and not train_args.hub_model_id:
@@ -391,8 +406,8 @@ def resolve_unet_layout(model_args: ModelArguments, data_args: DataArguments) ->
             )
         model_args.block_out_channels = default_widths(model_args.model, data_args.resolution, data_args.channels)
     if model_args.attention_resolutions is None:
-        levels = max(len(model_args.block_out_channels), 1)
-        model_args.attention_resolutions = [data_args.resolution // 2 ** (levels - 1)]
+        levels = len(model_args.block_out_channels)
+        model_args.attention_resolutions = list(coarsest_level_attention(data_args.resolution, levels))
 
 
 def default_widths(model: str, resolution: int, channels: int) -> list[int]:

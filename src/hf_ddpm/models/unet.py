@@ -52,7 +52,13 @@ def default_unet_layout(resolution: int, channels: int) -> tuple[tuple[int, ...]
     while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 7:
         sizes.append(sizes[-1] // 2)
     base = 32 if channels == 1 else 48
-    return (base, *(2 * base for _ in sizes[1:])), (sizes[-1],)
+    return (base, *(2 * base for _ in sizes[1:])), coarsest_level_attention(resolution, len(sizes))
+
+
+def coarsest_level_attention(resolution: int, levels: int) -> tuple[int]:
+    """``attention_resolutions`` with self-attention at the coarsest of ``levels`` levels only: the feature-map size
+    ``resolution / 2^(levels - 1)`` (the rule of :func:`default_unet_layout`, for any widths)."""
+    return (resolution // 2 ** (max(levels, 1) - 1),)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

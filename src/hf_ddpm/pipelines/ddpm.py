@@ -115,15 +115,19 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             return self.unet(x_t.to(self.unet.dtype), t).sample
 
         T = chain.num_train_timesteps
+        clip = options.clip_denoised
         if options.exact:
-            out, estimator = full_elbo(chain, model_fn, x, generator=generator), f"exact: all {T} terms"
+            out = full_elbo(chain, model_fn, x, generator=generator, clip_denoised=clip)
+            estimator = f"exact: all {T} terms"
         else:
             k = options.timesteps_per_image
-            out = stratified_elbo(chain, model_fn, x, timesteps_per_image=k, generator=generator)
+            out = stratified_elbo(chain, model_fn, x, timesteps_per_image=k, generator=generator, clip_denoised=clip)
             estimator = (
                 f"unbiased stratified estimate of the full {T}-term bound, {k} timesteps per image "
                 "+ exact reconstruction and prior terms"
             )
+        if clip:
+            estimator += "; x_0 estimate clipped to [-1, 1] in the denoising terms"
         terms = {"prior": out.prior_term, "denoising": out.denoising_terms, "reconstruction": out.reconstruction_term}
         return BatchBound(terms=terms, estimator=estimator)
 

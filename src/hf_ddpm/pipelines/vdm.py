@@ -19,7 +19,7 @@ from ..vdm.continuous_elbo import (
     vdm_loss_terms,
 )
 from ..vdm.continuous_scheduler import VDMContinuousScheduler
-from ..vdm.noise_schedule import NoiseSchedule
+from ..vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, DeferredGradientScale, NoiseSchedule
 
 #: T of the discrete-time bound that ``BoundOptions(exact=True)`` computes (one network evaluation per step).
 VDM_EXACT_BOUND_STEPS = 1000
@@ -43,16 +43,25 @@ class VDMModel(nn.Module):
 
     Args:
         unet (:class:`DenoisingUNet`): eps_hat(z_t, t), called as ``unet(z_t, 1000 t)``; ``learn_variance=False``.
-        noise_schedule (:class:`NoiseSchedule`): gamma(t) = -log SNR(t); its parameters (a ``learned`` schedule's
-            network and endpoints) are trained on the same bound as the network.
+        noise_schedule (:class:`NoiseSchedule`): gamma(t) = -log SNR(t); its endpoints gamma_0, gamma_1 (when
+            learned) are trained on the same bound as the network.
+        schedule_interior (`str`): what a ``learned`` schedule's interior (its shape between the endpoints) is
+            trained on. ``bound``: the bound, like everything else (VDM's released code). ``variance``: the
+            variance of the one-sample diffusion term, as the VDM paper's appendix describes: in continuous time
+            the bound does not depend on the interior, only the estimator's noise does, so its gradient is
+            replaced by d/d eta mean_i L_i^2 = mean_i 2 L_i dL_i/d eta (L_i in bits/dim).
     """
 
-    def __init__(self, unet: DenoisingUNet, noise_schedule: NoiseSchedule):
+    def __init__(self, unet: DenoisingUNet, noise_schedule: NoiseSchedule, schedule_interior: str = "bound"):
         super().__init__()
         if unet.config.learn_variance:
             raise ValueError("A VDM's network predicts the noise only: use a DenoisingUNet with learn_variance=False.")
+        if schedule_interior not in VDM_SCHEDULE_INTERIOR_OBJECTIVES:
+            choices = " or ".join(VDM_SCHEDULE_INTERIOR_OBJECTIVES)
+            raise ValueError(f"schedule_interior must be {choices}, got {schedule_interior!r}.")
         self.unet = unet
         self.noise_schedule = noise_schedule
+        self.schedule_interior = schedule_interior
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VDMLossTerms:
         r"""VDM's one-sample training objective per image in bits/dim: the terms of
@@ -76,9 +85,13 @@ class VDMModel(nn.Module):
                 return vdm_epsilon(self.unet, z_t, t)
 
         x = images.float()
+        interior_gradient = DeferredGradientScale() if self.schedule_interior == "variance" else None
         with torch.autocast(device_type, enabled=False):
-            terms = vdm_loss_terms(self.noise_schedule, model_fn, x, generator=generator)
-        return terms.in_bits_per_dim(x[0].numel())
+            terms = vdm_loss_terms(self.noise_schedule, model_fn, x, generator, interior_gradient=interior_gradient)
+        terms = terms.in_bits_per_dim(x[0].numel())
+        if interior_gradient is not None:
+            interior_gradient.scale = 2.0 * terms.diffusion.detach()
+        return terms
 
 
 class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):

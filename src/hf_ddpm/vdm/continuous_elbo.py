@@ -30,7 +30,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..distributions import kl_to_standard_normal, nats_to_bits_per_dim, sum_over_pixels
-from .noise_schedule import NoiseSchedule, alpha_sigma_from_gamma
+from .noise_schedule import DeferredGradientScale, NoiseSchedule, alpha_sigma_from_gamma
 
 #: The network: eps_hat = model_fn(z_t, t), z_t of shape (B, C, H, W) and continuous t in [0, 1] of shape (B,).
 VDMEpsilonModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -114,14 +114,20 @@ def low_discrepancy_times(
 
 
 def continuous_diffusion_loss(
-    schedule: NoiseSchedule, model_fn: VDMEpsilonModel, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    interior_gradient: DeferredGradientScale | None = None,
 ) -> torch.Tensor:
     """One-sample estimate of L_inf per image: 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2, (B,) nats.
 
     z_t = alpha_t x + sigma_t eps with eps = ``noise``, each image at its own time t (B,). For t ~ U(0, 1) its
-    expectation is L_inf = 1/2 int_0^1 gamma'(t) E||eps - eps_hat(z_t, t)||^2 dt.
+    expectation is L_inf = 1/2 int_0^1 gamma'(t) E||eps - eps_hat(z_t, t)||^2 dt. ``interior_gradient`` is passed
+    to :meth:`~hf_ddpm.NoiseSchedule.gamma_and_derivative`.
     """
-    gamma, derivative = schedule.gamma_and_derivative(t.to(x.dtype))
+    gamma, derivative = schedule.gamma_and_derivative(t.to(x.dtype), interior_gradient)
     z_t = _vdm_noised(gamma, x, noise)
     return 0.5 * derivative * sum_over_pixels((noise - model_fn(z_t, t)) ** 2)
 
@@ -202,13 +208,18 @@ def vdm_loss_terms(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
     num_steps: int = 0,
+    interior_gradient: DeferredGradientScale | None = None,
 ) -> VDMLossTerms:
     """VDM's one-sample training objective per image: the exact prior term, plus one-sample reconstruction and
     diffusion terms at low-discrepancy times (:func:`low_discrepancy_times`).
 
     ``num_steps`` = 0 gives the continuous-time L_inf; T > 0 the discrete-time L_T, with times rounded up onto the
-    grid, t = max(ceil(T t), 1) / T, as VDM does. ``total.mean()`` is the loss to minimise.
+    grid, t = max(ceil(T t), 1) / T, as VDM does. ``total.mean()`` is the loss to minimise. ``interior_gradient``
+    (continuous time only, where the bound does not depend on a learned schedule's interior) rescales the
+    gradients that reach that interior through the diffusion term (:func:`continuous_diffusion_loss`).
     """
+    if num_steps and interior_gradient is not None:
+        raise ValueError("interior_gradient needs the continuous-time loss (num_steps=0): L_T depends on it.")
     t = low_discrepancy_times(x.shape[0], generator, x.device, x.dtype)
     noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if num_steps:
@@ -216,7 +227,7 @@ def vdm_loss_terms(
             schedule, model_fn, x, torch.ceil(t * num_steps).clamp(min=1) / num_steps, noise, num_steps
         )
     else:
-        diffusion = continuous_diffusion_loss(schedule, model_fn, x, t, noise)
+        diffusion = continuous_diffusion_loss(schedule, model_fn, x, t, noise, interior_gradient)
     return _vdm_terms_around(schedule, x, diffusion, generator)
 
 

@@ -78,17 +78,29 @@ def variational_terms(
     x_t: torch.Tensor,
     timesteps: torch.Tensor,
     detach_mean: bool = False,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """The bound's term at each image's timestep, per image, nats: L_0 where the timestep is the chain's first
     (the decoder), else L_{t-1}. ``detach_mean`` stops the gradient through the model's mean (hybrid loss: the
-    variational term then trains the variance only)."""
+    variational term then trains the variance only).
+
+    ``clip_denoised``: in the denoising-matching terms, the model's x_0 estimate is clipped to the data's range
+    [-1, 1] before it enters the posterior mean mu~_t(x_t, x0_hat) = c1_t x0_hat + c2_t x_t, as the sampler with
+    ``clip_sample`` does. It is the bound of that model, and never larger term by term: for x_0 in [-1, 1],
+    |clip(x0_hat) - x_0| <= |x0_hat - x_0| in every pixel, and the KL's mean part is c1_t^2 ||x0_hat - x_0||^2 /
+    (2 sigma_t^2) at the same variance. L_0 keeps the unclipped mean (its edge bins reach to +-infinity, so
+    clipping the decoder's mean to [-1, 1] could lower their probability).
+    """
     prediction, variance_output = chain.split_model_output(model_output, x_t)
     if detach_mean:
         prediction = prediction.detach()
     frozen_output = prediction if variance_output is None else torch.cat([prediction, variance_output], dim=1)
     model_mean, model_log_variance, _ = chain.p_mean_variance(frozen_output, x_t, timesteps)
     posterior_mean, _, posterior_log_variance = chain.q_posterior_mean_variance(x_start, x_t, timesteps)
-    kl = denoising_matching_term(posterior_mean, posterior_log_variance, model_mean, model_log_variance)
+    matching_mean = model_mean
+    if clip_denoised:
+        matching_mean, _, _ = chain.p_mean_variance(frozen_output, x_t, timesteps, clip_denoised=True)
+    kl = denoising_matching_term(posterior_mean, posterior_log_variance, matching_mean, model_log_variance)
     nll = reconstruction_term(x_start, model_mean, model_log_variance)
     is_first = (chain.chain_position(timesteps) == 0).to(device=kl.device)
     return torch.where(is_first, nll, kl)
@@ -251,13 +263,15 @@ def term_at(
     x_start: torch.Tensor,
     timesteps: torch.Tensor,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """One-sample value of the bound's term at each image's timestep, nats (B,): draw x_t ~ q(x_t | x_0) (noise
-    drawn in float32 as diffusers draws it), evaluate the model once, and take :func:`variational_terms` in the
-    dtype of ``x_start``."""
+    drawn in float32 as diffusers draws it), evaluate the model once, and take :func:`variational_terms` (with
+    ``clip_denoised``) in the dtype of ``x_start``."""
     noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
     x_t = chain.add_noise(x_start, noise.to(x_start.dtype), timesteps)
-    return variational_terms(chain, model_fn(x_t, timesteps).to(x_start.dtype), x_start, x_t, timesteps)
+    output = model_fn(x_t, timesteps).to(x_start.dtype)
+    return variational_terms(chain, output, x_start, x_t, timesteps, clip_denoised=clip_denoised)
 
 
 @torch.no_grad()
@@ -268,6 +282,7 @@ def full_elbo(
     generator: torch.Generator | None = None,
     keep_per_timestep: bool = False,
     progress: Progress | None = None,
+    clip_denoised: bool = False,
 ) -> ELBOOutput:
     """The negative ELBO of a batch, every term of ``chain`` summed exactly (not sampled).
 
@@ -275,7 +290,7 @@ def full_elbo(
     expectation over q that every term carries) and the model is evaluated once: K network evaluations per image
     for a K-step chain (K = T for the full chain). The terms are computed in float64 from float64 constants;
     ``model_fn`` receives float64 x_t and casts to its own dtype. ``progress`` wraps the iterable of chain positions
-    (e.g. a tqdm bar).
+    (e.g. a tqdm bar). ``clip_denoised``: see :func:`variational_terms`.
     """
     x0 = x_start.to(torch.float64)
     batch = x0.shape[0]
@@ -283,7 +298,7 @@ def full_elbo(
     positions = range(len(chain.timesteps))
     for k in progress(positions) if progress is not None else positions:
         t = torch.full((batch,), int(chain.timesteps[k]), dtype=torch.long, device=x0.device)
-        terms[:, k] = term_at(chain, model_fn, x0, t, generator)
+        terms[:, k] = term_at(chain, model_fn, x0, t, generator, clip_denoised)
     prior = prior_term(chain, x0)
     out = ELBOOutput.from_nats(
         prior, terms[:, 1:].sum(dim=1), terms[:, 0], x0[0].numel(), per_timestep=terms if keep_per_timestep else None
@@ -307,13 +322,15 @@ def stratified_elbo(
     x_start: torch.Tensor,
     timesteps_per_image: int = 8,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> ELBOOutput:
     """Unbiased estimate of the full negative ELBO of each image, from K = ``timesteps_per_image`` timesteps.
 
     The T-1 denoising terms are split into K strata S_k; one t_k is drawn uniformly in each, and
     sum_{t=1}^{T-1} L_t is estimated by sum_k |S_k| L_{t_k} (unbiased: E[|S_k| L_{t_k}] = sum_{t in S_k} L_t).
     The reconstruction term L_0 (the largest and most variable) and the prior term are computed exactly, so each
-    image costs K + 1 network evaluations. Needs the full chain; float64 throughout.
+    image costs K + 1 network evaluations. Needs the full chain; float64 throughout. ``clip_denoised``: see
+    :func:`variational_terms`.
     """
     if not chain.is_full:
         raise ValueError("stratified_elbo needs the full chain (DiffusionChain.from_config), not a respaced one.")
@@ -323,6 +340,7 @@ def stratified_elbo(
     denoising = torch.zeros(n, dtype=torch.float64, device=x0.device)
     for group in strata(chain.num_train_timesteps, timesteps_per_image):
         pick = torch.randint(len(group), (n,), generator=generator, device=draw_device)
-        denoising += len(group) * term_at(chain, model_fn, x0, group[pick.cpu()].to(x0.device), generator)
+        picked = group[pick.cpu()].to(x0.device)
+        denoising += len(group) * term_at(chain, model_fn, x0, picked, generator, clip_denoised)
     reconstruction = term_at(chain, model_fn, x0, torch.zeros(n, dtype=torch.long, device=x0.device), generator)
     return ELBOOutput.from_nats(prior_term(chain, x0), denoising, reconstruction, x0[0].numel())

@@ -25,6 +25,42 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 VDM_SCHEDULE_TYPES = ("learned", "linear", "cosine")
+#: What a learned schedule's interior is trained on: the bound itself, or the variance of its one-sample estimate.
+VDM_SCHEDULE_INTERIOR_OBJECTIVES = ("bound", "variance")
+
+
+class _ScaleGradientLater(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``rescaler.scale``, set after the forward."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, rescaler: DeferredGradientScale) -> torch.Tensor:
+        ctx.rescaler = rescaler
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        scale = ctx.rescaler.scale
+        if scale is None:
+            raise RuntimeError("DeferredGradientScale.scale was never set: set it between the forward and backward.")
+        return grad * scale.to(grad.dtype), None
+
+
+class DeferredGradientScale:
+    """A gradient multiplier known only after the forward pass: :meth:`apply` is the identity on values, and in the
+    backward pass the gradient through it is multiplied by :attr:`scale` (a tensor broadcastable to the value, set
+    between forward and backward).
+
+    Used to train a learned schedule's interior on the variance of the diffusion loss (VDM, appendix): with the
+    per-image loss L_i and ``scale = 2 L_i``, the gradient of mean_i L_i through the schedule's interior becomes
+    mean_i 2 L_i dL_i/d eta = d/d eta mean_i L_i^2, while every other path keeps its ordinary gradient.
+    """
+
+    def __init__(self) -> None:
+        self.scale: torch.Tensor | None = None
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` itself, with its gradient to be multiplied by :attr:`scale`."""
+        return _ScaleGradientLater.apply(value, self)
 
 
 def alpha_sigma_from_gamma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +147,14 @@ class NoiseSchedule(ModelMixin, ConfigMixin):
         nonlinear = hidden @ self.l3.weight.abs().to(dtype).T / self.config.n_features
         return (linear + nonlinear).reshape(-1)
 
+    def _normalised_network(self, t: torch.Tensor) -> torch.Tensor:
+        """The learned schedule's shape n(t) = (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)), 0 at t = 0 and 1
+        at t = 1, in t's shape: gamma(t) = gamma_0 + (gamma_1 - gamma_0) n(t)."""
+        ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        values = self._unnormalised_network(torch.cat([t.reshape(-1), ends]))
+        at_t, at_0, at_1 = values[:-2], values[-2], values[-1]
+        return ((at_t - at_0) / (at_1 - at_0)).reshape(t.shape)
+
     def _cosine_angles(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(u(t), du/dt) with u(t) = u_0 + (u_1 - u_0) t and u_j = atan(exp(gamma_j / 2))."""
         gamma_0, gamma_1 = self._endpoints(t)
@@ -129,22 +173,26 @@ class NoiseSchedule(ModelMixin, ConfigMixin):
             return gamma_0 + (gamma_1 - gamma_0) * t
         if schedule_type == "cosine":
             return 2.0 * torch.log(torch.tan(self._cosine_angles(t)[0]))
-        ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
-        values = self._unnormalised_network(torch.cat([t.reshape(-1), ends]))
-        at_t, at_0, at_1 = values[:-2], values[-2], values[-1]
-        return (gamma_0 + (gamma_1 - gamma_0) * (at_t - at_0) / (at_1 - at_0)).reshape(t.shape)
+        return gamma_0 + (gamma_1 - gamma_0) * self._normalised_network(t)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """gamma(t); see :meth:`gamma`."""
         return self.gamma(t)
 
-    def gamma_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gamma_and_derivative(
+        self, t: torch.Tensor, interior_gradient: DeferredGradientScale | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma(t), gamma'(t)) elementwise, for the continuous-time loss 1/2 gamma'(t) ||eps - eps_hat||^2.
 
         linear: gamma'(t) = gamma_1 - gamma_0; cosine: gamma'(t) = 4 (u_1 - u_0) / sin(2 u(t)) (closed forms);
-        learned: d gamma / dt by autograd on a detached copy of t. Under grad mode the derivative stays
-        differentiable in the schedule's parameters (create_graph); under ``torch.no_grad`` both outputs are
-        detached. Gradients never flow into ``t`` itself.
+        learned: gamma = gamma_0 + (gamma_1 - gamma_0) n(t) and gamma' = (gamma_1 - gamma_0) n'(t), with n'(t) by
+        autograd on a detached copy of t. Under grad mode the derivative stays differentiable in the schedule's
+        parameters (create_graph); under ``torch.no_grad`` both outputs are detached. Gradients never flow into
+        ``t`` itself.
+
+        ``interior_gradient`` (learned only; the fixed schedules have no interior): the gradients that reach the
+        interior's parameters through n(t) and n'(t) are multiplied by its ``scale``; those of the endpoints
+        gamma_0, gamma_1 are not.
         """
         schedule_type = self.config.schedule_type
         if schedule_type == "linear":
@@ -156,8 +204,12 @@ class NoiseSchedule(ModelMixin, ConfigMixin):
         keep_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             leaf = t.detach().requires_grad_(True)
-            gamma = self.gamma(leaf)
-            (derivative,) = torch.autograd.grad(gamma.sum(), leaf, create_graph=keep_graph)
+            shape = self._normalised_network(leaf)
+            (slope,) = torch.autograd.grad(shape.sum(), leaf, create_graph=keep_graph)
+        if interior_gradient is not None:
+            shape, slope = interior_gradient.apply(shape), interior_gradient.apply(slope)
+        gamma_0, gamma_1 = self._endpoints(t)
+        gamma, derivative = gamma_0 + (gamma_1 - gamma_0) * shape, (gamma_1 - gamma_0) * slope
         if not keep_graph:
             return gamma.detach(), derivative.detach()
         return gamma, derivative
