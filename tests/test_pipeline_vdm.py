@@ -21,6 +21,7 @@ from hf_ddpm.pipelines import vdm as vdm_pipeline_module
 from hf_ddpm.pipelines.vdm import VDMModel, vdm_epsilon
 from hf_ddpm.vdm.continuous_elbo import (
     VDMLossTerms,
+    clipped_estimate_model,
     continuous_time_bound_estimate,
     discrete_time_bound,
     vdm_loss_terms,
@@ -65,8 +66,9 @@ def digits(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, SIZE, SIZE), generator=seeded(seed)).float() / 127.5 - 1.0
 
 
-def model_fn_of(pipe: VDMPipeline):
-    return lambda z_t, t: vdm_epsilon(pipe.unet, z_t, t)
+def model_fn_of(pipe: VDMPipeline, clip: bool = False):
+    model_fn = lambda z_t, t: vdm_epsilon(pipe.unet, z_t, t)  # noqa: E731
+    return clipped_estimate_model(pipe.noise_schedule, model_fn) if clip else model_fn
 
 
 def sample(pipe: VDMPipeline, seed: int = 0, steps: int = 4) -> torch.Tensor:
@@ -83,13 +85,15 @@ def test_sampling_has_the_image_shape_and_is_deterministic_given_a_seed():
     assert pipe.image_channels == 1
 
 
-def test_the_bound_estimate_is_the_continuous_elbo_in_bits_per_dim():
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_bound_estimate_is_the_continuous_elbo_in_bits_per_dim(clip):
     pipe, x = tiny_pipeline(), digits(4)
-    bound = evaluate_bound(pipe, x, BoundOptions(timesteps_per_image=3), batch_size=2, generator=seeded(5))
+    options = BoundOptions(timesteps_per_image=3, clip_denoised=clip)
+    bound = evaluate_bound(pipe, x, options, batch_size=2, generator=seeded(5))
     generator = seeded(5)
     with torch.no_grad():
         direct = [
-            continuous_time_bound_estimate(pipe.noise_schedule, model_fn_of(pipe), part.double(), 3, generator)
+            continuous_time_bound_estimate(pipe.noise_schedule, model_fn_of(pipe, clip), part.double(), 3, generator)
             for part in x.split(2)
         ]
     dims = SIZE * SIZE
@@ -99,6 +103,20 @@ def test_the_bound_estimate_is_the_continuous_elbo_in_bits_per_dim():
     torch.testing.assert_close(bound.per_image, sum(bound.per_image_terms.values()))
     assert set(bound.per_image_terms) == {"prior", "diffusion", "reconstruction"}
     assert "continuous-time" in bound.estimator and "3 low-discrepancy times" in bound.estimator
+    assert ("x estimate clipped to [-1, 1] in the diffusion term" in bound.estimator) == clip
+
+
+def test_the_clipped_bound_is_never_above_the_unclipped_one_and_lower_for_an_untrained_network():
+    pipe, x = tiny_pipeline(), digits(6)
+    clipped, unclipped = (
+        evaluate_bound(pipe, x, BoundOptions(timesteps_per_image=4, clip_denoised=clip), generator=seeded(3))
+        for clip in (True, False)
+    )
+    for name in ("prior", "reconstruction"):  # the same draws: only the diffusion term changes
+        torch.testing.assert_close(clipped.per_image_terms[name], unclipped.per_image_terms[name], rtol=0, atol=0)
+    difference = unclipped.per_image_terms["diffusion"] - clipped.per_image_terms["diffusion"]
+    assert (difference >= 0).all() and (difference > 0).any()
+    assert BoundOptions().clip_denoised  # the default
 
 
 def test_the_exact_bound_and_elbo_are_the_discrete_bound_with_every_step_summed(monkeypatch):
@@ -106,7 +124,7 @@ def test_the_exact_bound_and_elbo_are_the_discrete_bound_with_every_step_summed(
     pipe, x = tiny_pipeline(), digits(3)
     exact = evaluate_bound(pipe, x, BoundOptions(exact=True), generator=seeded(1))
     with torch.no_grad():
-        direct = discrete_time_bound(pipe.noise_schedule, model_fn_of(pipe), x.double(), 20, generator=seeded(1))
+        direct = discrete_time_bound(pipe.noise_schedule, model_fn_of(pipe, True), x.double(), 20, seeded(1))
     for name in ("prior", "diffusion", "reconstruction"):
         expected = nats_to_bits_per_dim(getattr(direct, name), SIZE * SIZE)
         torch.testing.assert_close(exact.per_image_terms[name], expected, rtol=1e-12, atol=0)
@@ -123,7 +141,7 @@ def test_the_t1000_bound_agrees_with_the_continuous_estimate():
     x = digits(2)[..., :4, :4]
     exact = evaluate_bound(pipe, x, BoundOptions(exact=True), generator=seeded(1)).per_image
     with torch.no_grad():
-        estimate = continuous_time_bound_estimate(schedule, model_fn_of(pipe), x.double(), 32, seeded(2))
+        estimate = continuous_time_bound_estimate(schedule, model_fn_of(pipe, True), x.double(), 32, seeded(2))
     continuous = estimate.terms.in_bits_per_dim(16).total
     error = nats_to_bits_per_dim(estimate.standard_error, 16)
     assert ((exact - continuous).abs() < 4 * error + 0.02 * continuous).all()

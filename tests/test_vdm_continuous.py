@@ -14,6 +14,7 @@ from scipy.special import expit, log_softmax
 from hf_ddpm.models.unet import DenoisingUNet, base2_fourier_features
 from hf_ddpm.vdm.continuous_elbo import (
     VDMLossTerms,
+    clipped_estimate_model,
     continuous_diffusion_loss,
     continuous_time_bound_estimate,
     decoder_log_probs,
@@ -25,7 +26,7 @@ from hf_ddpm.vdm.continuous_elbo import (
     vdm_loss_terms,
 )
 from hf_ddpm.vdm.continuous_scheduler import VDMContinuousScheduler
-from hf_ddpm.vdm.noise_schedule import NoiseSchedule
+from hf_ddpm.vdm.noise_schedule import NoiseSchedule, epsilon_of_clipped_estimate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,6 +338,40 @@ def test_continuous_estimate_matches_a_fine_exact_discrete_sum():
     assert (difference < 4 * estimate.standard_error).all(), (difference, estimate.standard_error)
 
 
+# ---------------------------------------------------------------------------------- clipped data estimate
+def test_the_clipped_estimate_is_clip_of_x_hat_and_keeps_eps_hat_inside_the_range():
+    gamma = torch.tensor([-8.0, -1.0, 0.5, 4.0], dtype=F64).reshape(4, 1, 1, 1)
+    z_t, eps_hat = randn(4, 1, 5, 5, seed=40), 3.0 * randn(4, 1, 5, 5, seed=41)
+    alpha, sigma = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+    x_hat = (z_t - sigma * eps_hat) / alpha
+    inside = x_hat.abs() <= 1
+    assert inside.any() and (~inside).any()
+    eps_tilde = epsilon_of_clipped_estimate(z_t, eps_hat, gamma)
+    torch.testing.assert_close((z_t - sigma * eps_tilde) / alpha, x_hat.clamp(-1, 1), rtol=0, atol=1e-12)
+    assert torch.equal(eps_tilde[inside], eps_hat[inside])
+
+
+@pytest.mark.parametrize("schedule_type", ["linear", "learned"])
+def test_the_clipped_diffusion_loss_is_the_x_space_formula_with_the_clipped_estimate(schedule_type):
+    # an independent form: 1/2 gamma'(t) ||eps - eps~||^2 = 1/2 gamma'(t) e^(-gamma(t)) ||x - clip(x_hat)||^2
+    schedule = NoiseSchedule(schedule_type="linear") if schedule_type == "linear" else random_learned_schedule()
+    x, noise = on_grid(5, 1, 4, 4, seed=42), randn(5, 1, 4, 4, seed=43)
+    t = torch.tensor([0.02, 0.2, 0.5, 0.8, 0.97], dtype=F64)
+    model_fn = oracle_model(schedule, x, scale=2.5)  # eps_hat far from eps: x_hat leaves [-1, 1]
+    with torch.no_grad():
+        clipped = continuous_diffusion_loss(schedule, clipped_estimate_model(schedule, model_fn), x, t, noise)
+        unclipped = continuous_diffusion_loss(schedule, model_fn, x, t, noise)
+        oracle = clipped_estimate_model(schedule, oracle_model(schedule, x))
+        assert continuous_diffusion_loss(schedule, oracle, x, t, noise).abs().max() < 1e-18
+        gamma, derivative = schedule.gamma_and_derivative(t)
+    alpha, sigma = (value.reshape(-1, 1, 1, 1) for value in schedule.alpha_sigma(t))
+    z_t = alpha * x + sigma * noise
+    x_hat = (z_t - sigma * model_fn(z_t, t)) / alpha
+    by_hand = 0.5 * derivative * torch.exp(-gamma) * ((x - x_hat.clamp(-1, 1)) ** 2).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(clipped, by_hand, rtol=1e-9, atol=1e-12)
+    assert (clipped <= unclipped).all() and (clipped < unclipped).any()
+
+
 # -------------------------------------------------------------------------------------------- scheduler
 def posterior(schedule: NoiseSchedule, x: torch.Tensor, z_t: torch.Tensor, t: float, s: float):
     """Mean and variance of q(z_s | z_t, x) in closed form."""
@@ -381,6 +416,35 @@ def test_ancestral_step_is_the_posterior_at_the_oracle_and_uses_the_generator():
 
 
 @pytest.mark.parametrize("step_type", ["ancestral", "ddim"])
+def test_clip_sample_steps_from_the_clipped_estimate(step_type):
+    schedule = random_learned_schedule(gamma_max=4.0)
+    clipping, plain = (VDMContinuousScheduler(step_type=step_type, clip_sample=clip) for clip in (True, False))
+    for scheduler in (clipping, plain):
+        scheduler.set_timesteps(5, noise_schedule=schedule)
+    assert VDMContinuousScheduler().config.clip_sample  # the default, as diffusers' DDPMScheduler
+    x, eps = on_grid(2, 1, 3, 3, seed=44), randn(2, 1, 3, 3, seed=45)
+    t = clipping.timesteps[2]  # 3/5 -> 2/5
+    z_t = clipping.add_noise(x, eps, t)
+    eps_hat = oracle_model(schedule, x, scale=3.0, grid=5)(z_t, t)
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([0.6], dtype=F64))
+    x_hat = (z_t - sigma * eps_hat) / alpha
+    assert (x_hat.abs() > 1).any()
+    out = clipping.step(eps_hat, t, z_t, generator=torch.Generator().manual_seed(46))
+    torch.testing.assert_close(out.pred_original_sample, x_hat.clamp(-1, 1), rtol=0, atol=1e-12)
+    if step_type == "ancestral":  # q(z_s | z_t, x = clip(x_hat)) in closed form
+        mean, variance = posterior(schedule, x_hat.clamp(-1, 1), z_t, 0.6, 0.4)
+        noise = torch.randn(z_t.shape, generator=torch.Generator().manual_seed(46), dtype=F64)
+        expected = mean + math.sqrt(variance) * noise
+    else:  # z_s = alpha_s clip(x_hat) + sigma_s eps~, eps~ the noise that clip(x_hat) implies
+        alpha_s, sigma_s = schedule.alpha_sigma(torch.tensor([0.4], dtype=F64))
+        expected = alpha_s * x_hat.clamp(-1, 1) + sigma_s * (z_t - alpha * x_hat.clamp(-1, 1)) / sigma
+    torch.testing.assert_close(out.prev_sample, expected, rtol=1e-10, atol=1e-12)
+    unclipped = plain.step(eps_hat, t, z_t, generator=torch.Generator().manual_seed(46))
+    torch.testing.assert_close(unclipped.pred_original_sample, x_hat, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(unclipped.prev_sample, out.prev_sample)
+
+
+@pytest.mark.parametrize("step_type", ["ancestral", "ddim"])
 def test_sampling_with_the_oracle_recovers_x(step_type):
     schedule = random_learned_schedule()
     scheduler = VDMContinuousScheduler(step_type=step_type)
@@ -410,7 +474,7 @@ def test_ddim_step_is_deterministic_and_keeps_the_oracle_noise():
 
 def test_last_step_returns_the_clipped_prediction():
     schedule = NoiseSchedule(schedule_type="linear")
-    scheduler = VDMContinuousScheduler()
+    scheduler = VDMContinuousScheduler(clip_sample=False)  # the last step clips even so
     scheduler.set_timesteps(3, noise_schedule=schedule)
     z_t = torch.full((1, 1, 2, 2), 0.5, dtype=F64)
     eps_hat = torch.tensor([-400.0, 0.0, 1.0, 400.0], dtype=F64).reshape(1, 1, 2, 2)

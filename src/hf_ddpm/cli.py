@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument(
         "--no_clip_denoised",
         action="store_true",
-        help="DDPM: the bound with the unclipped x_0 estimate (default: clipped to [-1, 1] as the sampler does)",
+        help="DDPM and VDM: the bound with the unclipped data estimate (default: clipped to [-1, 1], as sampled)",
     )
     evaluate_parser.add_argument(
         "--timesteps_per_image", type=int, default=8, help="stratified timesteps per image of the estimated bound"

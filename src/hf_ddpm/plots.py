@@ -3,11 +3,12 @@
 :func:`bound_by_time` splits the negative ELBO of a few images along the diffusion's time axis:
 
 * ``HFDDPMPipeline``: the T terms of the full training chain (:func:`hf_ddpm.vdm.elbo.full_elbo`), one per timestep,
-  in bits/dim; t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1 the denoising KLs (with the x_0 estimate
-  clipped to [-1, 1], as ``BoundOptions`` computes them by default). With the prior term they add up to the whole
+  in bits/dim; t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1 the denoising KLs (by default with the
+  x_0 estimate clipped to [-1, 1], as ``BoundOptions`` computes them). With the prior term they add up to the whole
   bound.
 * ``VDMPipeline``: the integrand of the continuous-time diffusion loss,
-  ``1/2 gamma'(t) E||eps - eps_hat(z_t, t)||^2 / (D ln 2)``, bits/dim per unit of t, on a grid of t: its integral
+  ``1/2 gamma'(t) E||eps - eps_hat(z_t, t)||^2 / (D ln 2)``, bits/dim per unit of t (by default eps_hat of the
+  data estimate clipped to [-1, 1], as ``BoundOptions`` computes it), on a grid of t: its integral
   over [0, 1] is the diffusion term L_inf; the prior and reconstruction terms have no time and are in the label.
 
 :func:`plot_bound_by_time` and :func:`plot_loss_curve` draw them (matplotlib, the ``train`` extra) as PIL images:
@@ -29,7 +30,7 @@ from .distributions import nats_to_bits_per_dim
 from .image_utils import ImageInput, images_to_tensor
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vdm import VDMPipeline, vdm_epsilon
-from .vdm.continuous_elbo import continuous_diffusion_loss, prior_loss, reconstruction_loss
+from .vdm.continuous_elbo import clipped_estimate_model, continuous_diffusion_loss, prior_loss, reconstruction_loss
 from .vdm.elbo import full_elbo, prior_term
 
 #: Where train.py writes the plots, next to ``samples.png`` (and where the card links them).
@@ -69,14 +70,16 @@ def _images(pipeline: Any, images: ImageInput, num_images: int | None) -> torch.
 
 
 @torch.no_grad()
-def _ddpm_bound_by_time(pipeline: HFDDPMPipeline, x: torch.Tensor, generator: torch.Generator | None) -> BoundByTime:
+def _ddpm_bound_by_time(
+    pipeline: HFDDPMPipeline, x: torch.Tensor, generator: torch.Generator | None, clip_denoised: bool
+) -> BoundByTime:
     chain = pipeline.train_chain
     unet = pipeline.unet
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x_t.to(unet.dtype), t).sample
 
-    out = full_elbo(chain, model_fn, x, generator=generator, keep_per_timestep=True, clip_denoised=True)
+    out = full_elbo(chain, model_fn, x, generator=generator, keep_per_timestep=True, clip_denoised=clip_denoised)
     terms = out.per_timestep.mean(dim=0).cpu()
     prior = nats_to_bits_per_dim(prior_term(chain, x), x[0].numel()).mean().item()
     label = (
@@ -88,13 +91,19 @@ def _ddpm_bound_by_time(pipeline: HFDDPMPipeline, x: torch.Tensor, generator: to
 
 @torch.no_grad()
 def _vdm_bound_by_time(
-    pipeline: VDMPipeline, x: torch.Tensor, generator: torch.Generator | None, num_times: int, draws: int
+    pipeline: VDMPipeline,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    num_times: int,
+    draws: int,
+    clip_denoised: bool,
 ) -> BoundByTime:
     schedule, unet = pipeline.noise_schedule, pipeline.unet
 
-    def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def network_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return vdm_epsilon(unet, z_t, t)
 
+    model_fn = clipped_estimate_model(schedule, network_fn) if clip_denoised else network_fn
     num_dims = x[0].numel()
     repeated = x.repeat(draws, *([1] * (x.dim() - 1)))  # (draws * N, ...): every image ``draws`` times
     times = (torch.arange(num_times, dtype=torch.float64) + 0.5) / num_times
@@ -129,6 +138,7 @@ def bound_by_time(
     num_images: int | None = BOUND_BY_TIME_IMAGES,
     num_times: int = BOUND_BY_TIME_VDM_TIMES,
     draws_per_time: int = BOUND_BY_TIME_VDM_DRAWS,
+    clip_denoised: bool = True,
 ) -> BoundByTime:
     """Where the negative ELBO of ``images`` goes along the diffusion's time axis, averaged over the first
     ``num_images`` of them (None: all), float64 under no_grad. See the module docstring for what each pipeline gives.
@@ -140,17 +150,19 @@ def bound_by_time(
         generator: for the noise draws.
         num_times: a VDM's grid of t, the midpoints (i + 1/2) / num_times.
         draws_per_time: a VDM's noise draws per image at each t.
+        clip_denoised: the model's data estimate clipped to [-1, 1], as ``BoundOptions`` (default) and the
+            samplers clip it.
 
     Returns:
         :class:`BoundByTime`, which unpacks as ``(x, bits_per_dim, label)``.
     """
     if isinstance(pipeline, HFDDPMPipeline):
-        return _ddpm_bound_by_time(pipeline, _images(pipeline, images, num_images), generator)
+        return _ddpm_bound_by_time(pipeline, _images(pipeline, images, num_images), generator, clip_denoised)
     if isinstance(pipeline, VDMPipeline):
         if num_times < 1 or draws_per_time < 1:
             raise ValueError(f"num_times={num_times} and draws_per_time={draws_per_time} must be at least 1.")
         x = _images(pipeline, images, num_images)
-        return _vdm_bound_by_time(pipeline, x, generator, num_times, draws_per_time)
+        return _vdm_bound_by_time(pipeline, x, generator, num_times, draws_per_time, clip_denoised)
     raise TypeError(
         f"{type(pipeline).__name__} has no time axis: bound_by_time takes an HFDDPMPipeline or a VDMPipeline."
     )

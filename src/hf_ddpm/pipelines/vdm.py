@@ -14,6 +14,7 @@ from ..image_utils import ImageInput, check_output_type, model_range_to_output
 from ..models.unet import DenoisingUNet
 from ..vdm.continuous_elbo import (
     VDMLossTerms,
+    clipped_estimate_model,
     continuous_time_bound_estimate,
     discrete_time_bound,
     vdm_loss_terms,
@@ -174,7 +175,10 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
           without bias from K = ``options.timesteps_per_image`` low-discrepancy times per image
           (:func:`~hf_ddpm.vdm.continuous_elbo.continuous_time_bound_estimate`), K network evaluations per image.
 
-        The prior term is exact in both; the reconstruction term is a one-sample (per draw) estimate.
+        The prior term is exact in both; the reconstruction term is a one-sample (per draw) estimate. With
+        ``options.clip_denoised`` (the default) the diffusion term is that of the model whose data estimate is
+        clipped to [-1, 1] (:func:`~hf_ddpm.vdm.continuous_elbo.clipped_estimate_model`), the model the default
+        ``VDMContinuousScheduler(clip_sample=True)`` samples; it is never larger than the unclipped one.
         """
         size = self.unet.config.sample_size
         if tuple(images.shape[-2:]) != (size, size):
@@ -184,6 +188,8 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return vdm_epsilon(self.unet, z_t, t)
 
+        if options.clip_denoised:
+            model_fn = clipped_estimate_model(self.noise_schedule, model_fn)
         if options.exact:
             terms = discrete_time_bound(self.noise_schedule, model_fn, x, VDM_EXACT_BOUND_STEPS, generator=generator)
             estimator = (
@@ -197,6 +203,8 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
                 f"unbiased estimate of the continuous-time bound from {k} low-discrepancy times per image "
                 "+ exact prior term"
             )
+        if options.clip_denoised:
+            estimator += "; x estimate clipped to [-1, 1] in the diffusion term"
         bits = terms.in_bits_per_dim(x[0].numel())
         return BatchBound(
             terms={"prior": bits.prior, "diffusion": bits.diffusion, "reconstruction": bits.reconstruction},

@@ -30,7 +30,12 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..distributions import kl_to_standard_normal, nats_to_bits_per_dim, sum_over_pixels
-from .noise_schedule import DeferredGradientScale, NoiseSchedule, alpha_sigma_from_gamma
+from .noise_schedule import (
+    DeferredGradientScale,
+    NoiseSchedule,
+    alpha_sigma_from_gamma,
+    epsilon_of_clipped_estimate,
+)
 
 #: The network: eps_hat = model_fn(z_t, t), z_t of shape (B, C, H, W) and continuous t in [0, 1] of shape (B,).
 VDMEpsilonModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,6 +101,24 @@ def _vdm_noised(gamma: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> to
     """z_t = alpha_t x + sigma_t eps for per-image gamma(t) of shape (B,)."""
     alpha, sigma = alpha_sigma_from_gamma(_vdm_per_image(gamma, x))
     return alpha * x + sigma * noise
+
+
+def clipped_estimate_model(schedule: NoiseSchedule, model_fn: VDMEpsilonModel) -> VDMEpsilonModel:
+    """The model whose data estimate is clipped to [-1, 1]: (z_t, t) -> eps~ of
+    :func:`~hf_ddpm.vdm.noise_schedule.epsilon_of_clipped_estimate` at gamma(t),
+
+        x~(z_t, t) = clip((z_t - sigma_t eps_hat(z_t, t)) / alpha_t, -1, 1).
+
+    Its reverse steps p(z_s | z_t) = q(z_s | z_t, x = x~) are what ``VDMContinuousScheduler(clip_sample=True)``
+    samples, so the bound of this model is the bound of the clipping sampler; per image and time it is at most the
+    bound of ``model_fn`` (data lie in [-1, 1]). For evaluation: its gradient in a learned schedule is not meant.
+    """
+
+    def clipped_model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gamma = _vdm_per_image(schedule(t.to(z_t.dtype)).expand(z_t.shape[0]), z_t)
+        return epsilon_of_clipped_estimate(z_t, model_fn(z_t, t), gamma)
+
+    return clipped_model_fn
 
 
 def low_discrepancy_times(

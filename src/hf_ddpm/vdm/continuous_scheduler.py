@@ -24,7 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .noise_schedule import NoiseSchedule, alpha_sigma_from_gamma
+from .noise_schedule import NoiseSchedule, alpha_sigma_from_gamma, epsilon_of_clipped_estimate
 
 VDM_STEP_TYPES = ("ancestral", "ddim")
 
@@ -36,7 +36,8 @@ class VDMContinuousSchedulerOutput(SchedulerOutput):
     Args:
         prev_sample (`torch.Tensor` of shape (B, C, H, W)): z_s, the input of the next step; after the last step
             the image x_hat clipped to [-1, 1].
-        pred_original_sample (`torch.Tensor` of shape (B, C, H, W)): x_hat = (z_t - sigma_t eps_hat) / alpha_t.
+        pred_original_sample (`torch.Tensor` of shape (B, C, H, W)): x_hat = (z_t - sigma_t eps_hat) / alpha_t
+            (clipped to [-1, 1] with ``clip_sample``).
     """
 
     pred_original_sample: torch.Tensor | None = None
@@ -62,18 +63,25 @@ class VDMContinuousScheduler(SchedulerMixin, ConfigMixin):
       v = sigma_s^2 (-expm1(gamma_s - gamma_t)), which is the posterior q(z_s | z_t, x) at x = x_hat.
     * ``ddim``: z_s = alpha_s x_hat + sigma_s eps_hat, deterministic.
 
+    With ``clip_sample`` (the default, as in diffusers' DDPMScheduler) x_hat is first clipped to [-1, 1] and eps_hat
+    replaced by the noise of the clipped estimate,
+    eps~ = (z_t - alpha_t clip(x_hat)) / sigma_t (:func:`~hf_ddpm.vdm.noise_schedule.epsilon_of_clipped_estimate`),
+    in both steps: the ancestral step is then q(z_s | z_t, x = clip(x_hat)), the model whose bound
+    ``BoundOptions(clip_denoised=True)`` reports.
+
     The last step (t = 1/n, s = 0) returns x_hat clipped to [-1, 1] as ``prev_sample``, the image. (z_0 would add
     noise of standard deviation at most sigma_0, 1.3e-3 for gamma_0 = -13.3, below the half-width 1/255 of an
     8-bit bin; for the DDIM step (z_0 - sigma_0 eps_hat) / alpha_0 is exactly x_hat.)
 
     Args:
         step_type (`str`): ``ancestral`` or ``ddim``.
+        clip_sample (`bool`): clip the data estimate x_hat to [-1, 1] in every step.
     """
 
     order = 1
 
     @register_to_config
-    def __init__(self, step_type: str = "ancestral"):
+    def __init__(self, step_type: str = "ancestral", clip_sample: bool = True):
         if step_type not in VDM_STEP_TYPES:
             raise ValueError(f"Unknown step_type {step_type!r}: choose one of {', '.join(VDM_STEP_TYPES)}.")
         self.init_noise_sigma = 1.0
@@ -156,8 +164,8 @@ class VDMContinuousScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> VDMContinuousSchedulerOutput | tuple:
-        """One step z_t -> z_s (s = t - 1/n), ancestral or DDIM per ``step_type``; the last step returns x_hat
-        clipped to [-1, 1].
+        """One step z_t -> z_s (s = t - 1/n), ancestral or DDIM per ``step_type``, with x_hat clipped to [-1, 1]
+        first under ``clip_sample``; the last step returns x_hat clipped to [-1, 1].
 
         Args:
             model_output (`torch.Tensor`): eps_hat(z_t, t).
@@ -166,7 +174,9 @@ class VDMContinuousScheduler(SchedulerMixin, ConfigMixin):
             generator (`torch.Generator`, *optional*): for the noise of the ancestral step.
             return_dict (`bool`): return a :class:`VDMContinuousSchedulerOutput` rather than a tuple.
         """
-        index, _, gamma_s = self._step_gammas(timestep)
+        index, gamma_t, gamma_s = self._step_gammas(timestep)
+        if self.config.clip_sample:
+            model_output = epsilon_of_clipped_estimate(sample, model_output, torch.tensor(gamma_t, dtype=sample.dtype))
         pred_original_sample = self.predict_original_sample(model_output, timestep, sample)
         if index == 1:
             prev_sample = pred_original_sample.clamp(-1.0, 1.0)

@@ -71,6 +71,21 @@ def alpha_sigma_from_gamma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
+def epsilon_of_clipped_estimate(z_t: torch.Tensor, eps_hat: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The noise prediction whose data estimate is clipped to the data's range [-1, 1]:
+
+        x_hat = (z_t - sigma_t eps_hat) / alpha_t,   eps~ = (z_t - alpha_t clip(x_hat, -1, 1)) / sigma_t,
+
+    so that (z_t - sigma_t eps~) / alpha_t = clip(x_hat). ``gamma`` = gamma(t), broadcastable against ``z_t``.
+    eps~ is ``eps_hat`` itself wherever x_hat lies in [-1, 1] (no precision lost to a small sigma_t there). Data x
+    lie in [-1, 1], so |x - clip(x_hat)| <= |x - x_hat| in every pixel: a bound computed with eps~ is never larger.
+    """
+    alpha, sigma = alpha_sigma_from_gamma(gamma)
+    x_hat = (z_t - sigma * eps_hat) / alpha
+    clipped = x_hat.clamp(-1.0, 1.0)
+    return torch.where(clipped == x_hat, eps_hat, (z_t - alpha * clipped) / sigma)
+
+
 class NoiseSchedule(ModelMixin, ConfigMixin):
     r"""gamma(t) = -log SNR(t) on t in [0, 1], monotone increasing from gamma_0 = gamma(0) to gamma_1 = gamma(1).
 
