@@ -4,8 +4,10 @@ Measures, in one run and interleaved (so machine drift hits every arm alike):
   * the model comparison: hf_ddpm's default DenoisingUNet against diffusers' UNet2DModel of similar size, forward +
     backward + AdamW at 28x28 x 1 channel, float32 and bf16 autocast, subnormals flushed as in train.py, FLOPs per
     step (torch.utils.flop_counter), achieved GFLOP/s and its fraction of the torch.mm peak in the same precision;
-  * the default training step as train.py takes it (hybrid loss at sampled timesteps, bf16 autocast, backward,
-    clipping, AdamW, EMA; batch 32), as issue #13 found it (1 thread, foreach AdamW, per-tensor EMA, subnormal floats
+  * the default training step as train.py takes it (hybrid loss at sampled timesteps, in the precision
+    ``--mixed_precision auto`` picks on this machine: bf16 autocast where the CPU computes bf16 natively, else
+    float32; backward, clipping, AdamW, EMA; batch 32), against the matmul peak in that precision, as issue #13
+    found it (1 thread, foreach AdamW, per-tensor EMA, subnormal floats
     on the CPU's slow path), on 2 threads, and as train.py runs it now; each in a process of its own.
 
     python benchmarks/throughput.py [--batch_size 128] [--repeats 5] [--json benchmarks/results/throughput.json]
@@ -28,7 +30,7 @@ from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_ddpm import DenoisingUNet
-from hf_ddpm.training_utils import flush_denormals
+from hf_ddpm.training_utils import flush_denormals, resolve_mixed_precision
 
 
 def diffusers_unet() -> UNet2DModel:
@@ -113,8 +115,9 @@ STEP_CONFIGURATIONS = {
 
 
 def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, repeats: int) -> dict:
-    """Seconds per step of train.py's default recipe (hybrid loss at sampled timesteps, bf16 autocast, backward,
-    gradient clipping, AdamW, EMA) on random images, and this process's bf16 matmul peak at ``threads``."""
+    """Seconds per step of train.py's default recipe (hybrid loss at sampled timesteps, in the precision that
+    ``--mixed_precision auto`` resolves to here, backward, gradient clipping, AdamW, EMA) on random images, and this
+    process's matmul peak in that precision at ``threads``."""
     if fast_cpu_math:
         flush_denormals()  # before torch starts its threads, as train.py does
     torch.set_num_threads(threads)
@@ -129,9 +132,10 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=fast_cpu_math or None)
     ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=fast_cpu_math)
     images = torch.rand(batch_size, data_args.channels, data_args.resolution, data_args.resolution) * 2 - 1
+    precision = resolve_mixed_precision("auto")  # "bf16" or "no" on a CPU
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = objective.loss(model, images)
         out.loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -147,7 +151,8 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
         step()
     return {
         "seconds_per_step": (time.perf_counter() - start) / repeats,
-        "bf16_peak_gflops": matmul_peak_gflops(torch.bfloat16),
+        "precision": "bf16" if precision == "bf16" else "fp32",
+        "peak_gflops": matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32),
     }
 
 
@@ -173,7 +178,8 @@ def default_step_rows(batch_size: int, repeats: int, rounds: int, flops_per_imag
                 "seconds_per_step": seconds,
                 "images_per_second": batch_size / seconds,
                 "achieved_gflops": flops_per_image * batch_size / seconds / 1e9,
-                "bf16_peak_gflops_at_these_threads": sorted(r["bf16_peak_gflops"] for r in runs)[len(runs) // 2],
+                "precision": runs[0]["precision"],
+                "peak_gflops_at_these_threads": sorted(r["peak_gflops"] for r in runs)[len(runs) // 2],
             }
         )
     for row in rows:
@@ -266,12 +272,13 @@ def main() -> None:
             f"{r['gflop_per_image']:9.3f} {r['achieved_gflops']:8.1f} "
             f"{100 * r['fraction_of_matmul_peak_in_its_precision']:5.0f}% {r['speed_vs_diffusers_fp32']:11.2f}x"
         )
-    print(f"default training step, batch {args.step_batch_size}, bf16 autocast:")
+    step_precision = step_rows[0]["precision"]
+    print(f"default training step, batch {args.step_batch_size}, {step_precision} (--mixed_precision auto here):")
     for r in step_rows:
         print(
             f"  {r['configuration']:66s} {1000 * r['seconds_per_step']:7.1f} ms {r['images_per_second']:7.1f} img/s "
-            f"{r['achieved_gflops']:7.1f} GFLOP/s ({100 * r['achieved_gflops'] / peak['bf16']:.0f}% of the bf16 "
-            f"peak) {r['speed_vs_as_found']:5.2f}x"
+            f"{r['achieved_gflops']:7.1f} GFLOP/s ({100 * r['achieved_gflops'] / peak[step_precision]:.0f}% of the "
+            f"{step_precision} peak) {r['speed_vs_as_found']:5.2f}x"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

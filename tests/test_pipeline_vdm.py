@@ -316,3 +316,13 @@ def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_rea
     assert cli_main(sample_args) == 0
     assert grid.is_file()
     assert cli_main(["sample", str(out), "--scheduler", "ddim", "--device", "cpu", "--out", str(grid)]) == 2
+    bounds = {}
+    for flags in ([], ["--no_clip_denoised"]):  # the same seed and draws: only the diffusion term may differ
+        report = tmp_path / f"evaluate{len(flags)}.json"
+        evaluate = ["evaluate", str(out), "--data", "embedded", "--max_images", "4", "--json", str(report), *flags]
+        assert cli_main(evaluate) == 0
+        bounds[bool(flags)] = json.loads(report.read_text())
+    clipped, unclipped = bounds[False], bounds[True]
+    assert "clipped to [-1, 1]" in clipped["estimator"] and "clipped" not in unclipped["estimator"]
+    assert clipped["terms"]["reconstruction"] == unclipped["terms"]["reconstruction"]
+    assert clipped["terms"]["diffusion"] <= unclipped["terms"]["diffusion"]
