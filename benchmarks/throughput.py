@@ -132,10 +132,10 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=fast_cpu_math or None)
     ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=fast_cpu_math)
     images = torch.rand(batch_size, data_args.channels, data_args.resolution, data_args.resolution) * 2 - 1
-    precision = resolve_mixed_precision("auto")  # "bf16" or "no" on a CPU
+    bf16 = resolve_mixed_precision("auto") == "bf16"
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = objective.loss(model, images)
         out.loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -151,8 +151,8 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
         step()
     return {
         "seconds_per_step": (time.perf_counter() - start) / repeats,
-        "precision": "bf16" if precision == "bf16" else "fp32",
-        "peak_gflops": matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32),
+        "precision": "bf16" if bf16 else "fp32",
+        "peak_gflops": matmul_peak_gflops(torch.bfloat16 if bf16 else torch.float32),
     }
 
 

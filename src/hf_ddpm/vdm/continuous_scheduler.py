@@ -176,7 +176,8 @@ class VDMContinuousScheduler(SchedulerMixin, ConfigMixin):
         """
         index, gamma_t, gamma_s = self._step_gammas(timestep)
         if self.config.clip_sample:
-            model_output = epsilon_of_clipped_estimate(sample, model_output, torch.tensor(gamma_t, dtype=sample.dtype))
+            gamma = torch.tensor(gamma_t, dtype=torch.float64)  # a 0-d tensor: alpha_t, sigma_t in float64, as below
+            model_output = epsilon_of_clipped_estimate(sample, model_output, gamma)
         pred_original_sample = self.predict_original_sample(model_output, timestep, sample)
         if index == 1:
             prev_sample = pred_original_sample.clamp(-1.0, 1.0)
