@@ -86,6 +86,21 @@ def test_vae_run_writes_a_loadable_vae_pipeline_with_its_bounds(tmp_path):
     assert (out / "loss_curve.png").is_file() and not (out / "bound_by_time.png").exists()  # no time axis
 
 
+def test_save_pipeline_steps_writes_the_ema_pipeline_of_those_steps_and_the_log_has_the_time(tmp_path):
+    out = run(tmp_path / "run", "--max_train_steps", "4", "--save_pipeline_steps", "2", "--checkpointing_steps", "4")
+    assert sorted(p.name for p in out.glob("pipeline-*")) == ["pipeline-2", "pipeline-4"]
+    final, at_4, at_2 = weights(out), weights(out / "pipeline-4"), weights(out / "pipeline-2")
+    assert all(torch.equal(final[k], at_4[k]) for k in final)  # the last step's is the final (EMA) pipeline
+    assert not all(torch.equal(final[k], at_2[k]) for k in final)
+    loaded = HFDDPMPipeline.from_pretrained(out / "pipeline-2").unet.state_dict()
+    assert all(torch.equal(loaded[k], at_2[k]) for k in at_2)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    seconds = [row["train_seconds"] for row in log]
+    assert [row["step"] for row in log] == [1, 2, 3, 4] and 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3]
+    run(out, "--max_train_steps", "2", "--overwrite_output_dir")  # starting over removes the old run's pipelines
+    assert not list(out.glob("pipeline-*"))
+
+
 def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
     straight = run(tmp_path / "straight", "--max_train_steps", "4", "--checkpointing_steps", "2")
     interrupted = tmp_path / "interrupted"
@@ -184,6 +199,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
         (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint folder there"),
         (["--loss_type", "simple"], "does not train a learned variance"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--save_pipeline_steps", "0"], "--save_pipeline_steps must be positive"),
     ],
 )
 def test_bad_arguments_fail_with_a_message(tmp_path, flags, message):

@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "images_per_second": images_per_second,
+                "train_seconds": time.time() - start_time,  # of this run (a resumed run starts again at 0)
             }
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
@@ -429,6 +430,13 @@ def main(argv: list[str] | None = None) -> Path:
                             token=train_args.hub_token,
                             private=train_args.hub_private_repo,
                         )
+            if (
+                train_args.save_pipeline_steps
+                and global_step % train_args.save_pipeline_steps == 0
+                and accelerator.is_main_process
+            ):
+                with ema_weights(ema, unwrapped):
+                    objective.pipeline(unwrapped).save_pretrained(output_dir / f"pipeline-{global_step}")
             if (
                 global_step % train_args.eval_steps == 0
                 and global_step < max_train_steps

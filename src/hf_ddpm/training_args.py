@@ -218,6 +218,13 @@ class TrainingArguments:
     ema_max_decay: float = field(default=0.9999)
     checkpointing_steps: int = field(default=1000)
     checkpoints_total_limit: int | None = field(default=2)
+    save_pipeline_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the EMA weights as a pipeline to output_dir/pipeline-STEP every N steps, never rotated "
+            "(a learning curve from one run: hf_ddpm evaluate output_dir/pipeline-STEP)."
+        },
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     eval_steps: int = field(default=1000, metadata={"help": "Held-out NLL estimate every N steps (and at the end)."})
     eval_timesteps_per_image: int = field(
@@ -390,6 +397,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     ):
         if getattr(train_args if hasattr(train_args, flag) else data_args, flag) <= 0:
             raise SystemExit(f"--{flag} must be positive.")
+    if train_args.save_pipeline_steps is not None and train_args.save_pipeline_steps <= 0:
+        raise SystemExit("--save_pipeline_steps must be positive (or left unset).")
     validate_counts(model_args, data_args, train_args)
 
 

@@ -41,6 +41,7 @@ RUN_OUTPUTS = (
     "scheduler",
     "seen_indices_rank*.json",
     "hf_ddpm.py",
+    "pipeline-*",
 )
 
 
