@@ -1,14 +1,19 @@
 """NLL on the official MNIST test set against CPU-minutes of training, for the DDPM default, the continuous-time VDM
 and the hierarchical VAE (issue #11's learning curves).
 
-    python benchmarks/learning_curves.py --minutes 5 15 [--models ddpm vdm hvae] [--num_eval_images 10000]
+    python benchmarks/learning_curves.py --minutes 5 15 60 120 [--models ddpm vdm hvae] [--json FILE]
 
-Each (model, budget) point is its own ``training/train.py`` run on the embedded 60,000 training digits with a full
-learning-rate schedule over the steps that fit in the budget on this machine (budget.py calibrates seconds per
-step), then ``hf_ddpm evaluate`` on the first --num_eval_images official t10k digits (default: all 10,000) and
---num_samples samples for the sample metrics. Points already in the JSON are kept, so the curve can be grown one
-budget at a time (a 120-minute point is two hours of this machine). Writes benchmarks/results/learning_curves.json
-and learning_curves.png (needs matplotlib).
+One ``training/train.py`` run per model on the embedded 60,000 training digits: budget.py calibrates its seconds per
+step on this machine, the run gets the steps that fill the longest budget, with one learning-rate schedule (warm-up,
+cosine decay) over all of them, and saves its EMA weights as a pipeline every --save_every steps
+(``train.py --save_pipeline_steps``). A budget's point is the pipeline saved last before the run's own clock (the
+``train_seconds`` of ``train_log.jsonl``) passed that many minutes, scored by ``hf_ddpm evaluate`` on the first
+--num_eval_images official t10k digits (default: all 10,000) with --timesteps_per_image draws per image. So a
+curve costs its longest budget once, not the sum of its budgets; the price is that the shorter budgets' points are
+of weights whose learning rate had not decayed yet (a run of their own, ``budget.train_for_budget``, ends lower).
+A model folder that already holds a finished run (``eval_results.json``) is scored without training it again, and
+the points already in the JSON are kept unless re-measured. Writes the JSON (default
+benchmarks/results/learning_curves.json) and a plot beside it (same name, .png; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -19,15 +24,30 @@ import sys
 from pathlib import Path
 
 from hf_ddpm.cli import main as hf_ddpm_cli
+from hf_ddpm.training_utils import read_train_log
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import REPO, train_for_budget  # noqa: E402
+from budget import REPO, seconds_per_step, train  # noqa: E402
 
 RECIPES = {
     "ddpm": ("DDPM default (hybrid, learned variance)", []),
     "vdm": ("VDM, continuous time, learned schedule", ["--model", "vdm"]),
     "hvae": ("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"]),
 }
+
+
+def pipeline_at(run: Path, seconds: float) -> tuple[Path, dict]:
+    """The ``pipeline-STEP`` folder of ``run`` saved last at or before ``seconds`` of training, and the log row of
+    its step (with ``train_seconds``); the run's final pipeline (``run`` itself) where the run ended earlier."""
+    rows = {row["step"]: row for row in read_train_log(run / "train_log.jsonl")}
+    final = max(rows)
+    if rows[final]["train_seconds"] <= seconds:
+        return run, rows[final]
+    saved = [int(p.name.split("-")[1]) for p in run.glob("pipeline-*")]
+    before = [step for step in saved if rows[step]["train_seconds"] <= seconds]
+    if not before:
+        raise SystemExit(f"{run} saved no pipeline in its first {seconds:.0f} s: lower --save_every.")
+    return run / f"pipeline-{max(before)}", rows[max(before)]
 
 
 def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
@@ -40,9 +60,8 @@ def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for key, by_budget in points.items():
         rows = sorted(by_budget.values(), key=lambda r: r["train_seconds"])
-        minutes = [r["train_seconds"] / 60 for r in rows]
         axis.errorbar(
-            minutes,
+            [r["train_seconds"] / 60 for r in rows],
             [r["bits_per_dim"] for r in rows],
             yerr=[r["standard_error"] for r in rows],
             marker="o",
@@ -62,56 +81,72 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 60, 120])
     parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--save_every", type=int, default=65, help="steps between saved pipelines")
     parser.add_argument("--num_eval_images", type=int, default=10000)
-    parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--timesteps_per_image", type=int, default=8)
+    parser.add_argument("--num_samples", type=int, default=0, help="samples for the sample metrics at each point")
     parser.add_argument("--work_dir", type=Path, default=REPO / "benchmarks" / "runs" / "learning_curves")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "learning_curves.json")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = args.out / "learning_curves.json"
-    points = json.loads(table.read_text()) if table.is_file() else {}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    points = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for key in args.models:
-        for minutes in args.minutes:
-            folder = args.work_dir / f"{key}_{minutes:g}min"
-            run = train_for_budget(
-                folder,
-                [*RECIPES[key][1], "--num_sample_images", "64"],
-                minutes * 60,
-                calibration_steps=200 if key == "hvae" else 60,
+        run = args.work_dir / f"{key}_curve"
+        if not (run / "eval_results.json").is_file():
+            flags = [*RECIPES[key][1]]
+            per_step = seconds_per_step(run.with_name(run.name + "_calibration"), flags, 200 if key == "hvae" else 60)
+            steps = int(max(args.minutes) * 60 / per_step)
+            train(
+                run,
+                [
+                    *flags,
+                    "--max_train_steps",
+                    str(steps),
+                    "--save_pipeline_steps",
+                    str(args.save_every),
+                    "--checkpointing_steps",
+                    str(steps),
+                    "--eval_steps",
+                    str(steps),  # no held-out estimates during the run: they would take from its minutes
+                ],
             )
-            evaluation = folder / "evaluate.json"
+        for minutes in sorted(args.minutes):
+            model, row = pipeline_at(run, minutes * 60)
+            evaluation = run / f"evaluate_{minutes:g}min.json"
             hf_ddpm_cli(
                 [
                     "evaluate",
-                    str(folder),
+                    str(model),
                     "--split",
                     "test",
                     "--data",
                     "embedded",
                     "--max_images",
                     str(args.num_eval_images),
+                    "--timesteps_per_image",
+                    str(args.timesteps_per_image),
                     "--num_samples",
                     str(args.num_samples),
                     "--json",
                     str(evaluation),
                 ]
             )
-            row = {
+            point = {
                 "budget_minutes": minutes,
-                "train_seconds": run["train_seconds_this_run"],
-                "steps": run["steps"],
-                "images_seen": run["images_seen"],
+                "train_seconds": row["train_seconds"],
+                "steps": row["step"],
+                "lr_at_step": row["lr"],
                 **json.loads(evaluation.read_text()),
+                "model": f"{run.name}/{model.name}" if model != run else f"{run.name} (the run's final pipeline)",
             }
-            points.setdefault(key, {})[f"{minutes:g}"] = row
-            table.write_text(json.dumps(points, indent=2))
+            points.setdefault(key, {})[f"{minutes:g}"] = point
+            args.json.write_text(json.dumps(points, indent=2))
             print(
-                f"{RECIPES[key][0]}, {minutes:g} min: {row['bits_per_dim']:.4f} ± {row['standard_error']:.4f} "
-                "bits/dim "
-                f"after {run['steps']} steps",
+                f"{RECIPES[key][0]}, {minutes:g} min ({row['train_seconds'] / 60:.1f} min, step {row['step']}): "
+                f"{point['bits_per_dim']:.4f} ± {point['standard_error']:.4f} bits/dim",
                 flush=True,
             )
-    plot(points, args.out / "learning_curves.png")
+    plot(points, args.json.with_suffix(".png"))
 
 
 if __name__ == "__main__":

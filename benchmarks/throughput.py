@@ -2,7 +2,8 @@
 
 Measures, in one run and interleaved (so machine drift hits every arm alike):
   * the model comparison: hf_ddpm's default DenoisingUNet against diffusers' UNet2DModel of similar size, forward +
-    backward + AdamW at 28x28 x 1 channel, float32 and bf16 autocast, subnormals flushed as in train.py, FLOPs per
+    backward + AdamW at 28x28 x 1 channel, float32 and (where the CPU computes bf16 natively, or with --precisions
+    fp32 bf16) bf16 autocast, subnormals flushed as in train.py, FLOPs per
     step (torch.utils.flop_counter), achieved GFLOP/s and its fraction of the torch.mm peak in the same precision;
   * the default training step as train.py takes it (hybrid loss at sampled timesteps, in the precision
     ``--mixed_precision auto`` picks on this machine: bf16 autocast where the CPU computes bf16 natively, else
@@ -193,6 +194,14 @@ def main() -> None:
     parser.add_argument("--step_batch_size", type=int, default=32, help="batch of the default step (train.py's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="precisions of the model comparison and the peaks (default: fp32, and bf16 where the CPU computes it "
+        "natively, as --mixed_precision auto decides: emulated bf16 runs at a fraction of a GFLOP/s)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
     parser.add_argument("--_step", default=None, help=argparse.SUPPRESS)  # one default-step measurement (internal)
@@ -214,20 +223,23 @@ def main() -> None:
     models = {"hf_ddpm DenoisingUNet": DenoisingUNet(), "diffusers UNet2DModel": diffusers_unet()}
     optimizers = {name: torch.optim.AdamW(m.parameters(), 1e-4) for name, m in models.items()}
     flops = {name: flops_per_step(m, x, t) for name, m in models.items()}
-    timings: dict[str, list[float]] = {f"{name} {p}": [] for name in models for p in ("fp32", "bf16")}
-    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    native = "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32"  # the default step's precision
+    precisions = args.precisions or sorted({"fp32", native}, reverse=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    timings: dict[str, list[float]] = {f"{name} {p}": [] for name in models for p in precisions}
+    peaks: dict[str, list[float]] = {p: [] for p in sorted({*precisions, native}, reverse=True)}
     for name, model in models.items():  # warm-up
-        for bf16 in (False, True):
-            training_step(model, optimizers[name], x, t, bf16)
+        for precision in precisions:
+            training_step(model, optimizers[name], x, t, bf16=precision == "bf16")
     for _ in range(args.rounds):
-        peaks["fp32"].append(matmul_peak_gflops(torch.float32))
-        peaks["bf16"].append(matmul_peak_gflops(torch.bfloat16))
+        for precision in peaks:
+            peaks[precision].append(matmul_peak_gflops(dtypes[precision]))
         for name, model in models.items():
-            for bf16 in (False, True):
+            for precision in precisions:
                 start = time.perf_counter()
                 for _ in range(args.repeats):
-                    training_step(model, optimizers[name], x, t, bf16)
-                timings[f"{name} {'bf16' if bf16 else 'fp32'}"].append((time.perf_counter() - start) / args.repeats)
+                    training_step(model, optimizers[name], x, t, bf16=precision == "bf16")
+                timings[f"{name} {precision}"].append((time.perf_counter() - start) / args.repeats)
     peak = {precision: sorted(values)[len(values) // 2] for precision, values in peaks.items()}
     rows = []
     for key, seconds in timings.items():
@@ -245,32 +257,34 @@ def main() -> None:
                 "fraction_of_matmul_peak_in_its_precision": gflops / peak[precision],
             }
         )
-    baseline = next(r for r in rows if r["model"] == "diffusers UNet2DModel" and r["precision"] == "fp32")[
+    reference = "fp32" if "fp32" in precisions else precisions[0]
+    baseline = next(r for r in rows if r["model"] == "diffusers UNet2DModel" and r["precision"] == reference)[
         "images_per_second"
     ]
     for row in rows:
-        row["speed_vs_diffusers_fp32"] = row["images_per_second"] / baseline
+        row[f"speed_vs_diffusers_{reference}"] = row["images_per_second"] / baseline
     flops_per_image = flops["hf_ddpm DenoisingUNet"] / args.batch_size
     step_rows = default_step_rows(args.step_batch_size, args.repeats, args.rounds, flops_per_image)
     result = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}",
         "batch_size": args.batch_size,
-        "fp32_matmul_peak_gflops": peak["fp32"],
-        "bf16_matmul_peak_gflops": peak["bf16"],
+        **{f"{precision}_matmul_peak_gflops": value for precision, value in peak.items()},
         "rows": rows,
         "default_step": {"batch_size": args.step_batch_size, "rows": step_rows},
     }
-    print(f"matmul peak: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f} GFLOP/s ({result['machine']})")
+    peaks_text = ", ".join(f"{precision} {value:.1f}" for precision, value in peak.items())
+    print(f"matmul peak: {peaks_text} GFLOP/s ({result['machine']})")
     print(
         f"{'model':24s} {'prec':5s} {'params':>9s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
-        f"{'vs diffusers':>12s}"
+        f"{'vs diffusers ' + reference:>17s}"
     )
     for r in rows:
         print(
             f"{r['model']:24s} {r['precision']:5s} {r['parameters']:9,d} {r['images_per_second']:7.1f} "
             f"{r['gflop_per_image']:9.3f} {r['achieved_gflops']:8.1f} "
-            f"{100 * r['fraction_of_matmul_peak_in_its_precision']:5.0f}% {r['speed_vs_diffusers_fp32']:11.2f}x"
+            f"{100 * r['fraction_of_matmul_peak_in_its_precision']:5.0f}% "
+            f"{r[f'speed_vs_diffusers_{reference}']:16.2f}x"
         )
     step_precision = step_rows[0]["precision"]
     print(f"default training step, batch {args.step_batch_size}, {step_precision} (--mixed_precision auto here):")
