@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from hf_ddpm.cli import main as hf_ddpm_cli
-from hf_ddpm.training_utils import read_train_log
+from hf_ddpm.training_utils import PIPELINE_PREFIX, read_train_log
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, seconds_per_step, train  # noqa: E402
@@ -43,11 +43,11 @@ def pipeline_at(run: Path, seconds: float) -> tuple[Path, dict]:
     final = max(rows)
     if rows[final]["train_seconds"] <= seconds:
         return run, rows[final]
-    saved = [int(p.name.split("-")[1]) for p in run.glob("pipeline-*")]
+    saved = [int(p.name.removeprefix(PIPELINE_PREFIX)) for p in run.glob(f"{PIPELINE_PREFIX}*")]
     before = [step for step in saved if rows[step]["train_seconds"] <= seconds]
     if not before:
         raise SystemExit(f"{run} saved no pipeline in its first {seconds:.0f} s: lower --save_every.")
-    return run / f"pipeline-{max(before)}", rows[max(before)]
+    return run / f"{PIPELINE_PREFIX}{max(before)}", rows[max(before)]
 
 
 def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
@@ -93,7 +93,7 @@ def main() -> None:
     for key in args.models:
         run = args.work_dir / f"{key}_curve"
         if not (run / "eval_results.json").is_file():
-            flags = [*RECIPES[key][1]]
+            flags = RECIPES[key][1]
             per_step = seconds_per_step(run.with_name(run.name + "_calibration"), flags, 200 if key == "hvae" else 60)
             steps = int(max(args.minutes) * 60 / per_step)
             train(

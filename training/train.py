@@ -60,6 +60,7 @@ from hf_ddpm.training_args import (
     run_cli,
 )
 from hf_ddpm.training_utils import (
+    PIPELINE_PREFIX,
     TrainLog,
     checkpoint_step,
     ema_weights,
@@ -401,13 +402,14 @@ def main(argv: list[str] | None = None) -> Path:
                 ema.step(unwrapped.parameters())
             global_step += 1
             progress.update(1)
-            images_per_second = (global_step - start_step) * global_batch / (time.time() - start_time)
+            train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)
+            images_per_second = (global_step - start_step) * global_batch / train_seconds
             logs = {
                 "loss": accelerator.reduce(loss.detach(), "mean").item(),  # the mean over processes
                 "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "images_per_second": images_per_second,
-                "train_seconds": time.time() - start_time,  # of this run (a resumed run starts again at 0)
+                "train_seconds": train_seconds,
             }
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> Path:
                 and accelerator.is_main_process
             ):
                 with ema_weights(ema, unwrapped):
-                    objective.pipeline(unwrapped).save_pretrained(output_dir / f"pipeline-{global_step}")
+                    objective.pipeline(unwrapped).save_pretrained(output_dir / f"{PIPELINE_PREFIX}{global_step}")
             if (
                 global_step % train_args.eval_steps == 0
                 and global_step < max_train_steps

@@ -394,11 +394,11 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         "checkpointing_steps",
         "eval_steps",
         "num_eval_images",
+        "save_pipeline_steps",
     ):
-        if getattr(train_args if hasattr(train_args, flag) else data_args, flag) <= 0:
+        value = getattr(train_args if hasattr(train_args, flag) else data_args, flag)
+        if value is not None and value <= 0:  # None: an optional one left unset
             raise SystemExit(f"--{flag} must be positive.")
-    if train_args.save_pipeline_steps is not None and train_args.save_pipeline_steps <= 0:
-        raise SystemExit("--save_pipeline_steps must be positive (or left unset).")
     validate_counts(model_args, data_args, train_args)
 
 

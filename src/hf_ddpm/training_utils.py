@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module'
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_ARGS = "training_args.json"
+PIPELINE_PREFIX = "pipeline-"  # train.py --save_pipeline_steps: output_dir/pipeline-STEP
 #: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
 RUN_OUTPUTS = (
     "training_args.json",
@@ -41,7 +42,7 @@ RUN_OUTPUTS = (
     "scheduler",
     "seen_indices_rank*.json",
     "hf_ddpm.py",
-    "pipeline-*",
+    f"{PIPELINE_PREFIX}*",
 )
 
 
