@@ -11,8 +11,9 @@ cosine decay) over all of them, and saves its EMA weights as a pipeline every --
 --num_eval_images official t10k digits (default: all 10,000) with --timesteps_per_image draws per image. So a
 curve costs its longest budget once, not the sum of its budgets; the price is that the shorter budgets' points are
 of weights whose learning rate had not decayed yet (a run of their own, ``budget.train_for_budget``, ends lower).
-A model folder that already holds a finished run (``eval_results.json``) is scored without training it again, and
-the points already in the JSON are kept unless re-measured. Writes the JSON (default
+A model folder that already holds a finished run (``eval_results.json``), or a run whose log passed the longest
+budget (one stopped there: the steps after it are never scored), is scored without training it again, and the
+points already in the JSON are kept unless re-measured. Writes the JSON (default
 benchmarks/results/learning_curves.json) and a plot beside it (same name, .png; needs matplotlib).
 """
 
@@ -44,10 +45,16 @@ def pipeline_at(run: Path, seconds: float) -> tuple[Path, dict]:
     if rows[final]["train_seconds"] <= seconds:
         return run, rows[final]
     saved = [int(p.name.removeprefix(PIPELINE_PREFIX)) for p in run.glob(f"{PIPELINE_PREFIX}*")]
-    before = [step for step in saved if rows[step]["train_seconds"] <= seconds]
+    before = [step for step in saved if step in rows and rows[step]["train_seconds"] <= seconds]
     if not before:
         raise SystemExit(f"{run} saved no pipeline in its first {seconds:.0f} s: lower --save_every.")
     return run / f"{PIPELINE_PREFIX}{max(before)}", rows[max(before)]
+
+
+def trained_for(run: Path, seconds: float) -> bool:
+    """Whether ``run`` holds a finished run, or one whose ``train_log.jsonl`` passed ``seconds`` of training."""
+    rows = read_train_log(run / "train_log.jsonl")
+    return (run / "eval_results.json").is_file() or any(row.get("train_seconds", 0) >= seconds for row in rows)
 
 
 def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
@@ -92,7 +99,7 @@ def main() -> None:
     points = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for key in args.models:
         run = args.work_dir / f"{key}_curve"
-        if not (run / "eval_results.json").is_file():
+        if not trained_for(run, max(args.minutes) * 60):
             flags = RECIPES[key][1]
             per_step = seconds_per_step(run.with_name(run.name + "_calibration"), flags, 200 if key == "hvae" else 60)
             steps = int(max(args.minutes) * 60 / per_step)

@@ -23,7 +23,17 @@ import yaml
 from diffusers import DDIMScheduler
 from gradio_client import Client, handle_file
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler, demo
+from helpers import tiny_vdm_pipeline
+from hf_ddpm import (
+    DenoisingUNet,
+    GaussianVAE,
+    HFDDPMPipeline,
+    VAEPipeline,
+    VDMContinuousScheduler,
+    VDMPipeline,
+    VDMScheduler,
+    demo,
+)
 
 SIZE = 8
 SCALE = demo.display_scale(SIZE)
@@ -54,19 +64,28 @@ def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny diffusion pipeline with a learned variance and a two-layer VAE, saved with save_pretrained."""
+    """A tiny diffusion pipeline with a learned variance, a continuous-time VDM and a two-layer VAE, saved with
+    save_pretrained."""
     root = tmp_path_factory.mktemp("models")
     unet = DenoisingUNet(sample_size=SIZE, in_channels=1, block_out_channels=(8, 16), attention_resolutions=())
     scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range")
     HFDDPMPipeline(unet=_perturbed(unet), scheduler=scheduler).save_pretrained(root / "ddpm")
     vae = GaussianVAE(sample_size=SIZE, latent_dim=4, block_out_channels=(4, 8), hidden_dim=8, num_latent_layers=2)
     VAEPipeline(vae=_perturbed(vae)).save_pretrained(root / "vae")
-    return {"ddpm": root / "ddpm", "vae": root / "vae"}
+    tiny_vdm_pipeline(seed=3).save_pretrained(root / "vdm")
+    return {"ddpm": root / "ddpm", "vdm": root / "vdm", "vae": root / "vae"}
 
 
 @pytest.fixture(scope="module")
 def ddpm(model_dirs: dict[str, Path]) -> HFDDPMPipeline:
     pipeline = demo.load_for_demo(str(model_dirs["ddpm"]), None)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def vdm(model_dirs: dict[str, Path]) -> VDMPipeline:
+    pipeline = demo.load_for_demo(str(model_dirs["vdm"]), None)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -119,6 +138,7 @@ def _bits_of(terms: dict[str, float]) -> float:
 def test_load_for_demo_picks_the_saved_class(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert type(demo.load_for_demo(str(model_dirs["ddpm"]), None)) is HFDDPMPipeline
     assert type(demo.load_for_demo(str(model_dirs["vae"]), None)) is VAEPipeline
+    assert type(demo.load_for_demo(str(model_dirs["vdm"]), None)) is VDMPipeline
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="StableDiffusionPipeline"):
         demo.load_for_demo(str(tmp_path), None)
@@ -143,6 +163,53 @@ def test_sample_and_trajectory_follow_the_pipeline(ddpm: HFDDPMPipeline) -> None
     assert copy._progress_bar_config == {"disable": True}
     with pytest.raises(ValueError, match="scheduler must be one of"):
         demo.sample_images(ddpm, 1, 0, "euler", 10)
+
+
+def test_vdm_sample_and_trajectory_follow_the_pipeline(vdm: VDMPipeline) -> None:
+    assert demo.scheduler_names(vdm) == ["ancestral", "ddim"] and demo.max_steps(vdm) == demo.VDM_MAX_STEPS
+    own = vdm(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=7, output_type="np")
+    np.testing.assert_array_equal(demo.sample_images(vdm, 3, 5, num_inference_steps=7), own.images)
+    ddim = demo.sample_images(vdm, 3, 5, "ddim", 7)
+    ddim_pipeline = demo.with_scheduler(vdm, "ddim")
+    assert ddim_pipeline.unet is vdm.unet and ddim_pipeline.noise_schedule is vdm.noise_schedule
+    assert type(ddim_pipeline.scheduler) is VDMContinuousScheduler and ddim_pipeline.scheduler is not vdm.scheduler
+    assert ddim_pipeline.scheduler.config.step_type == "ddim" and vdm.scheduler.config.step_type == "ancestral"
+    own_ddim = ddim_pipeline(
+        batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=7, output_type="np"
+    )
+    np.testing.assert_array_equal(ddim, own_ddim.images)
+    assert not np.allclose(ddim, own.images)
+    frames = demo.denoising_trajectory(vdm, "ancestral", 10, 5)
+    # the grid t_i = i / 10 from t = 1 down, at positions 0, 1, 3, 4, 5, 6, 8, 9 of 10
+    assert [f.timestep for f in frames] == pytest.approx([1.0, 0.9, 0.7, 0.6, 0.5, 0.4, 0.2, 0.1])
+    # the last step returns the clipped x_hat: the sample that __call__ draws with the same seed
+    np.testing.assert_allclose(frames[-1].predicted_original, demo.sample_images(vdm, 1, 5, None, 10)[0], atol=1e-6)
+    np.testing.assert_allclose(frames[0].noisy, demo.denoising_trajectory(vdm, "ddim", 10, 5)[0].noisy)  # same z_1
+    with pytest.raises(ValueError, match="scheduler must be one of ancestral, ddim"):
+        demo.sample_images(vdm, 1, 0, "vdm", 10)
+    assert demo.scheduler_names(ddim_pipeline) == ["ddim", "ancestral"]  # a model saved with DDIM steps samples so
+    np.testing.assert_array_equal(demo.sample_images(ddim_pipeline, 3, 5, num_inference_steps=7), ddim)
+
+
+def test_vdm_app_api(vdm: VDMPipeline, tmp_path: Path) -> None:
+    with serve(vdm) as (_, client):
+        endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        assert set(endpoints) == {"/sample", "/trajectory", "/score"}
+        for scheduler in demo.scheduler_names(vdm):
+            grid = _cells(client.predict(6, scheduler, 2, 4, api_name="/sample"), columns=2, rows=2)
+            expected = (demo.sample_images(vdm, 4, 2, scheduler, 6)[..., 0] * 255).round()
+            np.testing.assert_array_equal(grid[SIZE:, :SIZE], expected[2])
+        frames = client.predict(4, "ancestral", 1, api_name="/trajectory")
+        assert [f["caption"] for f in frames] == ["t = 1", "t = 0.75", "t = 0.5", "t = 0.25"]
+        final = (demo.sample_images(vdm, 1, 1, "ancestral", 4)[0, ..., 0] * 255).round()
+        np.testing.assert_array_equal(_cells(frames[-1]["image"], columns=2, rows=1)[:, SIZE:], final)
+        drawing = _drawing(tmp_path / "one.png")
+        upload = {"background": handle_file(str(drawing)), "layers": [], "composite": None}
+        _, terms = client.predict(upload, api_name="/score")
+        assert set(terms) == {"bits_per_dim", "prior_term", "diffusion_term", "reconstruction_term"}
+        assert all(math.isfinite(value) and value > 0 for value in terms.values())
+        assert abs(_bits_of(terms) - terms["bits_per_dim"]) < 1e-6
+        assert terms == pytest.approx(demo.score_image(vdm, demo.to_model_image(PIL.Image.open(drawing), SIZE, 1)))
 
 
 def test_diffusion_app_api(ddpm: HFDDPMPipeline, tmp_path: Path) -> None:
@@ -180,13 +247,22 @@ def test_diffusion_app_api(ddpm: HFDDPMPipeline, tmp_path: Path) -> None:
         assert client.predict(drawn, api_name="/score")[1] == pytest.approx(terms, abs=1e-12)
 
 
-def test_score_image_is_the_pipeline_elbo(ddpm: HFDDPMPipeline, vae: VAEPipeline) -> None:
+def test_score_image_is_the_pipeline_elbo(ddpm: HFDDPMPipeline, vdm: VDMPipeline, vae: VAEPipeline) -> None:
     digit = np.zeros((SIZE, SIZE), dtype=np.uint8)
     digit[1:7, 3:5] = 255
     terms = demo.score_image(ddpm, digit, seed=4)
     bound = ddpm.elbo(digit[None], generator=torch.Generator().manual_seed(4))
     assert terms["bits_per_dim"] == pytest.approx(float(bound.bits_per_dim[0]), abs=1e-12)
     assert abs(_bits_of(terms) - terms["bits_per_dim"]) < 1e-6
+    terms = demo.score_image(vdm, digit, seed=4)
+    bound = vdm.elbo(digit[None], generator=torch.Generator().manual_seed(4))
+    assert terms == {
+        "bits_per_dim": float(bound.total[0]),
+        "prior_term": float(bound.prior[0]),
+        "diffusion_term": float(bound.diffusion[0]),
+        "reconstruction_term": float(bound.reconstruction[0]),
+    }
+    assert abs(_bits_of(terms) - terms["bits_per_dim"]) < 1e-9
     terms = demo.score_image(vae, digit, seed=4)
     assert set(terms) == {"bits_per_dim", "reconstruction_term", "kl_term", "layer_1_term"}
     elbo = vae.elbo(digit[None], num_samples=demo.VAE_ELBO_SAMPLES, generator=torch.Generator().manual_seed(4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 from huggingface_hub import ModelCard, metadata_load
@@ -10,6 +11,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from helpers import REPO, TOKEN, bound_of, code_blocks, report_for, tiny_ddpm_pipeline, tiny_vae_pipeline
 from hf_ddpm import NLLResult, TrainingReport, render_model_card
+from hf_ddpm.cli import build_parser
 from hf_ddpm.hub.card import redact_secrets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +79,16 @@ def test_card_metadata_validates_and_shows_the_measured_numbers(tmp_path):
     assert f'HFDDPMPipeline.from_pretrained("{REPO}", revision="main")' in hf_ddpm_snippet
     assert f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True, revision="main")' in remote_snippet
     assert "custom_pipeline" not in remote_snippet  # one call, no argument to guess
+
+
+def test_card_demo_commands_are_valid_hf_ddpm_commands_for_the_repo():
+    card = render_model_card(TrainingReport.for_pipeline(tiny_vae_pipeline(0), REPO))
+    [block] = re.findall(r"```bash\n(.*?)```", card.text, flags=re.S)
+    commands = [shlex.split(line, comments=True) for line in block.strip().splitlines()]
+    assert [command[:2] for command in commands] == [["hf_ddpm", "demo"]] * 2
+    served, space = (build_parser().parse_args(command[1:]) for command in commands)
+    assert (served.model, served.revision, served.export_space) == (REPO, "main", None)
+    assert (space.model, space.revision, space.export_space) == (REPO, "main", "space/")
 
 
 def test_card_of_a_vae_shows_its_importance_weighted_bound():

@@ -7,7 +7,9 @@
 For an :class:`HFDDPMPipeline` the app has three tabs: **Sample** (a grid of images drawn with the model's
 VDMScheduler or diffusers' DDIM / DDPM schedulers built from its config), **Trajectory** (x_t and the predicted x_0
 at evenly spaced steps of one reverse chain) and **Score** (the bits/dim of a drawn or uploaded digit, with the
-terms of the bound). A :class:`VAEPipeline` gets Sample (no steps or scheduler) and Score.
+terms of the bound). A :class:`VDMPipeline` (continuous time) gets the same three tabs, its chain's steps ancestral
+or DDIM-like (:class:`VDMContinuousScheduler`'s ``step_type``) on the grid t_i = i / n. A :class:`VAEPipeline` gets
+Sample (no steps or scheduler) and Score.
 
 Gradio is an optional dependency (``pip install 'hf_ddpm[demo]'``), imported only by the functions that need it.
 """
@@ -28,18 +30,23 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import HFDDPMPipeline, VAEPipeline, VDMScheduler, __version__
+from . import HFDDPMPipeline, VAEPipeline, VDMContinuousScheduler, VDMPipeline, VDMScheduler, __version__
 from .distributions import nats_to_bits_per_dim
 from .image_utils import model_range_to_output
 from .pipelines.auto import load_pipeline
+from .pipelines.vdm import VDM_EXACT_BOUND_STEPS, vdm_epsilon
+from .vdm.continuous_scheduler import VDM_STEP_TYPES
 
 if TYPE_CHECKING:
     import gradio
 
 GRADIO_MISSING = "the demo needs gradio: pip install 'hf_ddpm[demo]'"
-#: The schedulers of the Sample and Trajectory tabs: each is built from the pipeline's scheduler config per request.
+#: The schedulers of an HFDDPMPipeline's Sample and Trajectory tabs: each is built from the pipeline's scheduler
+#: config per request. A VDMPipeline's are the step types of VDMContinuousScheduler (``VDM_STEP_TYPES``).
 SCHEDULERS = {"vdm": VDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-PIPELINES = {"HFDDPMPipeline": HFDDPMPipeline, "VAEPipeline": VAEPipeline}
+PIPELINES = {"HFDDPMPipeline": HFDDPMPipeline, "VDMPipeline": VDMPipeline, "VAEPipeline": VAEPipeline}
+#: The longest chain the sliders offer a VDMPipeline (any n works in continuous time).
+VDM_MAX_STEPS = 1000
 #: Frames of the Trajectory tab (fewer when the chain is shorter).
 TRAJECTORY_FRAMES = 8
 #: Images are shown enlarged by an integer factor (nearest neighbour) to about this many pixels a side.
@@ -52,11 +59,17 @@ INK_THRESHOLD = 64
 VAE_ELBO_SAMPLES = 16
 
 
-class TrajectoryFrame(NamedTuple):
-    """One recorded step of a reverse chain: the timestep t, x_t and the scheduler's predicted x_0, both (H, W, C)
-    float arrays in [0, 1] (x_t clipped to the data range for display)."""
+#: The pipelines whose Sample and Trajectory tabs run a reverse chain; and every pipeline the demo shows.
+DiffusionPipelines = HFDDPMPipeline | VDMPipeline
+DemoPipelines = HFDDPMPipeline | VDMPipeline | VAEPipeline
 
-    timestep: int
+
+class TrajectoryFrame(NamedTuple):
+    """One recorded step of a reverse chain: the timestep t (an integer of a discrete chain, or the time in (0, 1]
+    of a continuous-time VDM), x_t and the scheduler's predicted x_0, both (H, W, C) float arrays in [0, 1] (x_t
+    clipped to the data range for display)."""
+
+    timestep: int | float
     noisy: np.ndarray
     predicted_original: np.ndarray
 
@@ -70,9 +83,9 @@ def import_gradio() -> ModuleType:
     return gradio
 
 
-def load_for_demo(model: str, revision: str | None) -> HFDDPMPipeline | VAEPipeline:
+def load_for_demo(model: str, revision: str | None) -> DemoPipelines:
     """Load ``model`` (a folder written by ``save_pretrained`` or a Hub repo id ORG/NAME at ``revision``) with the
-    pipeline class its ``model_index.json`` names (HFDDPMPipeline or VAEPipeline), on the GPU when there is one.
+    pipeline class its ``model_index.json`` names (one of :data:`PIPELINES`), on the GPU when there is one.
 
     Raises ``ValueError`` for a name that is neither a folder nor a repo id, or an unknown pipeline class, and
     ``OSError`` when the files cannot be found.
@@ -81,14 +94,28 @@ def load_for_demo(model: str, revision: str | None) -> HFDDPMPipeline | VAEPipel
         raise ValueError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
     pipeline = load_pipeline(model, revision=revision)
     if type(pipeline).__name__ not in PIPELINES:
-        raise ValueError(
-            f"{model} holds a {type(pipeline).__name__}; the demo shows {' and '.join(PIPELINES)} models."
-        )
+        raise ValueError(f"{model} holds a {type(pipeline).__name__}; the demo shows {', '.join(PIPELINES)} models.")
     return pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _network_config(pipeline: HFDDPMPipeline | VAEPipeline) -> FrozenDict:
+def _network_config(pipeline: DemoPipelines) -> FrozenDict:
     return (pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet).config
+
+
+def scheduler_names(pipeline: DiffusionPipelines) -> list[str]:
+    """The scheduler choices of ``pipeline``'s Sample and Trajectory tabs, the model's own (the default) first: the
+    keys of :data:`SCHEDULERS` for an HFDDPMPipeline; for a VDMPipeline the ``VDM_STEP_TYPES`` (ancestral, ddim),
+    its scheduler's ``step_type`` first."""
+    if isinstance(pipeline, VDMPipeline):
+        own = pipeline.scheduler.config.step_type
+        return [own, *(name for name in VDM_STEP_TYPES if name != own)]
+    return list(SCHEDULERS)
+
+
+def max_steps(pipeline: DiffusionPipelines) -> int:
+    """The longest reverse chain the sliders offer: T of an HFDDPMPipeline's chain, :data:`VDM_MAX_STEPS` for a
+    VDMPipeline."""
+    return VDM_MAX_STEPS if isinstance(pipeline, VDMPipeline) else pipeline.scheduler.config.num_train_timesteps
 
 
 def display_scale(sample_size: int) -> int:
@@ -117,37 +144,48 @@ def image_grid(images: np.ndarray, scale: int) -> PIL.Image.Image:
     return _to_pil(grid, scale)
 
 
-def with_scheduler(pipeline: HFDDPMPipeline, scheduler: str) -> HFDDPMPipeline:
-    """A pipeline sharing ``pipeline``'s network with a new scheduler of kind ``scheduler`` (a key of
-    :data:`SCHEDULERS`) built from its scheduler config, so concurrent requests never share scheduler state; its
-    progress bars are configured as ``pipeline``'s."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
-    copy = HFDDPMPipeline(unet=pipeline.unet, scheduler=SCHEDULERS[scheduler].from_config(pipeline.scheduler.config))
+def with_scheduler(pipeline: DiffusionPipelines, scheduler: str) -> DiffusionPipelines:
+    """A pipeline sharing ``pipeline``'s networks with a new scheduler of kind ``scheduler`` (one of
+    :func:`scheduler_names`) built from its scheduler config, so concurrent requests never share scheduler state;
+    its progress bars are configured as ``pipeline``'s. For a VDMPipeline the kind is VDMContinuousScheduler's
+    ``step_type``."""
+    names = scheduler_names(pipeline)
+    if scheduler not in names:
+        raise ValueError(f"scheduler must be one of {', '.join(names)}, got {scheduler!r}.")
+    config = pipeline.scheduler.config
+    if isinstance(pipeline, VDMPipeline):
+        copy = VDMPipeline(
+            unet=pipeline.unet,
+            noise_schedule=pipeline.noise_schedule,
+            scheduler=VDMContinuousScheduler.from_config(config, step_type=scheduler),
+        )
+    else:
+        copy = HFDDPMPipeline(unet=pipeline.unet, scheduler=SCHEDULERS[scheduler].from_config(config))
     copy.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
     return copy
 
 
 def sample_images(
-    pipeline: HFDDPMPipeline | VAEPipeline,
+    pipeline: DemoPipelines,
     num_images: int,
     seed: int,
-    scheduler: str = "vdm",
+    scheduler: str | None = None,
     num_inference_steps: int = 100,
 ) -> np.ndarray:
     """``num_images`` samples, (N, H, W, C) floats in [0, 1], drawn with ``torch.Generator().manual_seed(seed)``.
-    ``scheduler`` and ``num_inference_steps`` apply to an HFDDPMPipeline only (see :func:`with_scheduler`)."""
+    ``scheduler`` (default: the first of :func:`scheduler_names`, the model's own) and ``num_inference_steps``
+    apply to the diffusion pipelines only (see :func:`with_scheduler`)."""
     generator = torch.Generator().manual_seed(seed)
     if isinstance(pipeline, VAEPipeline):
         return pipeline(batch_size=num_images, generator=generator, output_type="np").images
-    sampler = with_scheduler(pipeline, scheduler)
+    sampler = with_scheduler(pipeline, scheduler or scheduler_names(pipeline)[0])
     call = {"batch_size": num_images, "generator": generator, "num_inference_steps": num_inference_steps}
     return sampler(**call, output_type="np").images
 
 
 @torch.no_grad()
 def denoising_trajectory(
-    pipeline: HFDDPMPipeline,
+    pipeline: DiffusionPipelines,
     scheduler: str,
     num_inference_steps: int,
     seed: int,
@@ -156,7 +194,7 @@ def denoising_trajectory(
     """Run one reverse chain of ``num_inference_steps`` steps from x_T ~ N(0, I) (``seed``) and record x_t and the
     predicted x_0 at ``min(num_frames, num_inference_steps)`` evenly spaced steps, the first and the last included.
 
-    The chain is the one :meth:`HFDDPMPipeline.__call__` runs with the same scheduler and seed.
+    The chain is the one the pipeline's ``__call__`` runs with the same scheduler and seed.
     """
     sampler = with_scheduler(pipeline, scheduler)
     config = sampler.unet.config
@@ -164,18 +202,25 @@ def denoising_trajectory(
     shape = (1, config.in_channels, config.sample_size, config.sample_size)
     device = sampler._execution_device
     image = randn_tensor(shape, generator=generator, device=device, dtype=sampler.unet.dtype)
-    image = image * sampler.scheduler.init_noise_sigma
-    sampler.scheduler.set_timesteps(num_inference_steps)
+    continuous = isinstance(sampler, VDMPipeline)
+    if continuous:
+        sampler.scheduler.set_timesteps(num_inference_steps, device=device, noise_schedule=sampler.noise_schedule)
+    else:
+        image = image * sampler.scheduler.init_noise_sigma
+        sampler.scheduler.set_timesteps(num_inference_steps)
     timesteps = sampler.scheduler.timesteps
     recorded = set(np.linspace(0, len(timesteps) - 1, min(num_frames, len(timesteps))).round().astype(int).tolist())
     frames = []
     for index, t in enumerate(timesteps):
-        model_input = sampler.scheduler.scale_model_input(image, t)
-        model_output = sampler._model_output_for(sampler.unet(model_input, t).sample, config.in_channels)
+        if continuous:
+            model_output = vdm_epsilon(sampler.unet, image, t)
+        else:
+            model_input = sampler.scheduler.scale_model_input(image, t)
+            model_output = sampler._model_output_for(sampler.unet(model_input, t).sample, config.in_channels)
         step = sampler.scheduler.step(model_output, t, image, generator=generator)
         if index in recorded:
             noisy, predicted = (model_range_to_output(x, "np")[0] for x in (image, step.pred_original_sample))
-            frames.append(TrajectoryFrame(int(t), noisy, predicted))
+            frames.append(TrajectoryFrame(float(t) if continuous else int(t), noisy, predicted))
         image = step.prev_sample
     return frames
 
@@ -220,19 +265,21 @@ def to_model_image(image: PIL.Image.Image, sample_size: int, channels: int) -> n
     return framed
 
 
-def score_image(pipeline: HFDDPMPipeline | VAEPipeline, image: np.ndarray, seed: int = 0) -> dict[str, float]:
+def score_image(pipeline: DemoPipelines, image: np.ndarray, seed: int = 0) -> dict[str, float]:
     """The negative ELBO of one image in bits/dim and its terms, which add up to it.
 
     Args:
-        pipeline: an HFDDPMPipeline (exact bound: all T terms, T network calls) or a VAEPipeline (ELBO with
+        pipeline: an HFDDPMPipeline (exact bound: all T terms, T network calls), a VDMPipeline (its ``elbo``: the
+            discrete-time bound at T = 1000, every step summed) or a VAEPipeline (ELBO with
             :data:`VAE_ELBO_SAMPLES` draws of z).
         image: uint8 (H, W) or (H, W, C) of the model's size and channels (see :func:`to_model_image`).
         seed: for the draws of x_t (diffusion) or z (VAE).
 
     Returns:
         ``bits_per_dim`` and the terms in bits/dim: ``prior_term``, ``denoising_terms`` and
-        ``reconstruction_term`` for a diffusion model; ``reconstruction_term``, ``kl_term`` (top prior matching)
-        and ``layer_1_term`` ... ``layer_{L-1}_term`` for a VAE with L latent layers.
+        ``reconstruction_term`` for a DDPM; ``prior_term``, ``diffusion_term`` and ``reconstruction_term`` for a
+        VDM; ``reconstruction_term``, ``kl_term`` (top prior matching) and ``layer_1_term`` ...
+        ``layer_{L-1}_term`` for a VAE with L latent layers.
     """
     generator = torch.Generator().manual_seed(seed)
     batch = np.asarray(image)[None]
@@ -240,6 +287,12 @@ def score_image(pipeline: HFDDPMPipeline | VAEPipeline, image: np.ndarray, seed:
         bound = pipeline.elbo(batch, generator=generator)
         names = ("bits_per_dim", "prior_term", "denoising_terms", "reconstruction_term")
         return {name: float(getattr(bound, name)[0]) for name in names}
+    if isinstance(pipeline, VDMPipeline):
+        terms = pipeline.elbo(batch, generator=generator)
+        names = ("prior", "diffusion", "reconstruction")
+        return {"bits_per_dim": float(terms.total[0])} | {
+            f"{name}_term": float(getattr(terms, name)[0]) for name in names
+        }
     elbo = pipeline.elbo(batch, num_samples=VAE_ELBO_SAMPLES, generator=generator)
     dims = batch[0].size
     terms = {"reconstruction_term": elbo.reconstruction_nats[0], "kl_term": elbo.kl_nats[0]}
@@ -248,7 +301,7 @@ def score_image(pipeline: HFDDPMPipeline | VAEPipeline, image: np.ndarray, seed:
     return {"bits_per_dim": math.fsum(bits.values()), **bits}
 
 
-def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
+def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
     """The Gradio app for ``pipeline``; launch it with ``.launch()``.
 
     Its API endpoints: ``/sample`` (steps, scheduler, seed, number of images -> grid; for a VAE: seed, number of
@@ -282,7 +335,7 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
     ) -> list[tuple[PIL.Image.Image, str]]:
         frames = denoising_trajectory(pipeline, scheduler, int(steps), int(seed))
         pairs = ((np.concatenate([f.noisy, f.predicted_original], axis=1), f.timestep) for f in frames)
-        return [(_to_pil(pair, scale), f"t = {timestep}") for pair, timestep in pairs]
+        return [(_to_pil(pair, scale), f"t = {timestep:.4g}") for pair, timestep in pairs]
 
     def score(drawing: dict | None, progress=gr.Progress(track_tqdm=True)) -> tuple[PIL.Image.Image, dict[str, float]]:
         images = [] if drawing is None else [drawing["composite"], drawing["background"]]
@@ -297,19 +350,26 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
         return _to_pil(shown / 255.0, scale), score_image(pipeline, model_image)
 
     def chain_controls() -> list:
-        steps_max = pipeline.scheduler.config.num_train_timesteps
+        steps_max, names = max_steps(pipeline), scheduler_names(pipeline)
+        if isinstance(pipeline, VDMPipeline):
+            steps_label = "steps n (the grid t_i = i / n of continuous time)"
+            info = "ancestral: z_s ~ p(z_s | z_t); ddim: deterministic, z_s = alpha_s x_hat + sigma_s eps_hat"
+        else:
+            steps_label = "steps (respaced reverse chain)"
+            info = "vdm: the model's own; ddim, ddpm: diffusers' schedulers from its config"
         return [
-            gr.Slider(1, steps_max, value=min(100, steps_max), step=1, label="steps (respaced reverse chain)"),
-            gr.Radio(
-                list(SCHEDULERS),
-                value="vdm",
-                label="scheduler",
-                info="vdm: the model's own; ddim, ddpm: diffusers' schedulers from its config",
-            ),
+            gr.Slider(1, steps_max, value=min(100, steps_max), step=1, label=steps_label),
+            gr.Radio(names, value=names[0], label="scheduler", info=info),
         ]
 
     with gr.Blocks(title=f"hf_ddpm: {name}", analytics_enabled=False) as demo:
-        kind = "variational autoencoder" if is_vae else "denoising diffusion model"
+        kind = (
+            "variational autoencoder"
+            if is_vae
+            else "continuous-time variational diffusion model"
+            if isinstance(pipeline, VDMPipeline)
+            else "denoising diffusion model"
+        )
         size = f"{config.sample_size}x{config.sample_size}, {config.in_channels} channel(s)"
         gr.Markdown(f"# {name}\nA {kind} ({size}), served by hf_ddpm.")
         with gr.Tab("Sample"):
@@ -333,6 +393,9 @@ def build_demo(pipeline: HFDDPMPipeline | VAEPipeline) -> gradio.Blocks:
         with gr.Tab("Score"):
             if is_vae:
                 cost = f"the ELBO with {VAE_ELBO_SAMPLES} samples of z"
+            elif isinstance(pipeline, VDMPipeline):
+                steps = VDM_EXACT_BOUND_STEPS
+                cost = f"the discrete-time bound at T = {steps}, every step summed, costs {steps} network calls"
             else:
                 cost = f"the exact bound costs {pipeline.scheduler.config.num_train_timesteps} network calls"
             framing = (
