@@ -1,19 +1,20 @@
-"""NLL on the official MNIST test set against CPU-minutes of training, for the DDPM default, the continuous-time VDM
-and the hierarchical VAE (issue #11's learning curves).
+"""NLL on the official MNIST test set against CPU-minutes of training, for the DDPM default, the continuous-time VDM,
+the hierarchical VAE (issue #11's learning curves) and the Gaussian VAE.
 
-    python benchmarks/learning_curves.py --minutes 5 15 60 120 [--models ddpm vdm hvae] [--json FILE]
+    python benchmarks/learning_curves.py --minutes 5 15 60 120 [--models ddpm vdm hvae vae] [--json FILE]
 
 One ``training/train.py`` run per model on the embedded 60,000 training digits: budget.py calibrates its seconds per
 step on this machine, the run gets the steps that fill the longest budget, with one learning-rate schedule (warm-up,
 cosine decay) over all of them, and saves its EMA weights as a pipeline every --save_every steps
-(``train.py --save_pipeline_steps``). A budget's point is the pipeline saved last before the run's own clock (the
-``train_seconds`` of ``train_log.jsonl``) passed that many minutes, scored by ``hf_ddpm evaluate`` on the first
---num_eval_images official t10k digits (default: all 10,000) with --timesteps_per_image draws per image. So a
-curve costs its longest budget once, not the sum of its budgets; the price is that the shorter budgets' points are
-of weights whose learning rate had not decayed yet (a run of their own, ``budget.train_for_budget``, ends lower).
-A model folder that already holds a finished run (``eval_results.json``), or a run whose log passed the longest
-budget (one stopped there: the steps after it are never scored), is scored without training it again, and the
-points already in the JSON are kept unless re-measured. Writes the JSON (default
+(``train.py --save_pipeline_steps``; by default the recipe's: about every 20-25 s of training on 2 CPU cores). A
+budget's point is the pipeline saved last before the run's own clock (the ``train_seconds`` of ``train_log.jsonl``)
+passed that many minutes, scored by ``hf_ddpm evaluate`` on the first --num_eval_images official t10k digits
+(default: all 10,000) with --timesteps_per_image draws per image (the VAEs: the ELBO with one draw of z, and the
+IWAE bound with K = 64). So a curve costs its longest budget once, not the sum of its budgets; the price is that the
+shorter budgets' points are of weights whose learning rate had not decayed yet (a run of their own, one budget in
+--minutes, ends lower). A model folder that already holds a finished run (``eval_results.json``), or a run whose
+log passed the longest budget (one stopped there: the steps after it are never scored), is scored without training
+it again, and the points already in the JSON are kept unless re-measured. Writes the JSON (default
 benchmarks/results/learning_curves.json) and a plot beside it (same name, .png; needs matplotlib).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hf_ddpm.cli import main as hf_ddpm_cli
@@ -30,10 +32,23 @@ from hf_ddpm.training_utils import PIPELINE_PREFIX, read_train_log
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, seconds_per_step, train  # noqa: E402
 
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model of the plot: its legend, its ``train.py`` flags, the steps of its calibration run (VAE steps are
+    ~15x shorter than diffusion steps, so they need more of them to time) and the steps between saved pipelines."""
+
+    label: str
+    flags: list[str]
+    calibration_steps: int
+    save_every: int
+
+
 RECIPES = {
-    "ddpm": ("DDPM default (hybrid, learned variance)", []),
-    "vdm": ("VDM, continuous time, learned schedule", ["--model", "vdm"]),
-    "hvae": ("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"]),
+    "ddpm": Recipe("DDPM default (hybrid, learned variance)", [], 60, 65),
+    "vdm": Recipe("VDM, continuous time, learned schedule", ["--model", "vdm"], 60, 65),
+    "hvae": Recipe("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"], 200, 1000),
+    "vae": Recipe("Gaussian VAE (1 latent layer)", ["--model", "vae"], 200, 1000),
 }
 
 
@@ -73,7 +88,7 @@ def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
             yerr=[r["standard_error"] for r in rows],
             marker="o",
             capsize=3,
-            label=RECIPES[key][0],
+            label=RECIPES[key].label,
         )
     axis.set_xscale("log")
     axis.set_xlabel("training wall time on this machine (minutes, 2 CPU cores)")
@@ -88,7 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 60, 120])
     parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    parser.add_argument("--save_every", type=int, default=65, help="steps between saved pipelines")
+    parser.add_argument(
+        "--save_every", type=int, default=None, help="steps between saved pipelines (default: the recipe's)"
+    )
     parser.add_argument("--num_eval_images", type=int, default=10000)
     parser.add_argument("--timesteps_per_image", type=int, default=8)
     parser.add_argument("--num_samples", type=int, default=0, help="samples for the sample metrics at each point")
@@ -100,17 +117,18 @@ def main() -> None:
     for key in args.models:
         run = args.work_dir / f"{key}_curve"
         if not trained_for(run, max(args.minutes) * 60):
-            flags = RECIPES[key][1]
-            per_step = seconds_per_step(run.with_name(run.name + "_calibration"), flags, 200 if key == "hvae" else 60)
+            recipe = RECIPES[key]
+            calibration = run.with_name(run.name + "_calibration")
+            per_step = seconds_per_step(calibration, recipe.flags, recipe.calibration_steps)
             steps = int(max(args.minutes) * 60 / per_step)
             train(
                 run,
                 [
-                    *flags,
+                    *recipe.flags,
                     "--max_train_steps",
                     str(steps),
                     "--save_pipeline_steps",
-                    str(args.save_every),
+                    str(args.save_every or recipe.save_every),
                     "--checkpointing_steps",
                     str(steps),
                     "--eval_steps",
@@ -149,7 +167,7 @@ def main() -> None:
             points.setdefault(key, {})[f"{minutes:g}"] = point
             args.json.write_text(json.dumps(points, indent=2))
             print(
-                f"{RECIPES[key][0]}, {minutes:g} min ({row['train_seconds'] / 60:.1f} min, step {row['step']}): "
+                f"{RECIPES[key].label}, {minutes:g} min ({row['train_seconds'] / 60:.1f} min, step {row['step']}): "
                 f"{point['bits_per_dim']:.4f} ± {point['standard_error']:.4f} bits/dim",
                 flush=True,
             )
