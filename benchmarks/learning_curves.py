@@ -6,7 +6,7 @@ the hierarchical VAE (issue #11's learning curves) and the Gaussian VAE.
 One ``training/train.py`` run per model on the embedded 60,000 training digits: budget.py calibrates its seconds per
 step on this machine, the run gets the steps that fill the longest budget, with one learning-rate schedule (warm-up,
 cosine decay) over all of them, and saves its EMA weights as a pipeline every --save_every steps
-(``train.py --save_pipeline_steps``; by default the recipe's: about every 20-25 s of training on 2 CPU cores). A
+(``train.py --save_pipeline_steps``; by default the recipe's: every 25-40 s of training on 2 CPU cores). A
 budget's point is the pipeline saved last before the run's own clock (the ``train_seconds`` of ``train_log.jsonl``)
 passed that many minutes, scored by ``hf_ddpm evaluate`` on the first --num_eval_images official t10k digits
 (default: all 10,000) with --timesteps_per_image draws per image (the VAEs: the ELBO with one draw of z, and the
@@ -36,7 +36,7 @@ from budget import REPO, seconds_per_step, train  # noqa: E402
 @dataclass(frozen=True)
 class Recipe:
     """One model of the plot: its legend, its ``train.py`` flags, the steps of its calibration run (VAE steps are
-    ~15x shorter than diffusion steps, so they need more of them to time) and the steps between saved pipelines."""
+    ~10x shorter than diffusion steps, so they need more of them to time) and the steps between saved pipelines."""
 
     label: str
     flags: list[str]
@@ -128,7 +128,7 @@ def main() -> None:
                     "--max_train_steps",
                     str(steps),
                     "--save_pipeline_steps",
-                    str(args.save_every or recipe.save_every),
+                    str(recipe.save_every if args.save_every is None else args.save_every),
                     "--checkpointing_steps",
                     str(steps),
                     "--eval_steps",
