@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,29 @@ FAST_OUTPUTS = [
     "--sample_steps",
     "2",
 ]  # runs that only time steps
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model the benchmarks train: its name in tables and legends, its ``train.py`` flags, the steps of its
+    calibration run (VAE steps are ~10x shorter than diffusion steps, so they need more of them to time) and the
+    steps between its saved pipelines in a learning curve (every 25-40 s of training on 2 CPU cores)."""
+
+    label: str
+    flags: list[str]
+    calibration_steps: int
+    save_every: int
+
+
+RECIPES = {
+    "vae": Recipe("VAE (1 latent layer)", ["--model", "vae"], 200, 1000),
+    "hvae": Recipe("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"], 200, 1000),
+    "ddpm_simple": Recipe(
+        "DDPM simple, fixed var.", ["--loss_type", "simple", "--variance_type", "fixed_small"], 60, 65
+    ),
+    "ddpm": Recipe("DDPM hybrid, learned var.", [], 60, 65),
+    "vdm": Recipe("VDM, continuous time, learned schedule", ["--model", "vdm"], 60, 65),
+}
 
 
 def train(

@@ -1,5 +1,5 @@
 """NLL on the official MNIST test set against CPU-minutes of training, for the DDPM default, the continuous-time VDM,
-the hierarchical VAE (issue #11's learning curves) and the Gaussian VAE.
+the hierarchical VAE (issue #11's learning curves), the Gaussian VAE, or any other recipe of budget.py.
 
     python benchmarks/learning_curves.py --minutes 5 15 60 120 [--models ddpm vdm hvae vae] [--json FILE]
 
@@ -23,33 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from hf_ddpm.cli import main as hf_ddpm_cli
 from hf_ddpm.training_utils import PIPELINE_PREFIX, read_train_log
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import REPO, seconds_per_step, train  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One model of the plot: its legend, its ``train.py`` flags, the steps of its calibration run (VAE steps are
-    ~10x shorter than diffusion steps, so they need more of them to time) and the steps between saved pipelines."""
-
-    label: str
-    flags: list[str]
-    calibration_steps: int
-    save_every: int
-
-
-RECIPES = {
-    "ddpm": Recipe("DDPM default (hybrid, learned variance)", [], 60, 65),
-    "vdm": Recipe("VDM, continuous time, learned schedule", ["--model", "vdm"], 60, 65),
-    "hvae": Recipe("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"], 200, 1000),
-    "vae": Recipe("Gaussian VAE (1 latent layer)", ["--model", "vae"], 200, 1000),
-}
+from budget import RECIPES, REPO, seconds_per_step, train  # noqa: E402
 
 
 def pipeline_at(run: Path, seconds: float) -> tuple[Path, dict]:
@@ -102,7 +82,7 @@ def plot(points: dict[str, dict[str, dict]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 60, 120])
-    parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=["ddpm", "vdm", "hvae", "vae"])
     parser.add_argument(
         "--save_every", type=int, default=None, help="steps between saved pipelines (default: the recipe's)"
     )

@@ -22,14 +22,9 @@ from PIL import Image, ImageDraw
 from hf_ddpm.cli import main as hf_ddpm_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import REPO, train_for_budget  # noqa: E402
+from budget import RECIPES, REPO, train_for_budget  # noqa: E402
 
-RECIPES = {
-    "VAE (1 latent layer)": ["--model", "vae"],
-    "hierarchical VAE (3 layers)": ["--model", "vae", "--num_latent_layers", "3"],
-    "DDPM simple, fixed var.": ["--loss_type", "simple", "--variance_type", "fixed_small"],
-    "DDPM hybrid, learned var.": [],
-}
+MODELS = ["vae", "hvae", "ddpm_simple", "ddpm"]  # keys of budget.RECIPES
 
 
 def side_by_side(grids: dict[str, Path], out: Path) -> None:
@@ -56,13 +51,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows, grids = {}, {}
-    for index, (name, flags) in enumerate(RECIPES.items()):
-        folder = args.work_dir / f"model_{index}"
+    for index, recipe in enumerate(RECIPES[key] for key in MODELS):
+        name, folder = recipe.label, args.work_dir / f"model_{index}"
         run = train_for_budget(
             folder,
-            [*flags, "--num_sample_images", "64"],
+            [*recipe.flags, "--num_sample_images", "64"],
             args.budget_minutes * 60,
-            calibration_steps=200 if "vae" in flags else 60,
+            calibration_steps=recipe.calibration_steps,
         )
         evaluation = folder / "evaluate.json"
         hf_ddpm_cli(
