@@ -11,7 +11,7 @@ Measures, in one run and interleaved (so machine drift hits every arm alike):
     found it (1 thread, foreach AdamW, per-tensor EMA, subnormal floats
     on the CPU's slow path), on 2 threads, and as train.py runs it now; each in a process of its own.
 
-    python benchmarks/throughput.py [--batch_size 128] [--repeats 5] [--json benchmarks/results/throughput.json]
+    python benchmarks/throughput.py [--batch_size 128] [--repeats 15] [--json throughput.json]
     python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
 """
 
@@ -192,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="batch of the model comparison")
     parser.add_argument("--step_batch_size", type=int, default=32, help="batch of the default step (train.py's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="timed steps per measurement (5 let one disturbed round decide)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument(
         "--precisions",
