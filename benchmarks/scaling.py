@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import FAST_OUTPUTS, REPO, train  # noqa: E402
@@ -69,7 +69,7 @@ def epoch(
 def sampling(batch_sizes: tuple[int, ...], steps: int) -> list[dict]:
     """Milliseconds per sampled image at each batch size (default network, random weights: the cost is the same)."""
     pipe = HFDDPMPipeline(
-        unet=DenoisingUNet(), scheduler=VDMScheduler(beta_schedule="cosine", variance_type="learned_range")
+        unet=DenoisingUNet(), scheduler=HFDDPMScheduler(beta_schedule="cosine", variance_type="learned_range")
     )
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=2, num_inference_steps=2)  # warm-up

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-from hf_ddpm import HFDDPMPipeline, VDMScheduler
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.metrics import sample_quality
 
@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 def configurations(config) -> list[tuple[str, object, int]]:
     """(label, scheduler, steps) for every sampler compared."""
     learned = [
-        (f"VDM learned variance, {n} steps", VDMScheduler.from_config(config), n) for n in (1000, 250, 100, 50, 25)
+        (f"VDM learned variance, {n} steps", HFDDPMScheduler.from_config(config), n) for n in (1000, 250, 100, 50, 25)
     ]
     fixed = [
-        (f"VDM fixed_small variance, {n} steps", VDMScheduler.from_config(config, variance_type="fixed_small"), n)
+        (f"VDM fixed_small variance, {n} steps", HFDDPMScheduler.from_config(config, variance_type="fixed_small"), n)
         for n in (250, 100, 50, 25)
     ]
     return learned + fixed + [("DDIM (eta 0), 50 steps", DDIMScheduler.from_config(config), 50)]

@@ -89,14 +89,16 @@ def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def tiny_ddpm_pipeline(seed: int = 0):
     """A learned-variance DDPM small enough to sample in milliseconds (T = 10, 8x8 images), with random weights."""
-    from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+    from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
 
     torch.manual_seed(seed)
     unet = DenoisingUNet(sample_size=8, block_out_channels=(8, 16), attention_resolutions=(), learn_variance=True)
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.normal_(0.0, 0.05)
-    pipeline = HFDDPMPipeline(unet=unet, scheduler=VDMScheduler(num_train_timesteps=10, variance_type="learned_range"))
+    pipeline = HFDDPMPipeline(
+        unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range")
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

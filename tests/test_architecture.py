@@ -15,6 +15,7 @@ LAYERS = {
     "hf_ddpm.distributions": 1,
     "hf_ddpm.image_utils": 1,
     "hf_ddpm.vae": 2,
+    "hf_ddpm.ddpm": 3,
     "hf_ddpm.vdm": 3,
     "hf_ddpm.models": 4,
     "hf_ddpm.evaluation": 5,

@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from hf_ddpm import BoundOptions, DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler, evaluate_bound
+from hf_ddpm import (
+    BoundOptions,
+    DenoisingUNet,
+    GaussianVAE,
+    HFDDPMPipeline,
+    HFDDPMScheduler,
+    VAEPipeline,
+    evaluate_bound,
+)
 from hf_ddpm.cli import main
 from hf_ddpm.data import ImageTensorDataset, load_images
 
@@ -20,7 +28,7 @@ def tiny_model(tmp_path_factory):
         unet.conv_out.weight.normal_(0, 0.05)
     folder = tmp_path_factory.mktemp("model")
     HFDDPMPipeline(
-        unet=unet, scheduler=VDMScheduler(num_train_timesteps=20, variance_type="learned_range")
+        unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=20, variance_type="learned_range")
     ).save_pretrained(folder)
     return folder
 

@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMPipeline, HFDDPMScheduler, VAEPipeline
 from hf_ddpm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     unet = DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=())
     folder = tmp_path_factory.mktemp("model")
-    scheduler = VDMScheduler(num_train_timesteps=20, variance_type="learned_range")
+    scheduler = HFDDPMScheduler(num_train_timesteps=20, variance_type="learned_range")
     HFDDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
 
@@ -29,7 +29,7 @@ def rgb_model(tmp_path_factory):
     torch.manual_seed(0)
     unet = DenoisingUNet(sample_size=8, in_channels=3, block_out_channels=(8, 16), attention_resolutions=())
     folder = tmp_path_factory.mktemp("rgb")
-    scheduler = VDMScheduler(num_train_timesteps=20, variance_type="learned_range")
+    scheduler = HFDDPMScheduler(num_train_timesteps=20, variance_type="learned_range")
     HFDDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
 

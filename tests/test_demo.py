@@ -28,10 +28,10 @@ from hf_ddpm import (
     DenoisingUNet,
     GaussianVAE,
     HFDDPMPipeline,
+    HFDDPMScheduler,
     VAEPipeline,
     VDMContinuousScheduler,
     VDMPipeline,
-    VDMScheduler,
     demo,
 )
 
@@ -68,7 +68,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_pretrained."""
     root = tmp_path_factory.mktemp("models")
     unet = DenoisingUNet(sample_size=SIZE, in_channels=1, block_out_channels=(8, 16), attention_resolutions=())
-    scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range")
+    scheduler = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range")
     HFDDPMPipeline(unet=_perturbed(unet), scheduler=scheduler).save_pretrained(root / "ddpm")
     vae = GaussianVAE(sample_size=SIZE, latent_dim=4, block_out_channels=(4, 8), hidden_dim=8, num_latent_layers=2)
     VAEPipeline(vae=_perturbed(vae)).save_pretrained(root / "vae")

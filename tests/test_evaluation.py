@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from helpers import mnist_like_pixels, tiny_vae
-from hf_ddpm import BoundOptions, BoundResult, DenoisingUNet, HFDDPMPipeline, VAEPipeline, VDMScheduler, evaluate_bound
+from hf_ddpm import (
+    BoundOptions,
+    BoundResult,
+    DenoisingUNet,
+    HFDDPMPipeline,
+    HFDDPMScheduler,
+    VAEPipeline,
+    evaluate_bound,
+)
 from hf_ddpm.evaluation import BatchBound, mean_and_standard_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +31,7 @@ def small_pipeline() -> tuple[HFDDPMPipeline, torch.Tensor]:
     ).eval()
     with torch.no_grad():  # a non-trivial model: the output layer starts at zero
         unet.conv_out.weight.normal_(0, 0.05)
-    scheduler = VDMScheduler(
+    scheduler = HFDDPMScheduler(
         num_train_timesteps=20, variance_type="learned_range", beta_schedule="linear", beta_end=0.2
     )
     pipeline = HFDDPMPipeline(unet=unet, scheduler=scheduler)

@@ -8,16 +8,16 @@ import sys
 from diffusers import DDPMScheduler, UNet2DModel
 
 import hf_ddpm
+from hf_ddpm.ddpm.chain import DiffusionChain
+from hf_ddpm.ddpm.scheduler import HFDDPMScheduler
 from hf_ddpm.hub.naming import PACKAGE, library_of, package_namespace
-from hf_ddpm.vdm.chain import DiffusionChain
-from hf_ddpm.vdm.scheduler import VDMScheduler
 
 
 def test_public_classes_are_named_by_the_package():
     assert PACKAGE == "hf_ddpm"
-    assert library_of(VDMScheduler) == ("hf_ddpm", "VDMScheduler")
-    assert library_of(VDMScheduler(num_train_timesteps=10)) == ("hf_ddpm", "VDMScheduler")
-    assert package_namespace(VDMScheduler) is sys.modules["hf_ddpm"] is hf_ddpm
+    assert library_of(HFDDPMScheduler) == ("hf_ddpm", "HFDDPMScheduler")
+    assert library_of(HFDDPMScheduler(num_train_timesteps=10)) == ("hf_ddpm", "HFDDPMScheduler")
+    assert package_namespace(HFDDPMScheduler) is sys.modules["hf_ddpm"] is hf_ddpm
     for name in hf_ddpm.__all__:
         value = getattr(hf_ddpm, name)
         if isinstance(value, type):

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.data.images import LoadOptions, decode_image
 from hf_ddpm.hub.push import save_pipeline_repo
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def pipe():
     torch.manual_seed(0)
     unet = DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=())
-    return HFDDPMPipeline(unet=unet, scheduler=VDMScheduler(num_train_timesteps=10, variance_type="learned_range"))
+    return HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range"))
 
 
 def test_elbo_of_a_nan_pixel_is_a_clear_error(pipe):

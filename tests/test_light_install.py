@@ -49,11 +49,11 @@ import torch
 
 import hf_ddpm
 import hf_ddpm.cli
-from hf_ddpm import BoundOptions, DenoisingUNet, HFDDPMPipeline, VDMScheduler, evaluate_bound
+from hf_ddpm import BoundOptions, DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler, evaluate_bound
 
 torch.manual_seed(0)
 unet = DenoisingUNet(sample_size=8, block_out_channels=(8, 16), attention_resolutions=())
-pipe = HFDDPMPipeline(unet=unet, scheduler=VDMScheduler(num_train_timesteps=10, variance_type="learned_range"))
+pipe = HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range"))
 pipe.set_progress_bar_config(disable=True)
 images = pipe(batch_size=2, num_inference_steps=3, output_type="pt").images
 assert images.shape == (2, 1, 8, 8), images.shape
@@ -65,7 +65,7 @@ assert bound.num_images == 3 and bound.bits_per_dim > 0
 with tempfile.TemporaryDirectory() as folder:
     pipe.save_pretrained(folder)
     loaded = HFDDPMPipeline.from_pretrained(folder)
-    assert type(loaded.scheduler).__name__ == "VDMScheduler"
+    assert type(loaded.scheduler).__name__ == "HFDDPMScheduler"
 leaked = sorted(name for name in BLOCKED if sys.modules.get(name) is not None)
 assert not leaked, leaked
 try:

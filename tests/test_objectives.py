@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import mnist_like_pixels, on_grid, tiny_vae
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VAEPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler, VAEPipeline
+from hf_ddpm.ddpm.elbo import training_loss
+from hf_ddpm.ddpm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler
 from hf_ddpm.evaluation import BoundOptions
 from hf_ddpm.objectives import DiffusionObjective, ObjectiveOutput, VAEObjective, loss_by_quartile
-from hf_ddpm.vdm.elbo import training_loss
-from hf_ddpm.vdm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def test_loss_by_quartile_averages_each_quarter_of_the_timesteps_present():
 
 @pytest.mark.parametrize("loss_type", ["hybrid", "vlb"])
 def test_diffusion_objective_is_the_training_loss_at_the_samplers_timesteps(loss_type):
-    scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range")
+    scheduler = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range")
     scheduler.set_timesteps(5)  # training reads only the frozen training chain
     sampler = LossSecondMomentSampler(T, history=1)
     objective = DiffusionObjective(
@@ -75,7 +75,7 @@ def test_diffusion_objective_is_the_training_loss_at_the_samplers_timesteps(loss
 
 
 def test_diffusion_objective_pipeline_wraps_the_model_being_trained():
-    scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range")
+    scheduler = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range")
     objective = DiffusionObjective(scheduler, "hybrid", UniformTimestepSampler(T))
     unet = tiny_unet()
     pipeline = objective.pipeline(unet)

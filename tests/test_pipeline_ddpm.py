@@ -14,11 +14,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import hf_ddpm
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, VDMScheduler
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
+from hf_ddpm.ddpm.chain import DiffusionChain
+from hf_ddpm.ddpm.elbo import ELBOOutput, full_elbo
 from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.hub.registration import HFDDPMRegistrationMixin
-from hf_ddpm.vdm.chain import DiffusionChain
-from hf_ddpm.vdm.elbo import ELBOOutput, full_elbo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +48,7 @@ def make_pipeline(unet: DenoisingUNet, scheduler: SchedulerMixin) -> HFDDPMPipel
 @pytest.fixture(scope="module")
 def pipeline() -> HFDDPMPipeline:
     """A tiny learned-variance pipeline with a T = 20 chain."""
-    return make_pipeline(tiny_unet(), VDMScheduler(num_train_timesteps=T, variance_type="learned_range"))
+    return make_pipeline(tiny_unet(), HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range"))
 
 
 def sample(pipeline: HFDDPMPipeline, seed: int, steps: int = T, **kwargs: Any) -> Any:
@@ -71,7 +71,9 @@ def test_sampling_equals_diffusers_ddpm_scheduler_with_the_same_noise(learn_vari
     """The same model and generator, with our scheduler or diffusers' DDPMScheduler built from its config, gives the
     same images (to diffusers' float32 schedule constants)."""
     variance_type = "learned_range" if learn_variance else "fixed_small"
-    ours = make_pipeline(tiny_unet(learn_variance), VDMScheduler(num_train_timesteps=T, variance_type=variance_type))
+    ours = make_pipeline(
+        tiny_unet(learn_variance), HFDDPMScheduler(num_train_timesteps=T, variance_type=variance_type)
+    )
     theirs = make_pipeline(ours.unet, DDPMScheduler.from_config(ours.scheduler.config))
     assert theirs.scheduler.config.variance_type == variance_type
     a, b = sample(ours, 3, output_type="pt"), sample(theirs, 3, output_type="pt")
@@ -82,7 +84,9 @@ def test_sampling_equals_diffusers_ddpm_scheduler_with_the_same_noise(learn_vari
 def test_ddim_swap_gives_the_closed_form_of_a_zero_noise_prediction():
     """A fresh DenoisingUNet outputs exactly 0 (zero-initialised output layer). Deterministic DDIM with eps = 0
     maps x_T to clip(x_T / sqrt(abar_top), -1, 1) at the first step and keeps it, so the image is that, rescaled."""
-    base = make_pipeline(tiny_unet(perturb=False), VDMScheduler(num_train_timesteps=T, variance_type="learned_range"))
+    base = make_pipeline(
+        tiny_unet(perturb=False), HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range")
+    )
     ddim = make_pipeline(base.unet, DDIMScheduler.from_config(base.scheduler.config))
     assert (ddim.scheduler.alphas_cumprod.double() - base.scheduler.alphas_cumprod).abs().max().item() <= 1e-6
     images = sample(ddim, 4, steps=5, output_type="pt")
@@ -118,7 +122,7 @@ def test_output_types_hold_the_same_images(pipeline):
 
 
 def test_images_are_clamped_to_the_unit_range_when_the_sampler_does_not_clip(pipeline):
-    scheduler = VDMScheduler(num_train_timesteps=T, variance_type="learned_range", clip_sample=False)
+    scheduler = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range", clip_sample=False)
     unclipped = make_pipeline(pipeline.unet, scheduler)
     images = sample(unclipped, 8, output_type="pt")
     assert images.min() == 0 and images.max() == 1  # x_0 beyond [-1, 1] is clamped, not wrapped or rescaled
@@ -131,7 +135,7 @@ def test_save_and_load_round_trip_with_our_classes(pipeline, tmp_path):
     before = sample(pipeline, 7, output_type="pt")
     pipeline.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["unet"] == ["hf_ddpm", "DenoisingUNet"] and index["scheduler"] == ["hf_ddpm", "VDMScheduler"]
+    assert index["unet"] == ["hf_ddpm", "DenoisingUNet"] and index["scheduler"] == ["hf_ddpm", "HFDDPMScheduler"]
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(tmp_path.rglob("*.bin"))
     # diffusers' own component loader resolves hf_ddpm classes and checks them against the base classes it looks up
@@ -145,7 +149,7 @@ def test_save_and_load_round_trip_with_our_classes(pipeline, tmp_path):
         loaded = load(tmp_path)
         loaded.set_progress_bar_config(disable=True)
         assert isinstance(loaded, DiffusionPipeline), name
-        assert type(loaded.unet) is DenoisingUNet and type(loaded.scheduler) is VDMScheduler, name
+        assert type(loaded.unet) is DenoisingUNet and type(loaded.scheduler) is HFDDPMScheduler, name
         public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
         assert public(loaded.scheduler.config) == public(pipeline.scheduler.config), name
         for key, value in pipeline.unet.state_dict().items():
@@ -164,7 +168,7 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     torch.testing.assert_close(result.bits_per_dim, sum(parts), rtol=1e-12, atol=0)
     assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
     # the same bound computed directly: every one of the T terms, the x_0 estimate clipped (BoundOptions' default)
-    chain = VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
     direct = {
         clip: full_elbo(
             chain,

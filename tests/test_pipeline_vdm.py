@@ -1,5 +1,5 @@
 """The continuous-time VDM as a model kind: VDMPipeline (sampling, bound, save/load, remote code), VDMObjective and
-a train.py run. The equations themselves are tested in test_vdm_continuous.py; here, the wiring."""
+a train.py run. The equations themselves are tested in test_vdm.py; here, the wiring."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hf_ddpm.hub.remote_code import remote_code_files
 from hf_ddpm.objectives import VDMObjective
 from hf_ddpm.pipelines import vdm as vdm_pipeline_module
 from hf_ddpm.pipelines.vdm import VDMModel, vdm_epsilon
-from hf_ddpm.vdm.continuous_elbo import (
+from hf_ddpm.vdm.elbo import (
     VDMLossTerms,
     clipped_estimate_model,
     continuous_time_bound_estimate,

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from helpers import on_grid, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
+from hf_ddpm.ddpm.elbo import full_elbo, prior_term
 from hf_ddpm.distributions import nats_to_bits_per_dim
 from hf_ddpm.pipelines.vdm import vdm_epsilon
 from hf_ddpm.plots import bound_by_time, has_time_axis, plot_bound_by_time, plot_loss_curve
-from hf_ddpm.vdm.continuous_elbo import clipped_estimate_model, continuous_time_bound_estimate
-from hf_ddpm.vdm.elbo import full_elbo, prior_term
+from hf_ddpm.vdm.elbo import clipped_estimate_model, continuous_time_bound_estimate
 from hf_ddpm.vdm.noise_schedule import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,8 +19,8 @@ from helpers import TINY_TRAIN, randomized, without_flags  # first: it makes tra
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, default_unet_layout, training_args
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.data.emoji import EMOJI_CODE_POINTS, NOTO_COLOR_EMOJI, main, render_emoji_folder
+from hf_ddpm.ddpm.elbo import prior_term, term_at
 from hf_ddpm.models.unet import SelfAttention
-from hf_ddpm.vdm.elbo import prior_term, term_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 import train  # noqa: E402  (importable through helpers)
@@ -260,10 +260,12 @@ def test_a_train_py_run_on_rgb_emoji_writes_an_rgb_pipeline_bound_grid_and_card(
 def test_the_demo_scores_colour_images_of_an_rgb_model():
     import gradio
 
-    from hf_ddpm import VDMScheduler, demo
+    from hf_ddpm import HFDDPMScheduler, demo
 
     unet = DenoisingUNet(sample_size=8, in_channels=3, block_out_channels=(8, 16), attention_resolutions=())
-    pipeline = HFDDPMPipeline(unet=unet, scheduler=VDMScheduler(num_train_timesteps=10, variance_type="learned_range"))
+    pipeline = HFDDPMPipeline(
+        unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range")
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         app = demo.build_demo(pipeline)

@@ -34,8 +34,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, NoiseSchedule, VDMScheduler
+from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMScheduler, NoiseSchedule
 from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
+from hf_ddpm.ddpm.timestep_sampling import make_timestep_sampler
 from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
@@ -77,7 +78,6 @@ from hf_ddpm.training_utils import (
     save_checkpoint,
     use_all_cores,
 )
-from hf_ddpm.vdm.timestep_sampling import make_timestep_sampler
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -150,7 +150,7 @@ def build_model(
         )
         model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule), model_args.schedule_interior)
         return model, VDMObjective(options, sample_steps=train_args.sample_steps)
-    scheduler = VDMScheduler(
+    scheduler = HFDDPMScheduler(
         num_train_timesteps=model_args.num_train_timesteps,
         beta_schedule=model_args.beta_schedule,
         variance_type=model_args.variance_type,

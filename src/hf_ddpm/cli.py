@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
+from .ddpm.scheduler import HFDDPMScheduler
 from .demo import add_demo_arguments, run_demo
 from .evaluation import BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
@@ -33,9 +34,8 @@ from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
 from .training_utils import image_grid
-from .vdm.scheduler import VDMScheduler
 
-SCHEDULERS = {"vdm": VDMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+SCHEDULERS = {"vdm": HFDDPMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

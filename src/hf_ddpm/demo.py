@@ -5,7 +5,7 @@
     hf_ddpm demo org/ddpm-mnist --export_space space/   # write app.py, requirements.txt, README.md for a Space
 
 For an :class:`HFDDPMPipeline` the app has three tabs: **Sample** (a grid of images drawn with the model's
-VDMScheduler or diffusers' DDIM / DDPM schedulers built from its config), **Trajectory** (x_t and the predicted x_0
+HFDDPMScheduler or diffusers' DDIM / DDPM schedulers built from its config), **Trajectory** (x_t and the predicted x_0
 at evenly spaced steps of one reverse chain) and **Score** (the bits/dim of a drawn or uploaded digit, with the
 terms of the bound). A :class:`VDMPipeline` (continuous time) gets the same three tabs, its chain's steps ancestral
 or DDIM-like (:class:`VDMContinuousScheduler`'s ``step_type``) on the grid t_i = i / n. A :class:`VAEPipeline` gets
@@ -30,12 +30,12 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import HFDDPMPipeline, VAEPipeline, VDMContinuousScheduler, VDMPipeline, VDMScheduler, __version__
+from . import HFDDPMPipeline, HFDDPMScheduler, VAEPipeline, VDMContinuousScheduler, VDMPipeline, __version__
 from .distributions import nats_to_bits_per_dim
 from .image_utils import model_range_to_output
 from .pipelines.auto import load_pipeline
 from .pipelines.vdm import VDM_EXACT_BOUND_STEPS, vdm_epsilon
-from .vdm.continuous_scheduler import VDM_STEP_TYPES
+from .vdm.scheduler import VDM_STEP_TYPES
 
 if TYPE_CHECKING:
     import gradio
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 GRADIO_MISSING = "the demo needs gradio: pip install 'hf_ddpm[demo]'"
 #: The schedulers of an HFDDPMPipeline's Sample and Trajectory tabs: each is built from the pipeline's scheduler
 #: config per request. A VDMPipeline's are the step types of VDMContinuousScheduler (``VDM_STEP_TYPES``).
-SCHEDULERS = {"vdm": VDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+SCHEDULERS = {"vdm": HFDDPMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 PIPELINES = {"HFDDPMPipeline": HFDDPMPipeline, "VDMPipeline": VDMPipeline, "VAEPipeline": VAEPipeline}
 #: The longest chain the sliders offer a VDMPipeline (any n works in continuous time).
 VDM_MAX_STEPS = 1000

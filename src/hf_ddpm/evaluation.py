@@ -35,8 +35,8 @@ class BoundOptions:
         elbo_samples: VAEs: Monte-Carlo samples of z per image for the ELBO.
         iwae_samples: VAEs: K of the importance-weighted bound reported beside the ELBO (0: none).
         clip_denoised: diffusion models: the model's data estimate clipped to [-1, 1] in the denoising-matching
-            (DDPM, :func:`hf_ddpm.vdm.elbo.variational_terms`) or diffusion (VDM,
-            :func:`hf_ddpm.vdm.continuous_elbo.clipped_estimate_model`) terms, as the samplers clip it: the bound of
+            (DDPM, :func:`hf_ddpm.ddpm.elbo.variational_terms`) or diffusion (VDM,
+            :func:`hf_ddpm.vdm.elbo.clipped_estimate_model`) terms, as the samplers clip it: the bound of
             the model as sampled, and never larger than the unclipped one, term by term.
     """
 

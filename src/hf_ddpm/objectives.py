@@ -15,14 +15,14 @@ from typing import Any, Protocol
 import torch
 from diffusers import DiffusionPipeline
 
+from .ddpm.elbo import training_loss
+from .ddpm.scheduler import HFDDPMScheduler
+from .ddpm.timestep_sampling import UniformTimestepSampler
 from .evaluation import BoundOptions
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMModel, VDMPipeline
-from .vdm.continuous_scheduler import VDMContinuousScheduler
-from .vdm.elbo import training_loss
-from .vdm.scheduler import VDMScheduler
-from .vdm.timestep_sampling import UniformTimestepSampler
+from .vdm.scheduler import VDMContinuousScheduler
 
 
 @dataclass
@@ -73,7 +73,7 @@ class DiffusionObjective:
     Args:
         scheduler: the model's scheduler. Training reads only its frozen ``train_chain``, so the pipeline can sample
             with (and respace) the same scheduler.
-        loss_type: ``simple``, ``vlb`` or ``hybrid`` (:func:`hf_ddpm.vdm.elbo.training_loss`).
+        loss_type: ``simple``, ``vlb`` or ``hybrid`` (:func:`hf_ddpm.ddpm.elbo.training_loss`).
         timestep_sampler: draws each image's timestep and its importance weight.
         snr_gamma: Min-SNR-gamma weighting of the squared error, or None.
         bound_options: how the bound is evaluated during and after training.
@@ -82,7 +82,7 @@ class DiffusionObjective:
 
     def __init__(
         self,
-        scheduler: VDMScheduler,
+        scheduler: HFDDPMScheduler,
         loss_type: str,
         timestep_sampler: UniformTimestepSampler,
         snr_gamma: float | None = None,

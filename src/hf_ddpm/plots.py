@@ -2,7 +2,7 @@
 
 :func:`bound_by_time` splits the negative ELBO of a few images along the diffusion's time axis:
 
-* ``HFDDPMPipeline``: the T terms of the full training chain (:func:`hf_ddpm.vdm.elbo.full_elbo`), one per timestep,
+* ``HFDDPMPipeline``: the T terms of the full training chain (:func:`hf_ddpm.ddpm.elbo.full_elbo`), one per timestep,
   in bits/dim; t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1 the denoising KLs (by default with the
   x_0 estimate clipped to [-1, 1], as ``BoundOptions`` computes them). With the prior term they add up to the whole
   bound.
@@ -26,12 +26,12 @@ import PIL.Image
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .ddpm.elbo import full_elbo, prior_term
 from .distributions import nats_to_bits_per_dim
 from .image_utils import ImageInput, images_to_tensor
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vdm import VDMPipeline, vdm_epsilon
-from .vdm.continuous_elbo import clipped_estimate_model, continuous_diffusion_loss, prior_loss, reconstruction_loss
-from .vdm.elbo import full_elbo, prior_term
+from .vdm.elbo import clipped_estimate_model, continuous_diffusion_loss, prior_loss, reconstruction_loss
 
 #: Where train.py writes the plots, next to ``samples.png`` (and where the card links them).
 LOSS_CURVE_PATH = "loss_curve.png"

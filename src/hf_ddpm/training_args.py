@@ -34,12 +34,12 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
+from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
+from .ddpm.elbo import LOSS_TYPES
+from .ddpm.schedules import BETA_SCHEDULES
+from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .models.unet import coarsest_level_attention, default_unet_layout
-from .vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES
-from .vdm.elbo import LOSS_TYPES
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
-from .vdm.schedules import BETA_SCHEDULES
-from .vdm.timestep_sampling import TIMESTEP_SAMPLERS
 
 MODELS = ("ddpm", "vae", "vdm")
 ARCHITECTURES = ("hf_ddpm", "diffusers_unet2d")

@@ -11,7 +11,7 @@ copied by hand, so the remote code is always the code that wrote the weights; :f
 where the copies go.
 
 The rules that make a module bundleable, checked here with an error that names the module and line: import from
-hf_ddpm only at module level, only names (``from ..vdm.elbo import full_elbo``, not ``from .. import vdm``), without
+hf_ddpm only at module level, only names (``from ..ddpm.elbo import full_elbo``, not ``from .. import vdm``), without
 renaming them; no two bundled modules may bind one top-level name to different things; and together they define
 at most one pipeline class.
 """

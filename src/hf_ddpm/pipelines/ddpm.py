@@ -6,13 +6,13 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..ddpm.chain import DiffusionChain
+from ..ddpm.elbo import ELBOOutput, full_elbo, stratified_elbo
+from ..ddpm.scheduler import HFDDPMScheduler
 from ..evaluation import BatchBound, BoundOptions, evaluate_bound
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_output_type, model_range_to_output
 from ..models.unet import DenoisingUNet
-from ..vdm.chain import DiffusionChain
-from ..vdm.elbo import ELBOOutput, full_elbo, stratified_elbo
-from ..vdm.scheduler import VDMScheduler
 
 
 class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
@@ -20,9 +20,9 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
 
     Args:
         unet (:class:`DenoisingUNet`): predicts the noise (or x_0, or v) and, with a learned variance, v.
-        scheduler (:class:`VDMScheduler` or any diffusers scheduler): the reverse process. Any diffusers scheduler
+        scheduler (:class:`HFDDPMScheduler` or any diffusers scheduler): the reverse process. Any diffusers scheduler
             (DDIM, DPM-Solver, ...) can be swapped in; it receives the model's first C channels. For a model with
-            a learned variance, keep the :class:`VDMScheduler` and pass fewer ``num_inference_steps`` instead: its
+            a learned variance, keep the :class:`HFDDPMScheduler` and pass fewer ``num_inference_steps`` instead: its
             respacing keeps the learned variances meaningful.
 
     Example:
@@ -37,15 +37,15 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: DenoisingUNet, scheduler: VDMScheduler):
+    def __init__(self, unet: DenoisingUNet, scheduler: HFDDPMScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def _model_output_for(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """The part of the model output the scheduler understands: all 2C channels for a VDMScheduler or
+        """The part of the model output the scheduler understands: all 2C channels for a HFDDPMScheduler or
         DDPMScheduler with a learned variance, the prediction's C channels for any other scheduler (DDIM, DPM-Solver,
         ... have no use for a variance; their configs may still carry ``variance_type`` from ours)."""
-        learned = isinstance(self.scheduler, (VDMScheduler, DDPMScheduler)) and str(
+        learned = isinstance(self.scheduler, (HFDDPMScheduler, DDPMScheduler)) and str(
             self.scheduler.config.variance_type
         ).startswith("learned")
         return model_output if learned else model_output[:, :channels]
@@ -136,7 +136,7 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         r"""The negative ELBO of each image in bits/dim: all T terms of the full training chain, summed exactly.
 
         Costs T network evaluations per image. The bound is computed in float64 with the model's own variance
-        type and prediction type (from the scheduler's config, which must carry a :class:`VDMScheduler`'s keys).
+        type and prediction type (from the scheduler's config, which must carry a :class:`HFDDPMScheduler`'s keys).
         :func:`hf_ddpm.evaluation.evaluate_bound` gives the same numbers summarised, or the cheaper stratified
         estimate.
 

@@ -12,15 +12,15 @@ from ..evaluation import BatchBound, BoundOptions, evaluate_bound
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_output_type, model_range_to_output
 from ..models.unet import DenoisingUNet
-from ..vdm.continuous_elbo import (
+from ..vdm.elbo import (
     VDMLossTerms,
     clipped_estimate_model,
     continuous_time_bound_estimate,
     discrete_time_bound,
     vdm_loss_terms,
 )
-from ..vdm.continuous_scheduler import VDMContinuousScheduler
 from ..vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, DeferredGradientScale, NoiseSchedule
+from ..vdm.scheduler import VDMContinuousScheduler
 
 #: T of the discrete-time bound that ``BoundOptions(exact=True)`` computes (one network evaluation per step).
 VDM_EXACT_BOUND_STEPS = 1000
@@ -66,7 +66,7 @@ class VDMModel(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VDMLossTerms:
         r"""VDM's one-sample training objective per image in bits/dim: the terms of
-        :func:`~hf_ddpm.vdm.continuous_elbo.vdm_loss_terms` (with L_inf) divided by D ln 2, D = C H W,
+        :func:`~hf_ddpm.vdm.elbo.vdm_loss_terms` (with L_inf) divided by D ln 2, D = C H W,
 
             L(x) = KL(q(z_1 | x) || N(0, I)) + 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2 - log p(x | z_0),
 
@@ -168,16 +168,16 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         ``diffusion``, ``reconstruction``), in float64. Called by :func:`hf_ddpm.evaluation.evaluate_bound`.
 
         * ``options.exact``: the discrete-time bound with T = 1000 steps, every step summed
-          (:func:`~hf_ddpm.vdm.continuous_elbo.discrete_time_bound`: L_T = sum_i 1/2 expm1(gamma(i/T) -
+          (:func:`~hf_ddpm.vdm.elbo.discrete_time_bound`: L_T = sum_i 1/2 expm1(gamma(i/T) -
           gamma((i-1)/T)) ||eps_i - eps_hat(z_{i/T}, i/T)||^2, one z per step), T network evaluations per image:
           the bound of the model sampled with 1000 ancestral steps.
         * otherwise: the continuous-time bound L_inf (the T -> inf limit, at most L_T for a good model) estimated
           without bias from K = ``options.timesteps_per_image`` low-discrepancy times per image
-          (:func:`~hf_ddpm.vdm.continuous_elbo.continuous_time_bound_estimate`), K network evaluations per image.
+          (:func:`~hf_ddpm.vdm.elbo.continuous_time_bound_estimate`), K network evaluations per image.
 
         The prior term is exact in both; the reconstruction term is a one-sample (per draw) estimate. With
         ``options.clip_denoised`` (the default) the diffusion term is that of the model whose data estimate is
-        clipped to [-1, 1] (:func:`~hf_ddpm.vdm.continuous_elbo.clipped_estimate_model`), the model the default
+        clipped to [-1, 1] (:func:`~hf_ddpm.vdm.elbo.clipped_estimate_model`), the model the default
         ``VDMContinuousScheduler(clip_sample=True)`` samples; it is never larger than the unclipped one.
         """
         size = self.unet.config.sample_size

@@ -1,1 +1,2 @@
-"""The variational diffusion model: schedules, the frozen chain, the ELBO, timestep sampling, the scheduler."""
+"""The continuous-time variational diffusion model (VDM; Kingma et al. 2021): the log-SNR schedule gamma(t), its
+ELBO, its sampler."""

@@ -1,346 +1,320 @@
-"""The ELBO of the variational diffusion model, term by term, its estimates, and the training losses built from it.
+"""The variational bound of a variational diffusion model (Kingma et al. 2021), one function per equation.
 
-    -log p(x_0) <= -ELBO = L_prior + sum_{t=2}^{T} L_{t-1} + L_0      (in nats per image), with
+With q(z_t | x) = N(alpha_t x, sigma_t^2 I) on t in [0, 1] (see :mod:`hf_ddpm.vdm.noise_schedule`), the negative
+ELBO of one image x with D = C * H * W dimensions is, in nats,
 
-    L_prior = KL(q(x_T | x_0) || N(0, I))                          prior matching   :func:`prior_term`
-    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))  denoising match  :func:`denoising_matching_term`
-    L_0     = -log p_theta(x_0 | x_1), discretized Gaussian        reconstruction   :func:`reconstruction_term`
+    -log p(x) <= L_prior + L_diffusion + L_reconstruction,
 
-Every term here is a per-image tensor of shape (B,) in nats (summed over pixels);
-:func:`hf_ddpm.distributions.nats_to_bits_per_dim` converts. Terms are reported as their (non-negative)
-contribution to the negative ELBO, so ``bits_per_dim = prior_term + denoising_terms + reconstruction_term``.
+    L_prior          = KL(q(z_1 | x) || N(0, I))                               (:func:`prior_loss`)
+    L_reconstruction = E_{q(z_0 | x)}[-log p(x | z_0)]                          (:func:`reconstruction_loss`)
+    L_inf            = 1/2 E_{t ~ U(0,1), eps}[gamma'(t) ||eps - eps_hat(z_t, t)||^2]
+                                                                                (:func:`continuous_diffusion_loss`)
+    L_T              = T/2 E_{i ~ U{1..T}, eps}[expm1(gamma(t) - gamma(s)) ||eps - eps_hat(z_t, t)||^2],
+                       t = i / T, s = (i - 1) / T                               (:func:`discrete_diffusion_loss`)
 
-Nothing here imports a model or a scheduler: every function takes the frozen constants of the chain
-(:class:`hf_ddpm.vdm.chain.DiffusionChain`) and a callable ``model_fn(x_t, timesteps) -> model_output``.
+with z_t = alpha_t x + sigma_t eps and eps ~ N(0, I). L_inf is the T -> inf limit of L_T, and L_T >= L_2T >= L_inf
+for a fixed network whose error shrinks as the SNR grows (VDM, section 4). Every function takes explicit inputs:
+a :class:`~hf_ddpm.vdm.noise_schedule.NoiseSchedule` and the network as a callable ``model_fn(z_t, t) -> eps_hat``
+with continuous t of shape (B,). Per-image results have shape (B,) and are in nats.
+
+Data x lie on the 8-bit grid v_k = k / 127.5 - 1, k = 0..255, in [-1, 1].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..distributions import (
-    discretized_gaussian_log_likelihood,
-    kl_to_standard_normal,
-    nats_to_bits_per_dim,
-    normal_kl,
-    sum_over_pixels,
+from ..distributions import kl_to_standard_normal, nats_to_bits_per_dim, sum_over_pixels
+from .noise_schedule import (
+    DeferredGradientScale,
+    NoiseSchedule,
+    alpha_sigma_from_gamma,
+    epsilon_of_clipped_estimate,
 )
-from .chain import DiffusionChain, check_choice
 
-LOSS_TYPES = ("simple", "vlb", "hybrid")
-#: Weight of the variational term in the hybrid loss, L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal, 2021).
-HYBRID_VLB_WEIGHT = 0.001
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[[Iterable], Iterable]
+#: The network: eps_hat = model_fn(z_t, t), z_t of shape (B, C, H, W) and continuous t in [0, 1] of shape (B,).
+VDMEpsilonModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Number of values of one 8-bit pixel; value k sits at k / 127.5 - 1.
+VDM_VOCAB_SIZE = 256
 
 
-# ---------------------------------------------------------------------------------------------- ELBO terms
-def prior_term(chain: DiffusionChain, x_start: torch.Tensor) -> torch.Tensor:
-    """L_prior = KL(q(x_T | x_0) || N(0, I)) per image, nats; q(x_T | x_0) = N(sqrt(abar_T) x_0, (1 - abar_T) I).
-
-    x_T is the top of ``chain``: timestep T-1 for the full chain, the largest kept timestep for a respaced one
-    (whose top may be below T-1, e.g. with ``leading`` spacing). No parameter enters it: it measures how well the
-    third restriction, q(x_T) ~= N(0, I), holds.
-    """
-    last = torch.full((x_start.shape[0],), int(chain.timesteps[-1]), dtype=torch.long)
-    mean, _, log_variance = chain.q_mean_variance(x_start, last)
-    return kl_to_standard_normal(mean, log_variance)
-
-
-def denoising_matching_term(
-    posterior_mean: torch.Tensor,
-    posterior_log_variance: torch.Tensor,
-    model_mean: torch.Tensor,
-    model_log_variance: torch.Tensor,
-) -> torch.Tensor:
-    """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) per image, nats (both Gaussians diagonal)."""
-    return sum_over_pixels(normal_kl(posterior_mean, posterior_log_variance, model_mean, model_log_variance))
-
-
-def reconstruction_term(
-    x_start: torch.Tensor, model_mean: torch.Tensor, model_log_variance: torch.Tensor
-) -> torch.Tensor:
-    """L_0 = -log p_theta(x_0 | x_1) per image, nats, with p_theta(x_0 | x_1) the discretized Gaussian decoder
-    of mean mu_theta(x_1, 1) and standard deviation e^(log_variance / 2)."""
-    return -sum_over_pixels(discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance))
-
-
-def variational_terms(
-    chain: DiffusionChain,
-    model_output: torch.Tensor,
-    x_start: torch.Tensor,
-    x_t: torch.Tensor,
-    timesteps: torch.Tensor,
-    detach_mean: bool = False,
-    clip_denoised: bool = False,
-) -> torch.Tensor:
-    """The bound's term at each image's timestep, per image, nats: L_0 where the timestep is the chain's first
-    (the decoder), else L_{t-1}. ``detach_mean`` stops the gradient through the model's mean (hybrid loss: the
-    variational term then trains the variance only).
-
-    ``clip_denoised``: in the denoising-matching terms, the model's x_0 estimate is clipped to the data's range
-    [-1, 1] before it enters the posterior mean mu~_t(x_t, x0_hat) = c1_t x0_hat + c2_t x_t, as the sampler with
-    ``clip_sample`` does. It is the bound of that model, and never larger term by term: for x_0 in [-1, 1],
-    |clip(x0_hat) - x_0| <= |x0_hat - x_0| in every pixel, and the KL's mean part is c1_t^2 ||x0_hat - x_0||^2 /
-    (2 sigma_t^2) at the same variance. L_0 keeps the unclipped mean (its edge bins reach to +-infinity, so
-    clipping the decoder's mean to [-1, 1] could lower their probability).
-    """
-    prediction, variance_output = chain.split_model_output(model_output, x_t)
-    if detach_mean:
-        prediction = prediction.detach()
-    frozen_output = prediction if variance_output is None else torch.cat([prediction, variance_output], dim=1)
-    model_mean, model_log_variance, _ = chain.p_mean_variance(frozen_output, x_t, timesteps)
-    posterior_mean, _, posterior_log_variance = chain.q_posterior_mean_variance(x_start, x_t, timesteps)
-    matching_mean = model_mean
-    if clip_denoised:
-        matching_mean, _, _ = chain.p_mean_variance(frozen_output, x_t, timesteps, clip_denoised=True)
-    kl = denoising_matching_term(posterior_mean, posterior_log_variance, matching_mean, model_log_variance)
-    nll = reconstruction_term(x_start, model_mean, model_log_variance)
-    is_first = (chain.chain_position(timesteps) == 0).to(device=kl.device)
-    return torch.where(is_first, nll, kl)
-
-
-# ---------------------------------------------------------------------------------------------- training losses
-def training_target(
-    chain: DiffusionChain, x_start: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the model's first C channels regress on: the noise (epsilon), x_0 (sample) or v (v_prediction)."""
-    if chain.prediction_type == "epsilon":
-        return noise
-    if chain.prediction_type == "sample":
-        return x_start
-    return chain.get_velocity(x_start, noise, timesteps)
-
-
-def min_snr_weight(chain: DiffusionChain, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weight of the squared error, (B,): min(SNR_t, gamma) / SNR_t for epsilon prediction,
-    min(SNR_t, gamma) / (SNR_t + 1) for v prediction and min(SNR_t, gamma) for x_0 prediction,
-    SNR_t = abar_t / (1 - abar_t); all three weight the x_0-space error by min(SNR_t, gamma)."""
-    abar = torch.from_numpy(chain.train_alphas_cumprod)[timesteps.detach().cpu().long()]
-    snr = abar / (1.0 - abar)
-    clipped = snr.clamp(max=gamma)
-    kind = chain.prediction_type
-    weight = clipped / snr if kind == "epsilon" else clipped / (snr + 1.0) if kind == "v_prediction" else clipped
-    return weight.float().to(timesteps.device)
-
-
-@dataclass
-class TrainingLoss:
-    """Per-image training loss and its parts, all of shape (B,).
-
-    Attributes:
-        loss: what to minimise (average it over the batch): ``timestep_weights * per_timestep_loss``.
-        per_timestep_loss: the loss at each image's timestep before importance weighting (what a loss-aware
-            timestep sampler tracks).
-        mse: mean squared error of the prediction (the ``simple`` loss), or None when not computed.
-        vlb_bits_per_dim: the estimate of the whole negative ELBO in bits/dim from this timestep, or None.
-        vlb_term_bits_per_dim: the bound's term at this timestep alone, bits/dim (for per-t importance sampling).
-    """
-
-    loss: torch.Tensor
-    per_timestep_loss: torch.Tensor
-    mse: torch.Tensor | None
-    vlb_bits_per_dim: torch.Tensor | None
-    vlb_term_bits_per_dim: torch.Tensor | None
-
-
-def training_loss(
-    loss_type: str,
-    chain: DiffusionChain,
-    model_fn: ModelFn,
-    x_start: torch.Tensor,
-    timesteps: torch.Tensor,
-    noise: torch.Tensor | None = None,
-    timestep_weights: torch.Tensor | None = None,
-    snr_gamma: float | None = None,
-) -> TrainingLoss:
-    """The training loss of a batch of clean images ``x_start`` (B, C, H, W) at ``timesteps`` (B,) of the full
-    training ``chain``.
-
-    * ``simple``: || target - prediction ||^2 averaged over pixels (Ho et al.'s L_simple).
-    * ``vlb``: an unbiased estimate of the whole negative ELBO in bits/dim, L_prior + T w_t L_t (the constant
-      L_prior carries no gradient; it makes the value comparable to the bound).
-    * ``hybrid``: L_simple + 0.001 * L_vlb with the model's mean detached in L_vlb, so the bound trains only the
-      learned variance (Nichol & Dhariwal, 2021).
-
-    ``timestep_weights`` (B,) are the importance weights w_t = 1 / (T p(t)) of timesteps drawn from p(t) (ones,
-    the default, for uniform sampling); they multiply every per-image term, so each loss stays an unbiased
-    estimate of its expectation under uniform t (as improved-diffusion weights its losses).
-
-    ``snr_gamma`` applies Min-SNR-gamma weighting to the squared error (Hang et al., 2023; diffusers' flag of the same
-    name): the x_0-space error is weighted by min(SNR_t, gamma), SNR_t = abar_t / (1 - abar_t), which is
-    :func:`min_snr_weight` in the chosen parameterisation. It changes which timesteps the network spends its capacity
-    on, not the bound: the vlb part is never reweighted.
-    """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    if noise is None:
-        noise = torch.randn_like(x_start)
-    x_t = chain.add_noise(x_start, noise, timesteps)
-    model_output = model_fn(x_t, timesteps)
-    num_dims = x_start[0].numel()
-    mse = vlb = term_bpd = None
-    if loss_type in ("simple", "hybrid"):
-        prediction, _ = chain.split_model_output(model_output, x_t)
-        target = training_target(chain, x_start, noise, timesteps)
-        mse = ((prediction.float() - target.float()) ** 2).reshape(x_start.shape[0], -1).mean(dim=1)
-        if snr_gamma is not None:
-            mse = mse * min_snr_weight(chain, timesteps, snr_gamma).to(mse)
-    T = chain.num_train_timesteps
-    if loss_type in ("vlb", "hybrid"):
-        terms = variational_terms(
-            chain, model_output.float(), x_start.float(), x_t.float(), timesteps, detach_mean=loss_type == "hybrid"
-        )
-        term_bpd = nats_to_bits_per_dim(terms, num_dims)
-        prior_bpd = nats_to_bits_per_dim(prior_term(chain, x_start.float()), num_dims)
-    if loss_type == "simple":
-        per_timestep = mse
-    elif loss_type == "vlb":
-        per_timestep = T * term_bpd
-    else:
-        per_timestep = mse + HYBRID_VLB_WEIGHT * T * term_bpd
-    if timestep_weights is None:
-        timestep_weights = torch.ones_like(per_timestep)
-    weights = timestep_weights.to(per_timestep)
-    if term_bpd is not None:
-        vlb = prior_bpd + weights * T * term_bpd
-    loss = weights * per_timestep
-    return TrainingLoss(
-        loss=loss, per_timestep_loss=per_timestep, mse=mse, vlb_bits_per_dim=vlb, vlb_term_bits_per_dim=term_bpd
-    )
-
-
-# ---------------------------------------------------------------------------------------------- the whole bound
-@dataclass
-class ELBOOutput(BaseOutput):
-    """The negative ELBO of each image in bits/dim, with its parts; each a float64 tensor of shape (N,).
-
-    ``bits_per_dim = prior_term + denoising_terms + reconstruction_term``.
+@dataclass(frozen=True)
+class VDMLossTerms:
+    """The three terms of the VDM bound, per image (B,), in nats unless built by :meth:`in_bits_per_dim`.
 
     Args:
-        bits_per_dim: the whole negative ELBO, an upper bound on -log2 p(x) / D.
-        prior_term: KL(q(x_T | x_0) || N(0, I)).
-        denoising_terms: the sum over t of KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (exact, or its
-            unbiased stratified estimate).
-        reconstruction_term: -log p_theta(x_0 | x_1) (discretized Gaussian decoder).
-        per_timestep: (N, K), when kept: each term of the chain, ordered like the chain's increasing timesteps
-            (column 0 is the reconstruction term).
+        prior (`torch.Tensor`): KL(q(z_1 | x) || N(0, I)).
+        diffusion (`torch.Tensor`): L_inf or L_T.
+        reconstruction (`torch.Tensor`): -log p(x | z_0).
     """
 
-    bits_per_dim: torch.Tensor
-    prior_term: torch.Tensor | None = None
-    denoising_terms: torch.Tensor | None = None
-    reconstruction_term: torch.Tensor | None = None
-    per_timestep: torch.Tensor | None = None
+    prior: torch.Tensor
+    diffusion: torch.Tensor
+    reconstruction: torch.Tensor
 
-    @classmethod
-    def from_nats(
-        cls,
-        prior: torch.Tensor,
-        denoising: torch.Tensor,
-        reconstruction: torch.Tensor,
-        num_dims: int,
-        per_timestep: torch.Tensor | None = None,
-    ) -> ELBOOutput:
-        """The output of per-image terms in nats, converted to bits/dim for images of ``num_dims`` dimensions."""
-        return cls(
-            bits_per_dim=nats_to_bits_per_dim(prior + denoising + reconstruction, num_dims),
-            prior_term=nats_to_bits_per_dim(prior, num_dims),
-            denoising_terms=nats_to_bits_per_dim(denoising, num_dims),
-            reconstruction_term=nats_to_bits_per_dim(reconstruction, num_dims),
-            per_timestep=None if per_timestep is None else nats_to_bits_per_dim(per_timestep, num_dims),
+    @property
+    def total(self) -> torch.Tensor:
+        """The bound on -log p(x): prior + diffusion + reconstruction."""
+        return self.prior + self.diffusion + self.reconstruction
+
+    def in_bits_per_dim(self, num_dims: int) -> VDMLossTerms:
+        """The same terms in bits/dim: nats / (D ln 2), with D = ``num_dims`` = C * H * W."""
+        return VDMLossTerms(
+            prior=nats_to_bits_per_dim(self.prior, num_dims),
+            diffusion=nats_to_bits_per_dim(self.diffusion, num_dims),
+            reconstruction=nats_to_bits_per_dim(self.reconstruction, num_dims),
         )
 
 
-def term_at(
-    chain: DiffusionChain,
-    model_fn: ModelFn,
-    x_start: torch.Tensor,
-    timesteps: torch.Tensor,
-    generator: torch.Generator | None = None,
-    clip_denoised: bool = False,
+@dataclass(frozen=True)
+class VDMBoundEstimate:
+    """A Monte-Carlo estimate of the VDM bound per image.
+
+    Args:
+        terms (`VDMLossTerms`): the per-image means of the terms over the draws.
+        standard_error (`torch.Tensor`): (B,) standard error of ``terms.total``, s / sqrt(K) from the K draws.
+    """
+
+    terms: VDMLossTerms
+    standard_error: torch.Tensor
+
+
+def _vdm_per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped (B, 1, ..., 1) to broadcast against ``like`` of shape (B, ...)."""
+    return values.reshape([-1] + [1] * (like.dim() - 1))
+
+
+def _vdm_uniform(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """One-sample value of the bound's term at each image's timestep, nats (B,): draw x_t ~ q(x_t | x_0) (noise
-    drawn in float32 as diffusers draws it), evaluate the model once, and take :func:`variational_terms` (with
-    ``clip_denoised``) in the dtype of ``x_start``."""
-    noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
-    x_t = chain.add_noise(x_start, noise.to(x_start.dtype), timesteps)
-    output = model_fn(x_t, timesteps).to(x_start.dtype)
-    return variational_terms(chain, output, x_start, x_t, timesteps, clip_denoised=clip_denoised)
+    """U(0, 1) draws made on the generator's device (CPU without one), then moved to ``device``."""
+    source = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
-@torch.no_grad()
-def full_elbo(
-    chain: DiffusionChain,
-    model_fn: ModelFn,
-    x_start: torch.Tensor,
-    generator: torch.Generator | None = None,
-    keep_per_timestep: bool = False,
-    progress: Progress | None = None,
-    clip_denoised: bool = False,
-) -> ELBOOutput:
-    """The negative ELBO of a batch, every term of ``chain`` summed exactly (not sampled).
+def _vdm_noised(gamma: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z_t = alpha_t x + sigma_t eps for per-image gamma(t) of shape (B,)."""
+    alpha, sigma = alpha_sigma_from_gamma(_vdm_per_image(gamma, x))
+    return alpha * x + sigma * noise
 
-    For each timestep t of the chain one x_t ~ q(x_t | x_0) is drawn (the single-sample estimate of the
-    expectation over q that every term carries) and the model is evaluated once: K network evaluations per image
-    for a K-step chain (K = T for the full chain). The terms are computed in float64 from float64 constants;
-    ``model_fn`` receives float64 x_t and casts to its own dtype. ``progress`` wraps the iterable of chain positions
-    (e.g. a tqdm bar). ``clip_denoised``: see :func:`variational_terms`.
+
+def clipped_estimate_model(schedule: NoiseSchedule, model_fn: VDMEpsilonModel) -> VDMEpsilonModel:
+    """The model whose data estimate is clipped to [-1, 1]: (z_t, t) -> eps~ of
+    :func:`~hf_ddpm.vdm.noise_schedule.epsilon_of_clipped_estimate` at gamma(t),
+
+        x~(z_t, t) = clip((z_t - sigma_t eps_hat(z_t, t)) / alpha_t, -1, 1).
+
+    Its reverse steps p(z_s | z_t) = q(z_s | z_t, x = x~) are what ``VDMContinuousScheduler(clip_sample=True)``
+    samples, so the bound of this model is the bound of the clipping sampler; per image and time it is at most the
+    bound of ``model_fn`` (data lie in [-1, 1]). For evaluation: its gradient in a learned schedule is not meant.
     """
-    x0 = x_start.to(torch.float64)
-    batch = x0.shape[0]
-    terms = torch.zeros(batch, len(chain.timesteps), dtype=torch.float64, device=x0.device)
-    positions = range(len(chain.timesteps))
-    for k in progress(positions) if progress is not None else positions:
-        t = torch.full((batch,), int(chain.timesteps[k]), dtype=torch.long, device=x0.device)
-        terms[:, k] = term_at(chain, model_fn, x0, t, generator, clip_denoised)
-    prior = prior_term(chain, x0)
-    out = ELBOOutput.from_nats(
-        prior, terms[:, 1:].sum(dim=1), terms[:, 0], x0[0].numel(), per_timestep=terms if keep_per_timestep else None
+
+    def clipped_model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gamma = _vdm_per_image(schedule(t.to(z_t.dtype)).expand(z_t.shape[0]), z_t)
+        return epsilon_of_clipped_estimate(z_t, model_fn(z_t, t), gamma)
+
+    return clipped_model_fn
+
+
+def low_discrepancy_times(
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """VDM's antithetic times: u_0 ~ U(0, 1) once, t_i = (u_0 + i / B) mod 1 for i = 0..B-1, shape (B,).
+
+    Each t_i is marginally U(0, 1) and together they cover [0, 1) evenly, which lowers the variance of the batch
+    mean of the diffusion loss.
+    """
+    u_0 = _vdm_uniform((1,), generator, device, dtype)
+    return torch.remainder(u_0 + torch.arange(batch_size, device=device, dtype=dtype) / batch_size, 1.0)
+
+
+def continuous_diffusion_loss(
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    interior_gradient: DeferredGradientScale | None = None,
+) -> torch.Tensor:
+    """One-sample estimate of L_inf per image: 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2, (B,) nats.
+
+    z_t = alpha_t x + sigma_t eps with eps = ``noise``, each image at its own time t (B,). For t ~ U(0, 1) its
+    expectation is L_inf = 1/2 int_0^1 gamma'(t) E||eps - eps_hat(z_t, t)||^2 dt. ``interior_gradient`` is passed
+    to :meth:`~hf_ddpm.NoiseSchedule.gamma_and_derivative`.
+    """
+    gamma, derivative = schedule.gamma_and_derivative(t.to(x.dtype), interior_gradient)
+    z_t = _vdm_noised(gamma, x, noise)
+    return 0.5 * derivative * sum_over_pixels((noise - model_fn(z_t, t)) ** 2)
+
+
+def discrete_diffusion_loss(
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
+    """One-sample estimate of L_T per image, t on the grid i / T (i = 1..T), s = t - 1/T, (B,) nats:
+
+        T/2 (SNR(s) - SNR(t)) ||x - x_hat(z_t, t)||^2 = T/2 expm1(gamma(t) - gamma(s)) ||eps - eps_hat(z_t, t)||^2,
+
+    with x_hat = (z_t - sigma_t eps_hat) / alpha_t (so ||x - x_hat||^2 = e^gamma(t) ||eps - eps_hat||^2); the expm1
+    form is the stable one. For i ~ U{1..T} its expectation is L_T. Raises ``ValueError`` if t is off the grid.
+    """
+    index = torch.round(t.to(torch.float64) * num_steps)
+    off_grid = (index < 1) | (index > num_steps) | ((t.to(torch.float64) - index / num_steps).abs() > 1e-3 / num_steps)
+    if off_grid.any():
+        raise ValueError(f"discrete_diffusion_loss needs t on the grid i / {num_steps}, i = 1..{num_steps}; got {t}.")
+    t = (index / num_steps).to(x.dtype)
+    gamma_t = schedule(t)
+    gamma_s = schedule(t - 1.0 / num_steps)
+    z_t = _vdm_noised(gamma_t, x, noise)
+    return 0.5 * num_steps * torch.expm1(gamma_t - gamma_s) * sum_over_pixels((noise - model_fn(z_t, t)) ** 2)
+
+
+def prior_loss(schedule: NoiseSchedule, x: torch.Tensor) -> torch.Tensor:
+    """L_prior = KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)), (B,) nats:
+
+    1/2 sum_i (alpha_1^2 x_i^2 + sigma_1^2 - 1 - log sigma_1^2),  log sigma_1^2 = log sigmoid(gamma(1)).
+    """
+    gamma_1 = schedule(torch.ones(1, dtype=x.dtype, device=x.device))
+    alpha_1, _ = alpha_sigma_from_gamma(gamma_1)
+    return kl_to_standard_normal(alpha_1 * x, torch.nn.functional.logsigmoid(gamma_1).expand_as(x))
+
+
+def decoder_log_probs(z_0: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """VDM's decoder log p(x_i = v_k | z_0) for every pixel i and value k: (...) -> (..., 256), in nats.
+
+        logits_k = -1/2 (z_0 / alpha_0 - v_k)^2 / (sigma_0 / alpha_0)^2 = -1/2 (z_0 / alpha_0 - v_k)^2 e^(-gamma_0),
+        log p(x_i = v_k | z_0) = logits_k - logsumexp_j logits_j,
+
+    with v_k = k / 127.5 - 1: each pixel is a categorical over the 256 values whose logits are the Gaussian
+    log-density of the rescaled latent z_0 / alpha_0 = x + e^(gamma_0 / 2) eps around each value. ``gamma_0`` is
+    gamma(0), a tensor broadcastable against ``z_0`` (a scalar, or (B, 1, 1, 1) per image).
+    """
+    alpha_0, _ = alpha_sigma_from_gamma(gamma_0)
+    values = torch.arange(VDM_VOCAB_SIZE, dtype=z_0.dtype, device=z_0.device) / 127.5 - 1.0
+    rescaled = (z_0 / alpha_0).unsqueeze(-1)
+    logits = -0.5 * (rescaled - values) ** 2 * torch.exp(-gamma_0).unsqueeze(-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _vdm_pixel_index(x: torch.Tensor) -> torch.Tensor:
+    """k = 127.5 (x + 1) for x on the 8-bit grid, as int64; raises ``ValueError`` if x is off the grid."""
+    index = torch.round((x + 1.0) * 127.5)
+    if ((index < 0) | (index > VDM_VOCAB_SIZE - 1) | ((index / 127.5 - 1.0 - x).abs() > 1e-3)).any():
+        raise ValueError("x must lie on the 8-bit grid k / 127.5 - 1, k = 0..255.")
+    return index.long()
+
+
+def reconstruction_loss(schedule: NoiseSchedule, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One-sample estimate of L_reconstruction = -log p(x | z_0) = -sum_i log p(x_i | z_0), (B,) nats, with
+    z_0 = alpha_0 x + sigma_0 eps (eps = ``noise``) and p(x_i | z_0) the categorical of :func:`decoder_log_probs`."""
+    gamma_0 = schedule(torch.zeros(1, dtype=x.dtype, device=x.device))
+    alpha_0, sigma_0 = alpha_sigma_from_gamma(gamma_0)
+    log_probs = decoder_log_probs(alpha_0 * x + sigma_0 * noise, gamma_0)
+    return -sum_over_pixels(log_probs.gather(-1, _vdm_pixel_index(x).unsqueeze(-1)).squeeze(-1))
+
+
+def vdm_loss_terms(
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    num_steps: int = 0,
+    interior_gradient: DeferredGradientScale | None = None,
+) -> VDMLossTerms:
+    """VDM's one-sample training objective per image: the exact prior term, plus one-sample reconstruction and
+    diffusion terms at low-discrepancy times (:func:`low_discrepancy_times`).
+
+    ``num_steps`` = 0 gives the continuous-time L_inf; T > 0 the discrete-time L_T, with times rounded up onto the
+    grid, t = max(ceil(T t), 1) / T, as VDM does. ``total.mean()`` is the loss to minimise. ``interior_gradient``
+    (continuous time only, where the bound does not depend on a learned schedule's interior) rescales the
+    gradients that reach that interior through the diffusion term (:func:`continuous_diffusion_loss`).
+    """
+    if num_steps and interior_gradient is not None:
+        raise ValueError("interior_gradient needs the continuous-time loss (num_steps=0): L_T depends on it.")
+    t = low_discrepancy_times(x.shape[0], generator, x.device, x.dtype)
+    noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if num_steps:
+        diffusion = discrete_diffusion_loss(
+            schedule, model_fn, x, torch.ceil(t * num_steps).clamp(min=1) / num_steps, noise, num_steps
+        )
+    else:
+        diffusion = continuous_diffusion_loss(schedule, model_fn, x, t, noise, interior_gradient)
+    return _vdm_terms_around(schedule, x, diffusion, generator)
+
+
+def _vdm_terms_around(
+    schedule: NoiseSchedule, x: torch.Tensor, diffusion: torch.Tensor, generator: torch.Generator | None
+) -> VDMLossTerms:
+    """The three terms around a diffusion term: the exact prior term and a one-sample reconstruction term (its
+    z_0 noise drawn from ``generator`` after the diffusion term's draws)."""
+    reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return VDMLossTerms(
+        prior=prior_loss(schedule, x),
+        diffusion=diffusion,
+        reconstruction=reconstruction_loss(schedule, x, reconstruction_noise),
     )
-    # the total as prior + the sum of all K terms at once, in that order: the bound, bitwise, of before the refactor
-    out.bits_per_dim = nats_to_bits_per_dim(prior + terms.sum(dim=1), x0[0].numel())
-    return out
 
 
-def strata(num_timesteps: int, num_strata: int) -> list[torch.Tensor]:
-    """The denoising timesteps 1..T-1 cut into ``num_strata`` contiguous strata of (nearly) equal size."""
-    if not 1 <= num_strata <= num_timesteps - 1:
-        raise ValueError(f"timesteps_per_image must be between 1 and T-1 = {num_timesteps - 1}, got {num_strata}.")
-    return list(torch.arange(1, num_timesteps).tensor_split(num_strata))
-
-
-@torch.no_grad()
-def stratified_elbo(
-    chain: DiffusionChain,
-    model_fn: ModelFn,
-    x_start: torch.Tensor,
-    timesteps_per_image: int = 8,
+def discrete_time_bound(
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    num_steps: int,
     generator: torch.Generator | None = None,
-    clip_denoised: bool = False,
-) -> ELBOOutput:
-    """Unbiased estimate of the full negative ELBO of each image, from K = ``timesteps_per_image`` timesteps.
+) -> VDMLossTerms:
+    """The T-step bound per image with every step summed, one z_t per step (no sampling of the step):
 
-    The T-1 denoising terms are split into K strata S_k; one t_k is drawn uniformly in each, and
-    sum_{t=1}^{T-1} L_t is estimated by sum_k |S_k| L_{t_k} (unbiased: E[|S_k| L_{t_k}] = sum_{t in S_k} L_t).
-    The reconstruction term L_0 (the largest and most variable) and the prior term are computed exactly, so each
-    image costs K + 1 network evaluations. Needs the full chain; float64 throughout. ``clip_denoised``: see
-    :func:`variational_terms`.
+        L_T = sum_{i=1}^T 1/2 expm1(gamma(i/T) - gamma((i-1)/T)) ||eps_i - eps_hat(z_{i/T}, i/T)||^2,
+
+    with the exact prior term and a one-sample reconstruction term. Wrap it in ``torch.no_grad()`` to evaluate.
     """
-    if not chain.is_full:
-        raise ValueError("stratified_elbo needs the full chain (DiffusionChain.from_config), not a respaced one.")
-    x0 = x_start.to(torch.float64)
-    n = len(x0)
-    draw_device = generator.device if generator is not None else "cpu"
-    denoising = torch.zeros(n, dtype=torch.float64, device=x0.device)
-    for group in strata(chain.num_train_timesteps, timesteps_per_image):
-        pick = torch.randint(len(group), (n,), generator=generator, device=draw_device)
-        picked = group[pick.cpu()].to(x0.device)
-        denoising += len(group) * term_at(chain, model_fn, x0, picked, generator, clip_denoised)
-    reconstruction = term_at(chain, model_fn, x0, torch.zeros(n, dtype=torch.long, device=x0.device), generator)
-    return ELBOOutput.from_nats(prior_term(chain, x0), denoising, reconstruction, x0[0].numel())
+    diffusion = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for step in range(1, num_steps + 1):
+        t = torch.full((x.shape[0],), step / num_steps, dtype=x.dtype, device=x.device)
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        diffusion = diffusion + discrete_diffusion_loss(schedule, model_fn, x, t, noise, num_steps) / num_steps
+    return _vdm_terms_around(schedule, x, diffusion, generator)
+
+
+def continuous_time_bound_estimate(
+    schedule: NoiseSchedule,
+    model_fn: VDMEpsilonModel,
+    x: torch.Tensor,
+    num_times: int,
+    generator: torch.Generator | None = None,
+) -> VDMBoundEstimate:
+    """The continuous-time bound per image averaged over K = ``num_times`` draws, with its standard error.
+
+    Image b gets the low-discrepancy times t_bk = (u_b + k / K) mod 1, k = 0..K-1, u_b ~ U(0, 1), and draw k
+    the value prior + 1/2 gamma'(t_bk) ||eps_bk - eps_hat(z_{t_bk}, t_bk)||^2 - log p(x | z_0^(bk)) (fresh noise
+    for both). The result is the mean over k and s / sqrt(K), s the sample standard deviation over k; that is
+    the i.i.d. formula, which ignores the stratification of the times and so usually overstates the error.
+    Wrap it in ``torch.no_grad()`` to evaluate.
+    """
+    if num_times < 2:
+        raise ValueError(f"num_times={num_times} must be at least 2 to estimate a standard error.")
+    offsets = _vdm_uniform((x.shape[0],), generator, x.device, x.dtype)
+    diffusion, reconstruction = [], []
+    for draw in range(num_times):
+        t = torch.remainder(offsets + draw / num_times, 1.0)
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        diffusion.append(continuous_diffusion_loss(schedule, model_fn, x, t, noise))
+        reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        reconstruction.append(reconstruction_loss(schedule, x, reconstruction_noise))
+    diffusion_draws, reconstruction_draws = torch.stack(diffusion), torch.stack(reconstruction)
+    prior = prior_loss(schedule, x)
+    totals = prior + diffusion_draws + reconstruction_draws
+    terms = VDMLossTerms(prior=prior, diffusion=diffusion_draws.mean(0), reconstruction=reconstruction_draws.mean(0))
+    return VDMBoundEstimate(terms=terms, standard_error=totals.std(dim=0) / math.sqrt(num_times))

@@ -1,233 +1,193 @@
-"""VDMScheduler: the sampling state of the variational diffusion model's reverse process, as a diffusers scheduler.
+"""VDMContinuousScheduler: sampling from a continuous-time variational diffusion model, as a diffusers scheduler.
 
-The maths of the fixed encoder and of the decoder it induces lives in :class:`hf_ddpm.vdm.chain.DiffusionChain`
-(frozen float64 constants, one method per equation). The scheduler adds what sampling needs and nothing else: the
-config, the chain currently sampled on (:meth:`VDMScheduler.set_timesteps` respaces it) and ancestral sampling
-(:meth:`VDMScheduler.step`), with diffusers' ``DDPMScheduler`` signatures.
+Kingma et al. 2021 sample z_1 ~ N(0, I) and walk the grid t_i = i / n from t = 1 down to 0 with the model's
+p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t, t)), s = t - 1/n. Everything is a function of gamma = -log SNR, so the
+scheduler needs the (possibly learned) schedule's values on the grid: :meth:`VDMContinuousScheduler.set_timesteps`
+takes the :class:`~hf_ddpm.vdm.noise_schedule.NoiseSchedule` and stores gamma(i / n), i = 0..n, as float64. The
+config holds only ``step_type``, so ``save_pretrained`` writes a plain JSON config; the schedule itself is a model
+component saved with its weights.
+
+Timesteps are the continuous times t in (0, 1], descending: ``timesteps`` = [1, (n-1)/n, ..., 1/n], and
+``step(model_output, t, sample)`` takes one of them. The network is trained on the same continuous t
+(``model_fn(z_t, t)`` in :mod:`hf_ddpm.vdm.elbo`); a DenoisingUNet, whose sinusoidal embedding was
+designed for the integer timesteps 0..999, is called as ``unet(z_t, 1000 * t)`` (VDM also multiplies its
+conditioning in [0, 1] by 1000 before the sinusoidal embedding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .chain import DiffusionChain, check_choice
-from .schedules import betas_from_config
+from .noise_schedule import NoiseSchedule, alpha_sigma_from_gamma, epsilon_of_clipped_estimate
 
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+VDM_STEP_TYPES = ("ancestral", "ddim")
 
 
 @dataclass
-class VDMSchedulerOutput(SchedulerOutput):
-    """Output of :meth:`VDMScheduler.step`.
+class VDMContinuousSchedulerOutput(SchedulerOutput):
+    """Output of :meth:`VDMContinuousScheduler.step`.
 
     Args:
-        prev_sample (`torch.Tensor` of shape (B, C, H, W)): x_{t-1}, the input of the next step.
-        pred_original_sample (`torch.Tensor` of shape (B, C, H, W)): the model's estimate of x_0.
+        prev_sample (`torch.Tensor` of shape (B, C, H, W)): z_s, the input of the next step; after the last step
+            the image x_hat clipped to [-1, 1].
+        pred_original_sample (`torch.Tensor` of shape (B, C, H, W)): x_hat = (z_t - sigma_t eps_hat) / alpha_t
+            (clipped to [-1, 1] with ``clip_sample``).
     """
 
     pred_original_sample: torch.Tensor | None = None
 
 
-class VDMScheduler(SchedulerMixin, ConfigMixin):
-    r"""The reverse process of a variational diffusion model: respacing and ancestral sampling.
+def _vdm_alpha_sigma_scalar(gamma: float) -> tuple[float, float]:
+    """(alpha, sigma) of one gamma in float64: alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
+    if gamma >= 0:
+        sigma_squared = 1.0 / (1.0 + math.exp(-gamma))
+        return math.sqrt(1.0 - sigma_squared), math.sqrt(sigma_squared)
+    alpha_squared = 1.0 / (1.0 + math.exp(gamma))
+    return math.sqrt(alpha_squared), math.sqrt(1.0 - alpha_squared)
 
-    A drop-in for diffusers' ``DDPMScheduler`` (same config keys, ``step``/``add_noise``/``set_timesteps``
-    signatures and outputs), with float64 schedule constants and learned-variance respacing that keeps a valid
-    Markov chain. ``train_chain`` is the frozen :class:`~hf_ddpm.vdm.chain.DiffusionChain` of all T steps (what the
-    ELBO and training use); ``chain`` is the one sampled on, replaced by :meth:`set_timesteps`.
+
+class VDMContinuousScheduler(SchedulerMixin, ConfigMixin):
+    r"""Ancestral or deterministic (DDIM) sampling on the grid t_i = i / n of a continuous-time VDM.
+
+    With gamma_t = gamma(t), gamma_s = gamma(s), s = t - 1/n, eps_hat = ``model_output`` and
+    x_hat = (z_t - sigma_t eps_hat) / alpha_t:
+
+    * ``ancestral`` (VDM's ``sample``): z_s ~ p(z_s | z_t) = N(mu, v I) with
+      mu = alpha_s / alpha_t (z_t + sigma_t expm1(gamma_s - gamma_t) eps_hat) and
+      v = sigma_s^2 (-expm1(gamma_s - gamma_t)), which is the posterior q(z_s | z_t, x) at x = x_hat.
+    * ``ddim``: z_s = alpha_s x_hat + sigma_s eps_hat, deterministic.
+
+    With ``clip_sample`` (the default, as in diffusers' DDPMScheduler) x_hat is first clipped to [-1, 1] and eps_hat
+    replaced by the noise of the clipped estimate,
+    eps~ = (z_t - alpha_t clip(x_hat)) / sigma_t (:func:`~hf_ddpm.vdm.noise_schedule.epsilon_of_clipped_estimate`),
+    in both steps: the ancestral step is then q(z_s | z_t, x = clip(x_hat)), the model whose bound
+    ``BoundOptions(clip_denoised=True)`` reports.
+
+    The last step (t = 1/n, s = 0) returns x_hat clipped to [-1, 1] as ``prev_sample``, the image. (z_0 would add
+    noise of standard deviation at most sigma_0, 1.3e-3 for gamma_0 = -13.3, below the half-width 1/255 of an
+    8-bit bin; for the DDIM step (z_0 - sigma_0 eps_hat) / alpha_0 is exactly x_hat.)
 
     Args:
-        num_train_timesteps (`int`): T, the number of latents x_1..x_T (at least 2).
-        beta_start (`float`), beta_end (`float`): end points of the ``linear``/``scaled_linear``/``sigmoid``
-            schedules.
-        beta_schedule (`str`): ``linear`` (Ho et al.), ``cosine`` (Nichol & Dhariwal; diffusers'
-            ``squaredcos_cap_v2`` is the same), ``scaled_linear`` or ``sigmoid`` (GeoDiff).
-        trained_betas (`np.ndarray` or list, *optional*): explicit betas, overriding ``beta_schedule``.
-        variance_type (`str`): variance of p_theta(x_{t-1} | x_t): ``fixed_small`` (the posterior variance
-            beta~_t), ``fixed_large`` (beta_t), or ``learned_range`` (the model emits 2C channels; the last C give
-            v in [-1, 1] and log sigma^2 = (v+1)/2 log beta_t + (1-v)/2 log beta~_t).
-        clip_sample (`bool`), clip_sample_range (`float`): clip the predicted x_0 to [-range, range] when sampling.
-        prediction_type (`str`): what the model predicts: ``epsilon`` (the noise), ``sample`` (x_0) or
-            ``v_prediction`` (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0).
-        timestep_spacing (`str`): how :meth:`set_timesteps` picks ``num_inference_steps`` timesteps, exactly as
-            diffusers: ``linspace`` (round(linspace(0, T-1, n)): includes 0 and T-1, as improved-diffusion
-            respaces; our default, where diffusers' is ``leading``), ``leading`` (k * (T // n) + steps_offset) or
-            ``trailing`` (round(T - k T / n) - 1, without the spurious -1 that diffusers appends for some n).
-        steps_offset (`int`): added to ``leading`` timesteps, as in diffusers.
-        thresholding (`bool`): apply :func:`~hf_ddpm.vdm.chain.dynamic_threshold` to the predicted x_0 in
-            :meth:`step` (instead of ``clip_sample``, as in diffusers).
-        dynamic_thresholding_ratio (`float`), sample_max_value (`float`): its quantile and largest threshold s.
-        rescale_betas_zero_snr (`bool`): rescale the betas to zero terminal SNR
-            (:func:`~hf_ddpm.vdm.schedules.rescale_zero_terminal_snr`); needs ``v_prediction`` or ``sample``.
+        step_type (`str`): ``ancestral`` or ``ddim``.
+        clip_sample (`bool`): clip the data estimate x_hat to [-1, 1] in every step.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: np.ndarray | Sequence[float] | None = None,
-        variance_type: str = "fixed_small",
-        clip_sample: bool = True,
-        prediction_type: str = "epsilon",
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        rescale_betas_zero_snr: bool = False,
-    ):
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if num_train_timesteps < 2:
-            raise ValueError(
-                f"num_train_timesteps must be at least 2 (got {num_train_timesteps}): the decoder p(x_0 | x_1) "
-                "takes its clipped log-variance from the second step's posterior, log beta~_2."
-            )
-        betas64 = betas_from_config(self.config)
-        if beta_schedule == "cosine":  # recorded under diffusers' name, so every diffusers scheduler reads the config
-            self.register_to_config(beta_schedule="squaredcos_cap_v2")
-        self.train_chain = DiffusionChain.from_alphas_cumprod(
-            np.cumprod(1.0 - betas64), prediction_type=prediction_type, variance_type=variance_type
-        )
-        #: float64 tensors, for users and for diffusers-style code that reads them.
-        self.betas = torch.from_numpy(betas64)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.from_numpy(self.train_chain.train_alphas_cumprod)
+    def __init__(self, step_type: str = "ancestral", clip_sample: bool = True):
+        if step_type not in VDM_STEP_TYPES:
+            raise ValueError(f"Unknown step_type {step_type!r}: choose one of {', '.join(VDM_STEP_TYPES)}.")
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.custom_timesteps = False
-        self._use_chain(self.train_chain)
-
-    def _use_chain(self, chain: DiffusionChain) -> None:
-        """Make ``chain`` the one that :meth:`step` samples on."""
-        self.chain = chain
-        self.timesteps = torch.from_numpy(chain.timesteps[::-1].copy())
+        self.timesteps: torch.Tensor | None = None
+        self.gammas: torch.Tensor | None = None
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: Sequence[int] | None = None,
+        self, num_inference_steps: int, device: torch.device | str | None = None, *, noise_schedule: NoiseSchedule
     ) -> None:
-        """Respace the reverse process to ``num_inference_steps`` timesteps (or the explicit descending ``timesteps``;
-        pass one of the two), picked by ``timestep_spacing`` exactly as diffusers' ``DDPMScheduler`` picks them.
+        """Sample on the grid t_i = i / n, n = ``num_inference_steps``: ``timesteps`` = [n/n, ..., 1/n] (float32 on
+        ``device``) and ``gammas`` = [gamma(0/n), ..., gamma(n/n)] (float64 on the CPU, computed without grad on the
+        schedule's device)."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1.")
+        grid = torch.arange(num_inference_steps + 1, dtype=torch.float64) / num_inference_steps
+        with torch.no_grad():
+            self.gammas = noise_schedule(grid.to(noise_schedule.device)).detach().cpu()
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = grid[1:].flip(0).to(device=device, dtype=torch.float32)
 
-        The sub-chain keeps the marginals q(x_t | x_0) and recomputes beta_k = 1 - abar_{t_k} / abar_{t_{k-1}}, so
-        posterior variances and learned-range variances are those of a valid shorter Markov chain.
-        ``set_timesteps(num_train_timesteps)`` restores the full chain.
-        """
-        T = self.config.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None:
-            chosen = np.asarray(list(timesteps), dtype=np.int64)
-            if np.any(chosen[1:] >= chosen[:-1]):
-                raise ValueError("`custom_timesteps` must be in descending order.")
-            if chosen[0] >= T or chosen[-1] < 0:
-                raise ValueError(f"`timesteps` must lie in [0, {T - 1}].")
-            self.custom_timesteps = True
-            self.num_inference_steps = len(chosen)
-        else:
-            if num_inference_steps is None or not 1 <= num_inference_steps <= T:
-                raise ValueError(
-                    f"num_inference_steps must be between 1 and num_train_timesteps={T}, got {num_inference_steps}."
-                )
-            spacing = self.config.timestep_spacing
-            if spacing == "linspace":
-                chosen = np.linspace(0, T - 1, num_inference_steps).round()
-            elif spacing == "leading":
-                chosen = np.arange(num_inference_steps) * (T // num_inference_steps) + self.config.steps_offset
-            else:  # trailing; diffusers' float arange appends a spurious -1 for some n (e.g. T = 1000, n = 61)
-                chosen = np.round(np.arange(T, 0, -T / num_inference_steps)) - 1
-                chosen = chosen[chosen >= 0]
-            chosen = np.unique(chosen.astype(np.int64))[::-1]
-            if chosen[0] >= T or chosen[-1] < 0:
-                raise ValueError(
-                    f"timestep_spacing={spacing!r} with steps_offset={self.config.steps_offset} gives timesteps in "
-                    f"[{chosen[-1]}, {chosen[0]}], outside the chain's [0, {T - 1}]; lower steps_offset."
-                )
-            self.custom_timesteps = False
-            self.num_inference_steps = num_inference_steps
-        self._use_chain(self.train_chain.respaced(chosen[::-1].copy()))
-        self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
-
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
-        """The timestep that :meth:`step` at ``timestep`` samples, as diffusers computes it: the next one in
-        ``self.timesteps`` (a tensor; -1 after the last) once :meth:`set_timesteps` was called, else timestep - 1."""
-        if self.custom_timesteps or self.num_inference_steps:
-            index = int(self.chain.chain_position(timestep)[0])
-            return torch.tensor(int(self.chain.timesteps[index - 1]) if index > 0 else -1)
-        return timestep - 1
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """Identity: DDPM does not scale the model input (kept for interchangeability with other schedulers)."""
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The identity: the model takes z_t unscaled."""
         return sample
 
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
-    ) -> torch.Tensor:
-        """Sample q(x_t | x_0) (diffusers' signature): :meth:`DiffusionChain.add_noise` of the training chain."""
-        return self.train_chain.add_noise(original_samples, noise, timesteps)
+    def _grid_index(self, timesteps: torch.Tensor, lowest: int) -> torch.Tensor:
+        """i = n t for times t on the grid i / n, i = lowest..n, as int64 on the CPU; raises off the grid."""
+        if self.gammas is None:
+            raise ValueError("Call set_timesteps(num_inference_steps, noise_schedule=...) first.")
+        n = self.num_inference_steps
+        times = torch.as_tensor(timesteps).detach().cpu().to(torch.float64).reshape(-1)
+        index = torch.round(times * n)
+        if ((index < lowest) | (index > n) | ((times - index / n).abs() > 1e-3 / n)).any():
+            raise ValueError(f"timesteps {times.tolist()} are not on the grid i / {n}, i = {lowest}..{n}.")
+        return index.long()
 
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """The v-prediction target (diffusers' signature): :meth:`DiffusionChain.get_velocity`."""
-        return self.train_chain.get_velocity(sample, noise, timesteps)
+    def _step_gammas(self, timestep: torch.Tensor | float) -> tuple[int, float, float]:
+        """(i, gamma_t, gamma_s) for the time t = i / n of one step, s = (i - 1) / n."""
+        index = int(self._grid_index(torch.as_tensor(timestep), lowest=1))
+        return index, float(self.gammas[index]), float(self.gammas[index - 1])
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
+    ) -> torch.Tensor:
+        """z_t = alpha_t x + sigma_t eps, with alpha_t^2 = sigmoid(-gamma(t)) and sigma_t^2 = sigmoid(gamma(t)), for
+        times on the grid i / n, i = 0..n (a scalar or one per image)."""
+        gamma = self.gammas[self._grid_index(torch.as_tensor(timesteps), lowest=0)]
+        gamma = gamma.to(device=original_samples.device, dtype=original_samples.dtype)
+        alpha, sigma = alpha_sigma_from_gamma(gamma.reshape([-1] + [1] * (original_samples.dim() - 1)))
+        return alpha * original_samples + sigma * noise
+
+    def predict_original_sample(
+        self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """x_hat = (z_t - sigma_t eps_hat) / alpha_t."""
+        alpha_t, sigma_t = _vdm_alpha_sigma_scalar(self._step_gammas(timestep)[1])
+        return (sample - sigma_t * model_output) / alpha_t
+
+    def p_mean_variance(
+        self, model_output: torch.Tensor, timestep: torch.Tensor | float, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """Mean and variance of p(z_s | z_t), s = t - 1/n:
+
+            mu = alpha_s / alpha_t (z_t + sigma_t expm1(gamma_s - gamma_t) eps_hat),
+            v  = sigma_s^2 (-expm1(gamma_s - gamma_t)),
+
+        equal to the mean and variance of q(z_s | z_t, x) at x = x_hat; v is a float64 scalar.
+        """
+        _, gamma_t, gamma_s = self._step_gammas(timestep)
+        alpha_t, sigma_t = _vdm_alpha_sigma_scalar(gamma_t)
+        alpha_s, sigma_s = _vdm_alpha_sigma_scalar(gamma_s)
+        change = math.expm1(gamma_s - gamma_t)
+        return alpha_s / alpha_t * (sample + sigma_t * change * model_output), -(sigma_s**2) * change
 
     def step(
         self,
         model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
+        timestep: torch.Tensor | float,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> VDMSchedulerOutput | tuple:
-        """Ancestral sampling: draw x_{t-1} ~ p_theta(x_{t-1} | x_t) on the current chain.
+    ) -> VDMContinuousSchedulerOutput | tuple:
+        """One step z_t -> z_s (s = t - 1/n), ancestral or DDIM per ``step_type``, with x_hat clipped to [-1, 1]
+        first under ``clip_sample``; the last step returns x_hat clipped to [-1, 1].
 
         Args:
-            model_output (`torch.Tensor`): the model's output at (``sample``, ``timestep``), (B, C or 2C, H, W).
-            timestep (`int`): the current timestep t, an element of ``self.timesteps``.
-            sample (`torch.Tensor`): x_t, (B, C, H, W).
-            generator (`torch.Generator`, *optional*): for the noise; drawn as diffusers' DDPMScheduler draws it.
-            return_dict (`bool`): return a ``VDMSchedulerOutput`` rather than a tuple.
-
-        Returns:
-            ``VDMSchedulerOutput(prev_sample, pred_original_sample)``: x_{t-1} and the model's x_0 estimate
-            (thresholded if ``thresholding``, else clipped if ``clip_sample``). No noise is added at the last step of
-            the chain, even when its timestep is not 0 (diffusers adds noise whenever t > 0).
+            model_output (`torch.Tensor`): eps_hat(z_t, t).
+            timestep (`torch.Tensor` or `float`): t, one of ``timesteps``.
+            sample (`torch.Tensor`): z_t.
+            generator (`torch.Generator`, *optional*): for the noise of the ancestral step.
+            return_dict (`bool`): return a :class:`VDMContinuousSchedulerOutput` rather than a tuple.
         """
-        t = torch.as_tensor(timestep).reshape(-1)[:1]
-        mean, log_variance, pred_original = self.chain.p_mean_variance(
-            model_output,
-            sample,
-            t,
-            clip_denoised=self.config.clip_sample,
-            clip_range=self.config.clip_sample_range,
-            dynamic_thresholding=(
-                (self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-                if self.config.thresholding
-                else None
-            ),
-        )
-        prev_sample = mean
-        if int(self.chain.chain_position(t)[0]) > 0:
+        index, gamma_t, gamma_s = self._step_gammas(timestep)
+        if self.config.clip_sample:
+            gamma = torch.tensor(gamma_t, dtype=torch.float64)  # a 0-d tensor: alpha_t, sigma_t in float64, as below
+            model_output = epsilon_of_clipped_estimate(sample, model_output, gamma)
+        pred_original_sample = self.predict_original_sample(model_output, timestep, sample)
+        if index == 1:
+            prev_sample = pred_original_sample.clamp(-1.0, 1.0)
+        elif self.config.step_type == "ddim":
+            alpha_s, sigma_s = _vdm_alpha_sigma_scalar(gamma_s)
+            prev_sample = alpha_s * pred_original_sample + sigma_s * model_output
+        else:
+            mean, variance = self.p_mean_variance(model_output, timestep, sample)
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev_sample = mean + torch.exp(0.5 * log_variance) * noise
+            prev_sample = mean + math.sqrt(variance) * noise
         if not return_dict:
-            return prev_sample, pred_original
-        return VDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+            return (prev_sample, pred_original_sample)
+        return VDMContinuousSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

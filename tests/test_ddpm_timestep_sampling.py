@@ -1,11 +1,11 @@
-"""The timestep samplers (hf_ddpm.vdm.timestep_sampling): uniform weights, importance weights that keep estimates
+"""The timestep samplers (hf_ddpm.ddpm.timestep_sampling): uniform weights, importance weights that keep estimates
 unbiased, state round trip."""
 
 import numpy as np
 import pytest
 import torch
 
-from hf_ddpm.vdm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler, make_timestep_sampler
+from hf_ddpm.ddpm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler, make_timestep_sampler
 
 
 def test_uniform_sampler_has_unit_weights_and_covers_all_timesteps():

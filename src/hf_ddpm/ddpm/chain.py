@@ -4,8 +4,8 @@ The variational diffusion model is a Markovian hierarchical VAE with three restr
 data's size, a fixed Gaussian encoder q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I), and
 q(x_T) ~= N(0, I). A :class:`DiffusionChain` holds the float64 constants of one such chain (the full training
 chain, or a respaced sub-chain) and the parameterisation of the decoder p_theta(x_{t-1} | x_t); it never changes
-after it is built, so the ELBO (:mod:`hf_ddpm.vdm.elbo`) takes it as an explicit argument and the scheduler's
-mutable sampling state (:class:`hf_ddpm.VDMScheduler`) never reaches the maths.
+after it is built, so the ELBO (:mod:`hf_ddpm.ddpm.elbo`) takes it as an explicit argument and the scheduler's
+mutable sampling state (:class:`hf_ddpm.HFDDPMScheduler`) never reaches the maths.
 
 =========================================  ==============================================================
 equation                                   method
@@ -127,7 +127,7 @@ class DiffusionChain:
         coef2_k = sqrt(1 - beta_k) (1 - abar_{k-1}) / (1 - abar_k). log beta~ is clipped at k = 0 (where beta~ = 0)
         to log beta~_1, as improved-diffusion does, so the decoder p(x_0 | x_1) has a finite variance.
 
-        A zero terminal SNR (abar_T = 0, beta_T = 1, :func:`~hf_ddpm.vdm.schedules.rescale_zero_terminal_snr`)
+        A zero terminal SNR (abar_T = 0, beta_T = 1, :func:`~hf_ddpm.ddpm.schedules.rescale_zero_terminal_snr`)
         needs no clamping: q(x_T | x_0) = N(0, I), so the prior term is exactly 0, and log beta_T = 0 and
         log beta~_T = log(1 - abar_{T-1}) are finite. Only epsilon prediction is refused there, since
         x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) divides by 0 (diffusers returns inf/NaN).
@@ -165,7 +165,7 @@ class DiffusionChain:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DiffusionChain:
-        """The full training chain of a scheduler config (a :class:`hf_ddpm.VDMScheduler`'s, or diffusers'
+        """The full training chain of a scheduler config (a :class:`hf_ddpm.HFDDPMScheduler`'s, or diffusers'
         ``DDPMScheduler``'s with the same keys): whatever a pipeline's scheduler was respaced to for sampling, the
         bound is always that of the chain the model was trained on."""
         return cls.from_alphas_cumprod(

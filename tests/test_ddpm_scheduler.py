@@ -1,4 +1,4 @@
-"""VDMScheduler, the sampling state, against diffusers' DDPMScheduler (and the schedulers that read its config):
+"""HFDDPMScheduler, the sampling state, against diffusers' DDPMScheduler (and the schedulers that read its config):
 respacing, ancestral sampling with the same noise, add_noise, configs, bad input."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from helpers import diffusers_in_float64
-from hf_ddpm import VDMScheduler, VDMSchedulerOutput
+from hf_ddpm import HFDDPMScheduler, HFDDPMSchedulerOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------- vs diffusers
 @pytest.mark.parametrize("ours, theirs", SCHEDULES)
 def test_add_noise_and_velocity_match_diffusers(ours, theirs):
-    vdm, ddpm = VDMScheduler(beta_schedule=ours), diffusers_in_float64(theirs)
+    vdm, ddpm = HFDDPMScheduler(beta_schedule=ours), diffusers_in_float64(theirs)
     generator = torch.Generator().manual_seed(0)
     t = torch.arange(1000)
     x0 = torch.rand(1000, 1, 2, 2, generator=generator, dtype=torch.float64) * 2 - 1
@@ -71,7 +71,7 @@ def test_sampling_chain_matches_diffusers_with_the_same_noise(
     config = dict(
         prediction_type=prediction_type, variance_type=variance_type, timestep_spacing=spacing, clip_sample=clip
     )
-    vdm, ddpm = VDMScheduler(beta_schedule=ours, **config), diffusers_in_float64(theirs, **config)
+    vdm, ddpm = HFDDPMScheduler(beta_schedule=ours, **config), diffusers_in_float64(theirs, **config)
     if steps:
         vdm.set_timesteps(steps)
         ddpm.set_timesteps(steps)
@@ -94,7 +94,7 @@ def test_sampling_chain_matches_diffusers_with_the_same_noise(
 @pytest.mark.parametrize("steps", [None, 100])
 def test_learned_range_matches_diffusers(steps):
     config = dict(variance_type="learned_range", timestep_spacing="leading")
-    vdm, ddpm = VDMScheduler(**config), diffusers_in_float64("linear", **config)
+    vdm, ddpm = HFDDPMScheduler(**config), diffusers_in_float64("linear", **config)
     if steps:
         vdm.set_timesteps(steps)
         ddpm.set_timesteps(steps)
@@ -123,7 +123,7 @@ def test_learned_range_matches_diffusers(steps):
 def test_respaced_timesteps_equal_diffusers(spacing, steps):
     """The same spacing gives the same timesteps as diffusers' DDPMScheduler and DDIMScheduler (which a pipeline
     swaps in from our config)."""
-    vdm = VDMScheduler(timestep_spacing=spacing)
+    vdm = HFDDPMScheduler(timestep_spacing=spacing)
     vdm.set_timesteps(steps)
     for theirs in (DDPMScheduler(timestep_spacing=spacing), DDIMScheduler.from_config(vdm.config)):
         theirs.set_timesteps(steps)
@@ -133,7 +133,7 @@ def test_respaced_timesteps_equal_diffusers(spacing, steps):
 
 def test_configs_interchange_with_diffusers_schedulers():
     for schedule in ("linear", "cosine", "squaredcos_cap_v2"):
-        ours = VDMScheduler(
+        ours = HFDDPMScheduler(
             num_train_timesteps=500, beta_schedule=schedule, beta_end=0.03, prediction_type="v_prediction"
         )
         for cls in (DDIMScheduler, DPMSolverMultistepScheduler, DDPMScheduler):
@@ -142,17 +142,17 @@ def test_configs_interchange_with_diffusers_schedulers():
             assert (theirs.alphas_cumprod.double() - ours.alphas_cumprod).abs().max().item() <= 1e-6
     custom = DDPMScheduler(num_train_timesteps=300, beta_schedule="squaredcos_cap_v2", prediction_type="sample")
     for config in (DDPMScheduler().config, DDPMScheduler(beta_end=0.03).config, custom.config):
-        ours = VDMScheduler.from_config(config)
+        ours = HFDDPMScheduler.from_config(config)
         assert ours.config.prediction_type == config.prediction_type and len(ours) == config.num_train_timesteps
         assert (
             ours.alphas_cumprod - DDPMScheduler.from_config(config).alphas_cumprod.double()
         ).abs().max().item() <= 1e-6
-    assert {DDIMScheduler, DPMSolverMultistepScheduler, DDPMScheduler} <= set(VDMScheduler().compatibles)
+    assert {DDIMScheduler, DPMSolverMultistepScheduler, DDPMScheduler} <= set(HFDDPMScheduler().compatibles)
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_ddim_and_ddpm_built_from_our_config_share_our_schedule_and_timesteps(spacing):
-    ours = VDMScheduler(
+    ours = HFDDPMScheduler(
         num_train_timesteps=200, beta_schedule="cosine", variance_type="learned_range", timestep_spacing=spacing
     )
     for cls in (DDIMScheduler, DDPMScheduler):
@@ -176,7 +176,7 @@ IGNORES_OUR_SCHEDULE = {"EDMEulerScheduler"}
         pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ignores beta_schedule"))
         if n in IGNORES_OUR_SCHEDULE
         else n
-        for n in VDMScheduler._compatibles
+        for n in HFDDPMScheduler._compatibles
     ],
 )
 # diffusers' schedulers pass tensors to numpy, which numpy 2 warns about once per element
@@ -187,7 +187,7 @@ def test_each_compatible_name_is_a_diffusers_scheduler_that_reads_our_config(nam
         pytest.importorskip("torchsde", reason="diffusers' DPMSolverSDEScheduler needs torchsde")
     cls = getattr(diffusers, name)
     assert isinstance(cls, type) and issubclass(cls, SchedulerMixin), name
-    ours = VDMScheduler(num_train_timesteps=500, beta_schedule="cosine", prediction_type="v_prediction")
+    ours = HFDDPMScheduler(num_train_timesteps=500, beta_schedule="cosine", prediction_type="v_prediction")
     theirs = cls.from_config(ours.config)
     assert theirs.config.num_train_timesteps == 500 and theirs.config.prediction_type == "v_prediction"
     assert hasattr(theirs, "alphas_cumprod"), f"{name} does not take its noise schedule from beta_schedule"
@@ -198,7 +198,7 @@ def test_each_compatible_name_is_a_diffusers_scheduler_that_reads_our_config(nam
 
 # ---------------------------------------------------------------------------------------------- sampling state
 def test_set_timesteps_builds_valid_chains_and_restores_the_full_one():
-    scheduler = VDMScheduler(num_train_timesteps=100)
+    scheduler = HFDDPMScheduler(num_train_timesteps=100)
     full = scheduler.chain
     assert full is scheduler.train_chain and scheduler.num_inference_steps is None
     scheduler.set_timesteps(10)
@@ -226,10 +226,10 @@ def test_set_timesteps_builds_valid_chains_and_restores_the_full_one():
 
 
 def test_step_returns_the_output_or_a_tuple_and_scale_model_input_is_the_identity():
-    scheduler = VDMScheduler(num_train_timesteps=20)
+    scheduler = HFDDPMScheduler(num_train_timesteps=20)
     x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     out = scheduler.step(toy_model(x, 10), 10, x, generator=torch.Generator().manual_seed(1))
-    assert isinstance(out, VDMSchedulerOutput)
+    assert isinstance(out, HFDDPMSchedulerOutput)
     prev, x0 = scheduler.step(toy_model(x, 10), 10, x, generator=torch.Generator().manual_seed(1), return_dict=False)
     assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
     assert scheduler.scale_model_input(x, 10) is x and scheduler.init_noise_sigma == 1.0 and len(scheduler) == 20
@@ -253,11 +253,11 @@ def test_step_returns_the_output_or_a_tuple_and_scale_model_input_is_the_identit
 )
 def test_unknown_names_are_rejected_with_the_choices(kwargs, choices):
     with pytest.raises(ValueError, match=choices):
-        VDMScheduler(**kwargs)
+        HFDDPMScheduler(**kwargs)
 
 
 def test_timesteps_outside_the_chain_and_wrong_channel_counts_are_rejected():
-    scheduler = VDMScheduler()
+    scheduler = HFDDPMScheduler()
     scheduler.set_timesteps(10)
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(
@@ -268,8 +268,8 @@ def test_timesteps_outside_the_chain_and_wrong_channel_counts_are_rejected():
         scheduler.chain.q_posterior_mean_variance(x, x, torch.tensor([1000]))
     with pytest.raises(ValueError, match="needs a model with C = 1 output channels"):
         scheduler.step(torch.zeros(1, 2, 2, 2), 999, x)
-    learned = VDMScheduler(variance_type="learned_range")
+    learned = HFDDPMScheduler(variance_type="learned_range")
     with pytest.raises(ValueError, match="2\\*C = 2"):
         learned.step(x, 999, x)
     with pytest.raises(ValueError, match="num_train_timesteps must be at least 2"):
-        VDMScheduler(num_train_timesteps=1)
+        HFDDPMScheduler(num_train_timesteps=1)

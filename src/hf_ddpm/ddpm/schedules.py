@@ -112,7 +112,7 @@ def make_betas(
 
 
 def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
-    """The betas that a scheduler config (a :class:`hf_ddpm.VDMScheduler`'s or diffusers' ``DDPMScheduler``'s)
+    """The betas that a scheduler config (a :class:`hf_ddpm.HFDDPMScheduler`'s or diffusers' ``DDPMScheduler``'s)
     describes: :func:`make_betas` of its ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``,
     ``trained_betas`` and ``rescale_betas_zero_snr``, with diffusers' defaults for missing keys."""
     return make_betas(

@@ -12,7 +12,7 @@ from scipy import integrate
 from scipy.special import expit, log_softmax
 
 from hf_ddpm.models.unet import DenoisingUNet, base2_fourier_features
-from hf_ddpm.vdm.continuous_elbo import (
+from hf_ddpm.vdm.elbo import (
     VDMLossTerms,
     clipped_estimate_model,
     continuous_diffusion_loss,
@@ -25,8 +25,8 @@ from hf_ddpm.vdm.continuous_elbo import (
     reconstruction_loss,
     vdm_loss_terms,
 )
-from hf_ddpm.vdm.continuous_scheduler import VDMContinuousScheduler
 from hf_ddpm.vdm.noise_schedule import NoiseSchedule, epsilon_of_clipped_estimate
+from hf_ddpm.vdm.scheduler import VDMContinuousScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ from diffusers import DDPMScheduler
 
 import hf_ddpm
 from helpers import diffusers_in_float64
-from hf_ddpm import VDMScheduler
-from hf_ddpm.vdm.chain import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionChain
+from hf_ddpm import HFDDPMScheduler
+from hf_ddpm.ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionChain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,7 @@ SCHEDULES = [("linear", "linear"), ("cosine", "squaredcos_cap_v2")]
 LINEAR_ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 
 
-def chain_of(scheduler: VDMScheduler, steps: int | None = None, spacing: str = "linspace") -> DiffusionChain:
+def chain_of(scheduler: HFDDPMScheduler, steps: int | None = None, spacing: str = "linspace") -> DiffusionChain:
     """The chain ``scheduler`` samples on after ``set_timesteps(steps)`` (the full chain for None)."""
     if steps:
         scheduler.set_timesteps(steps)
@@ -83,7 +83,7 @@ def test_respaced_keeps_the_marginals_and_maps_positions():
 
 
 def test_from_config_is_the_training_chain_of_our_config_and_of_diffusers():
-    ours = VDMScheduler(
+    ours = HFDDPMScheduler(
         num_train_timesteps=300, beta_schedule="cosine", prediction_type="sample", variance_type="learned_range"
     )
     ours.set_timesteps(7)  # the scheduler's sampling chain does not enter the config's chain
@@ -102,7 +102,7 @@ def test_from_config_is_the_training_chain_of_our_config_and_of_diffusers():
 
 
 def test_the_chain_is_frozen_and_set_timesteps_replaces_only_the_sampling_chain():
-    scheduler = VDMScheduler(num_train_timesteps=50)
+    scheduler = HFDDPMScheduler(num_train_timesteps=50)
     train_chain = scheduler.train_chain
     assert scheduler.chain is train_chain
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -133,8 +133,8 @@ def test_unknown_parameterisations_are_rejected_with_the_choices(kwargs, choices
 @pytest.mark.parametrize("ours, theirs", SCHEDULES)
 @pytest.mark.parametrize("steps, spacing", [(None, "leading"), (50, "leading"), (37, "linspace")])
 def test_posterior_and_fixed_large_variances_match_diffusers(ours, theirs, steps, spacing):
-    vdm_small = VDMScheduler(beta_schedule=ours, timestep_spacing=spacing)
-    vdm_large = VDMScheduler(beta_schedule=ours, variance_type="fixed_large", timestep_spacing=spacing)
+    vdm_small = HFDDPMScheduler(beta_schedule=ours, timestep_spacing=spacing)
+    vdm_large = HFDDPMScheduler(beta_schedule=ours, variance_type="fixed_large", timestep_spacing=spacing)
     ddpm = diffusers_in_float64(theirs, timestep_spacing=spacing)
     if steps:
         for scheduler in (vdm_small, vdm_large, ddpm):
@@ -166,7 +166,7 @@ def test_composed_single_steps_match_the_marginal(T, steps):
     """x_{t_k} = sqrt(1 - beta_k) x_{t_{k-1}} + sqrt(beta_k) eps, composed from x_0, has the moments of q(x_t | x_0)
     at every step, and consecutive steps have the covariance sqrt(abar_t / abar_s) (1 - abar_s) of the joint.
     Tolerances are 5 standard errors of each estimate."""
-    scheduler = VDMScheduler(num_train_timesteps=T, beta_end=0.1 if T == 30 else 0.02)
+    scheduler = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.1 if T == 30 else 0.02)
     chain = chain_of(scheduler, steps)
     n = 200_000
     x0 = torch.tensor([-1.0, 0.4, 1.0], dtype=torch.float64).reshape(3, 1, 1, 1).expand(3, 1, 1, n)
@@ -223,7 +223,7 @@ def test_posterior_equals_gaussian_conditioning_of_the_joint(schedule, T, steps,
     means sqrt(abar) x_0, variances 1 - abar, covariance sqrt(abar_t / abar_s) (1 - abar_s) (x_t is x_s scaled by
     sqrt(abar_t / abar_s) plus independent noise), conditioned with the standard formulas
     mu_1 + S_12 S_22^-1 (x_t - mu_2) and S_11 - S_12 S_22^-1 S_21."""
-    chain = chain_of(VDMScheduler(beta_schedule=schedule, num_train_timesteps=T, timestep_spacing=spacing), steps)
+    chain = chain_of(HFDDPMScheduler(beta_schedule=schedule, num_train_timesteps=T, timestep_spacing=spacing), steps)
     timesteps = chain.timesteps.tolist()
     abar = chain.train_alphas_cumprod
     generator = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ def test_posterior_equals_gaussian_conditioning_of_the_joint(schedule, T, steps,
 # ---------------------------------------------------------------------------------------------- the decoder
 @pytest.mark.parametrize("steps, spacing", [(None, "linspace"), (25, "linspace"), (40, "leading")])
 def test_learned_range_spans_log_beta_tilde_to_log_beta_on_every_chain(steps, spacing):
-    chain = chain_of(VDMScheduler(variance_type="learned_range", timestep_spacing=spacing), steps)
+    chain = chain_of(HFDDPMScheduler(variance_type="learned_range", timestep_spacing=spacing), steps)
     timesteps = timesteps_of(chain)
     abar = chain.train_alphas_cumprod[chain.timesteps]
     abar_prev = np.append(1.0, abar[:-1])
@@ -270,7 +270,7 @@ def test_learned_range_spans_log_beta_tilde_to_log_beta_on_every_chain(steps, sp
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_predict_original_sample_inverts_each_training_target(prediction_type, schedule):
-    chain = VDMScheduler(beta_schedule=schedule, prediction_type=prediction_type).train_chain
+    chain = HFDDPMScheduler(beta_schedule=schedule, prediction_type=prediction_type).train_chain
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(1000, 1, 2, 2, generator=generator, dtype=torch.float64) * 2 - 1
     noise = torch.randn(1000, 1, 2, 2, generator=generator, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """The ELBO terms against scipy and closed forms, the exact bound and its stratified estimate, and the training
-losses against the exact bound; all on the frozen chain (hf_ddpm.vdm.chain.DiffusionChain)."""
+losses against the exact bound; all on the frozen chain (hf_ddpm.ddpm.chain.DiffusionChain)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from scipy.stats import norm
 
 from helpers import on_grid
-from hf_ddpm import VDMScheduler
+from hf_ddpm import HFDDPMScheduler
+from hf_ddpm.ddpm.chain import DiffusionChain
 from hf_ddpm.distributions import nats_to_bits_per_dim
 from hf_ddpm.vdm import elbo
-from hf_ddpm.vdm.chain import DiffusionChain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ LN2 = math.log(2.0)
 # ---------------------------------------------------------------------------------------------- ELBO terms
 def test_prior_term_equals_its_closed_form():
     """KL(N(sqrt(a) x, 1 - a) || N(0, 1)) = (a x^2 - a - log(1 - a)) / 2 per pixel, a = alphas_cumprod[T-1]."""
-    chain = VDMScheduler().train_chain
+    chain = HFDDPMScheduler().train_chain
     a = float(np.prod(1.0 - np.linspace(1e-4, 0.02, 1000)))
     assert a == pytest.approx(4.04e-5, rel=2e-3)
     shape = (3, 1, 4, 5)
@@ -39,7 +39,7 @@ def test_prior_term_equals_its_closed_form():
 
 
 def test_prior_term_sits_at_the_top_of_a_respaced_chain():
-    scheduler = VDMScheduler(timestep_spacing="leading")
+    scheduler = HFDDPMScheduler(timestep_spacing="leading")
     scheduler.set_timesteps(50)  # leading: 0, 20, ..., 980
     top = int(scheduler.chain.timesteps[-1])
     assert top == 980
@@ -54,7 +54,7 @@ def test_prior_term_sits_at_the_top_of_a_respaced_chain():
 def test_oracle_model_makes_every_denoising_term_zero(steps):
     """A model that outputs the true x_0 with fixed_small variance: every KL(q || p) is 0, the bound is prior +
     reconstruction, and the decoder is N(x_0, beta~_1) discretized, whose bin masses scipy gives independently."""
-    scheduler = VDMScheduler(num_train_timesteps=100, beta_end=0.1, prediction_type="sample")
+    scheduler = HFDDPMScheduler(num_train_timesteps=100, beta_end=0.1, prediction_type="sample")
     if steps:
         scheduler.set_timesteps(steps)
     chain = scheduler.chain
@@ -83,7 +83,7 @@ def test_oracle_model_makes_every_denoising_term_zero(steps):
 def test_denoising_term_is_ho_et_al_weighted_noise_error():
     """With epsilon prediction and fixed_small variance, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))
     ||eps - eps_theta||^2 (Ho et al., 2020, eq. 12)."""
-    scheduler = VDMScheduler(num_train_timesteps=50, beta_end=0.2, clip_sample=False)
+    scheduler = HFDDPMScheduler(num_train_timesteps=50, beta_end=0.2, clip_sample=False)
     chain = scheduler.train_chain
     generator = torch.Generator().manual_seed(1)
     x0 = on_grid(2, 1, 3, 3)
@@ -102,7 +102,7 @@ def test_denoising_term_is_ho_et_al_weighted_noise_error():
 def test_clipped_denoising_term_is_the_kl_to_the_mean_of_the_clipped_x0_estimate():
     """clip_denoised: by hand, x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to [-1, 1], mean
     c1 x0_hat + c2 x_t, and with fixed_small variance the KL is ||mu~ - mu_theta||^2 / (2 beta~_t)."""
-    scheduler = VDMScheduler(num_train_timesteps=50, beta_end=0.2)
+    scheduler = HFDDPMScheduler(num_train_timesteps=50, beta_end=0.2)
     chain = scheduler.train_chain
     generator = torch.Generator().manual_seed(2)
     x0 = on_grid(2, 1, 3, 3)
@@ -130,7 +130,7 @@ def test_clipping_never_raises_a_term_and_leaves_the_decoder_alone():
     """Over every timestep of a chain with a learned variance: clipped terms <= unclipped terms (the same x_t
     draws), the reconstruction term L_0 identical, and the clipped full bound lower."""
     T = 20
-    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
     model_fn = linear_model(T, learned=True)
     x0 = on_grid(3, 1, 4, 4)
     runs = [
@@ -161,7 +161,7 @@ def test_full_elbo_is_the_sum_of_every_term_of_the_chain():
     """full_elbo draws one x_t per chain timestep, in order, from the generator (the one-sample term_at); the bound
     is the prior plus all K terms summed at once, converted to bits/dim, exactly as before the refactor to chains."""
     T = 20
-    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
     model_fn = linear_model(T, learned=True)
     x0 = on_grid(3, 1, 4, 4)
     result = elbo.full_elbo(chain, model_fn, x0, generator=torch.Generator().manual_seed(5), keep_per_timestep=True)
@@ -191,7 +191,7 @@ def test_stratified_elbo_is_the_size_weighted_sum_of_one_term_per_stratum():
     """sum_{t=1}^{T-1} L_t is estimated by sum_k |S_k| L_{t_k}, t_k drawn in stratum S_k; the reconstruction and
     prior terms are exact. Checked on the x_t the model saw (unbiasedness within error bars: test_evaluation.py)."""
     T, K = 12, 3
-    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
     model_fn = linear_model(T, learned=True)
     x0 = on_grid(2, 1, 4, 4)
     calls = []
@@ -220,7 +220,7 @@ def test_stratified_elbo_is_the_size_weighted_sum_of_one_term_per_stratum():
 
 
 def test_stratified_elbo_refuses_a_respaced_chain():
-    scheduler = VDMScheduler(num_train_timesteps=20)
+    scheduler = HFDDPMScheduler(num_train_timesteps=20)
     scheduler.set_timesteps(5)
     with pytest.raises(ValueError, match=r"stratified_elbo needs the full chain \(DiffusionChain.from_config\)"):
         elbo.stratified_elbo(scheduler.chain, lambda x, t: x, -torch.ones(1, 1, 2, 2))
@@ -233,7 +233,7 @@ def test_vlb_loss_is_an_unbiased_estimate_of_the_exact_bound(variance_type):
     """full_elbo draws one x_t per timestep; the vlb loss at every t with those same x_t, averaged over uniform t
     (or weighted by 1 / (T p(t)) and averaged over p(t)), is that exact bound."""
     T = 20
-    chain = VDMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type=variance_type).train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type=variance_type).train_chain
     model_fn = linear_model(T, variance_type == "learned_range")
     x0 = on_grid(3, 1, 4, 4)
     seen = {}
@@ -266,7 +266,7 @@ def test_vlb_loss_is_an_unbiased_estimate_of_the_exact_bound(variance_type):
 
 def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb():
     T = 20
-    chain = VDMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
     generator = torch.Generator().manual_seed(0)
     x0 = on_grid(4, 1, 4, 4).float()
     noise = torch.randn(x0.shape, generator=generator)
@@ -291,7 +291,7 @@ def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb()
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_simple_loss_is_zero_for_the_true_target_and_positive_otherwise(prediction_type):
-    chain = VDMScheduler(num_train_timesteps=20, prediction_type=prediction_type).train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=20, prediction_type=prediction_type).train_chain
     generator = torch.Generator().manual_seed(0)
     x0 = on_grid(3, 1, 4, 4).float()
     noise = torch.randn(x0.shape, generator=generator)
@@ -322,7 +322,7 @@ def test_min_snr_weight_weights_the_x0_error_by_min_snr_gamma(prediction_type):
 
 
 def test_unknown_loss_type_is_rejected_with_the_choices():
-    chain = VDMScheduler(num_train_timesteps=20).train_chain
+    chain = HFDDPMScheduler(num_train_timesteps=20).train_chain
     with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid"):
         elbo.training_loss("l2", chain, lambda x, t: x, -torch.ones(1, 1, 2, 2), torch.tensor([3]))
     assert elbo.LOSS_TYPES == ("simple", "vlb", "hybrid") and elbo.HYBRID_VLB_WEIGHT == 0.001

@@ -1,5 +1,5 @@
-"""VDMScheduler as a drop-in for diffusers' DDPMScheduler: every overlapping feature against diffusers with the same
-config, and every deliberate difference (the table in the README's "VDMScheduler and diffusers' DDPMScheduler")."""
+"""HFDDPMScheduler as a drop-in for diffusers' DDPMScheduler: every overlapping feature against diffusers with the same
+config, and every deliberate difference (the table in the README's "HFDDPMScheduler and diffusers' DDPMScheduler")."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
 
-from hf_ddpm import VDMScheduler
-from hf_ddpm.vdm.chain import DiffusionChain, dynamic_threshold
-from hf_ddpm.vdm.elbo import prior_term
-from hf_ddpm.vdm.schedules import BETA_SCHEDULES, make_betas, rescale_zero_terminal_snr, sigmoid_betas
+from hf_ddpm import HFDDPMScheduler
+from hf_ddpm.ddpm.chain import DiffusionChain, dynamic_threshold
+from hf_ddpm.ddpm.elbo import prior_term
+from hf_ddpm.ddpm.schedules import BETA_SCHEDULES, make_betas, rescale_zero_terminal_snr, sigmoid_betas
 
 T = 50
 
 
-def pair(**config) -> tuple[VDMScheduler, DDPMScheduler]:
+def pair(**config) -> tuple[HFDDPMScheduler, DDPMScheduler]:
     """Ours and diffusers' with the same config; diffusers' alphas_cumprod replaced by our float64 one, so that
     only the float32 arithmetic of the samples separates them."""
     config = {"num_train_timesteps": T, "timestep_spacing": "linspace", **config}
-    ours, theirs = VDMScheduler(**config), DDPMScheduler(**config)
+    ours, theirs = HFDDPMScheduler(**config), DDPMScheduler(**config)
     theirs.alphas_cumprod = ours.alphas_cumprod.clone()
     return ours, theirs
 
@@ -128,7 +128,7 @@ def test_thresholding_in_step_matches_ddpm_and_takes_precedence_over_clip_sample
 
 
 def test_thresholding_defaults_are_diffusers():
-    ours, theirs = VDMScheduler(), DDPMScheduler()
+    ours, theirs = HFDDPMScheduler(), DDPMScheduler()
     for key in (
         "thresholding",
         "dynamic_thresholding_ratio",
@@ -151,7 +151,7 @@ def test_rescale_zero_terminal_snr_matches_diffusers(schedule):
     # float64 both; torch's and numpy's vectorised sqrt and cumprod round differently on different CPUs (seen: 2e-12
     # on an AMD EPYC, exact agreement to 1e-12 on an Intel Xeon), far below float32's 1e-7
     np.testing.assert_allclose(rescaled, diffusers_rescale(torch.from_numpy(betas)).numpy(), rtol=1e-10, atol=0)
-    ours = VDMScheduler(
+    ours = HFDDPMScheduler(
         num_train_timesteps=1000, beta_schedule=schedule, rescale_betas_zero_snr=True, prediction_type="v_prediction"
     )
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, rescale_betas_zero_snr=True)
@@ -176,7 +176,7 @@ def test_zero_terminal_snr_survives_the_bound_and_learned_range_sampling():
 
 def test_sigmoid_betas_match_diffusers():
     assert "sigmoid" in BETA_SCHEDULES
-    ours = VDMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02)
+    ours = HFDDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02)
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02)
     np.testing.assert_allclose(ours.betas.numpy(), theirs.betas.double().numpy(), rtol=1e-6)
     exact = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
@@ -185,7 +185,7 @@ def test_sigmoid_betas_match_diffusers():
 
 def test_float64_constants_are_more_accurate_than_diffusers_float32():
     """At t = 1, 1 - abar_1 = beta_1 exactly; float32 keeps only ~1e-3 of its relative precision."""
-    ours, theirs = VDMScheduler(), DDPMScheduler()
+    ours, theirs = HFDDPMScheduler(), DDPMScheduler()
     assert ours.alphas_cumprod.dtype == torch.float64 and theirs.alphas_cumprod.dtype == torch.float32
     ours_err = abs((1 - ours.alphas_cumprod[0].item()) / 1e-4 - 1)
     theirs_err = abs((1 - theirs.alphas_cumprod[0].double().item()) / 1e-4 - 1)
@@ -197,7 +197,7 @@ def test_float64_constants_are_more_accurate_than_diffusers_float32():
 @pytest.mark.parametrize("steps_offset", [0, 1])
 def test_timesteps_match_ddpm_for_every_spacing(spacing, steps_offset):
     for num_train in (50, 1000):
-        ours = VDMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
+        ours = HFDDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
         theirs = DDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
         for n in (1, 2, 3, 7, 10, 25, 49, 50, 250, 999, 1000):
             if n > num_train:
@@ -214,12 +214,12 @@ def test_timesteps_match_ddpm_for_every_spacing(spacing, steps_offset):
 
 
 def test_default_timestep_spacing_is_linspace_not_leading():
-    assert VDMScheduler().config.timestep_spacing == "linspace"
+    assert HFDDPMScheduler().config.timestep_spacing == "linspace"
     assert DDPMScheduler().config.timestep_spacing == "leading"
 
 
 def test_trailing_drops_diffusers_spurious_minus_one():
-    ours = VDMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    ours = HFDDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
     theirs = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
     ours.set_timesteps(61)
     theirs.set_timesteps(61)
@@ -264,7 +264,7 @@ def test_both_arguments_raise_diffusers_error():
 # ------------------------------------------------------------------------------------------------ config round trip
 def test_todays_config_loads_unchanged_and_configs_cross_load(tmp_path):
     old = {
-        "_class_name": "VDMScheduler",
+        "_class_name": "HFDDPMScheduler",
         "num_train_timesteps": 20,
         "beta_start": 0.0001,
         "beta_end": 0.02,
@@ -278,14 +278,14 @@ def test_todays_config_loads_unchanged_and_configs_cross_load(tmp_path):
         "steps_offset": 0,
     }
     (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
-    loaded = VDMScheduler.from_pretrained(tmp_path)
+    loaded = HFDDPMScheduler.from_pretrained(tmp_path)
     assert loaded.config.thresholding is False and loaded.config.rescale_betas_zero_snr is False
-    reference = VDMScheduler(**{k: v for k, v in old.items() if k != "_class_name"})
+    reference = HFDDPMScheduler(**{k: v for k, v in old.items() if k != "_class_name"})
     assert torch.equal(loaded.alphas_cumprod, reference.alphas_cumprod)
     theirs = DDPMScheduler(
         num_train_timesteps=20, thresholding=True, beta_schedule="sigmoid", timestep_spacing="trailing"
     )
-    ours = VDMScheduler.from_config(theirs.config)
+    ours = HFDDPMScheduler.from_config(theirs.config)
     assert ours.config.thresholding and ours.config.beta_schedule == "sigmoid"
     assert set(theirs.config) - {"_use_default_values"} <= set(ours.config)
     assert DDPMScheduler.from_config(ours.config).config.thresholding
@@ -298,13 +298,13 @@ def test_betas_outside_the_open_interval_are_refused(bad):
     betas[7] = bad
     DDPMScheduler(num_train_timesteps=T, trained_betas=betas)  # accepted there
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\) so that q\(x_t \| x_\{t-1\}\) is a proper Gaussian"):
-        VDMScheduler(num_train_timesteps=T, trained_betas=betas)
+        HFDDPMScheduler(num_train_timesteps=T, trained_betas=betas)
 
 
 def test_a_single_timestep_is_refused():
     DDPMScheduler(num_train_timesteps=1)
     with pytest.raises(ValueError, match=r"at least 2 \(got 1\): the decoder p\(x_0 \| x_1\) takes its clipped"):
-        VDMScheduler(num_train_timesteps=1)
+        HFDDPMScheduler(num_train_timesteps=1)
 
 
 @pytest.mark.parametrize(
@@ -318,10 +318,10 @@ def test_a_single_timestep_is_refused():
 def test_diffusers_only_variance_types_are_refused_with_a_reason(name, why):
     DDPMScheduler(num_train_timesteps=T, variance_type=name)
     with pytest.raises(ValueError, match=rf"variance_type='{name}' is not supported: .*{why}") as error:
-        VDMScheduler(num_train_timesteps=T, variance_type=name)
+        HFDDPMScheduler(num_train_timesteps=T, variance_type=name)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="Unknown variance_type 'wide'"):
-        VDMScheduler(num_train_timesteps=T, variance_type="wide")
+        HFDDPMScheduler(num_train_timesteps=T, variance_type="wide")
 
 
 def test_epsilon_at_zero_terminal_snr_is_refused():
@@ -329,14 +329,14 @@ def test_epsilon_at_zero_terminal_snr_is_refused():
     x = torch.randn(1, 1, 2, 2)
     assert not torch.isfinite(theirs.step(torch.randn(1, 1, 2, 2), T - 1, x).pred_original_sample).all()
     with pytest.raises(ValueError, match=r"prediction_type='epsilon' cannot decode at zero terminal SNR"):
-        VDMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True)
+        HFDDPMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True)
 
 
 def test_leading_offset_past_the_chain_is_refused():
     theirs = DDPMScheduler(num_train_timesteps=T, steps_offset=1)
     theirs.set_timesteps(T)
     assert int(theirs.timesteps[0]) == T  # one past the end: diffusers' step would index out of range
-    ours = VDMScheduler(num_train_timesteps=T, timestep_spacing="leading", steps_offset=1)
+    ours = HFDDPMScheduler(num_train_timesteps=T, timestep_spacing="leading", steps_offset=1)
     with pytest.raises(ValueError, match=r"steps_offset=1 gives timesteps in \[1, 50\], outside the chain's"):
         ours.set_timesteps(T)
 
