@@ -12,9 +12,9 @@ from scipy.stats import norm
 
 from helpers import on_grid
 from hf_ddpm import HFDDPMScheduler
+from hf_ddpm.ddpm import elbo
 from hf_ddpm.ddpm.chain import DiffusionChain
 from hf_ddpm.distributions import nats_to_bits_per_dim
-from hf_ddpm.vdm import elbo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

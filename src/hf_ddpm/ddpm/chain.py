@@ -26,6 +26,7 @@ and device when used.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,14 +47,37 @@ REFUSED_VARIANCE_TYPES = {
 
 
 def broadcast_constant(values: np.ndarray, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[index] cast to like's dtype and device, shaped (B, 1, ..., 1) to broadcast against like."""
-    picked = torch.from_numpy(values)[index.detach().cpu().long().reshape(-1)]
+    """values[index] cast to like's dtype and device, shaped (B, 1, ..., 1) to broadcast against like.
+
+    An index on an accelerator is looked up in a copy of ``values`` kept on that device, so a training step reads
+    no timestep back to the host (each such read waits for the device to finish its queued work)."""
+    index = index.detach().long().reshape(-1)
+    if index.device.type == "cpu":
+        picked = torch.from_numpy(values)[index]
+    else:
+        picked = _on_device(values, index.device)[index]
     if like.device.type == "mps":  # MPS has no float64
         picked = picked.float()
     picked = picked.to(device=like.device, dtype=like.dtype)
     if picked.numel() == 1:
         return picked.reshape([1] * like.dim())
     return picked.reshape([-1] + [1] * (like.dim() - 1))
+
+
+#: (id of a constant's array, device) -> (the array, its copy on the device). Holding the array keeps its id from
+#: being reused while the entry lives; cleared when full, so arrays made on the fly cannot grow it without bound.
+_DEVICE_COPIES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def _on_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, copied once per array and device; float32 on MPS (no float64)."""
+    key = (id(values), str(device))
+    if key not in _DEVICE_COPIES:
+        if len(_DEVICE_COPIES) >= 256:
+            _DEVICE_COPIES.clear()
+        copy = torch.from_numpy(values.astype(np.float32) if device.type == "mps" else values).to(device)
+        _DEVICE_COPIES[key] = (values, copy)
+    return _DEVICE_COPIES[key][1]
 
 
 def dynamic_threshold(sample: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
@@ -185,6 +209,17 @@ class DiffusionChain:
         """T of the schedule the chain was built from."""
         return len(self.train_alphas_cumprod)
 
+    @functools.cached_property
+    def log_betas(self) -> np.ndarray:
+        """log beta_k, the largest log-variance of a learned-range decoder (computed once per chain)."""
+        return np.log(self.betas)
+
+    @functools.cached_property
+    def fixed_large_log_variance(self) -> np.ndarray:
+        """log beta_k, with log beta~_1 at the first step (log beta_1 for a one-step chain)."""
+        first = self.betas[:1] if len(self.timesteps) == 1 else self.posterior_variance[1:2]
+        return np.log(np.append(first, self.betas[1:]))
+
     @property
     def is_full(self) -> bool:
         """True for the chain over all T timesteps."""
@@ -192,8 +227,12 @@ class DiffusionChain:
 
     def chain_position(self, timesteps: torch.Tensor | int) -> torch.Tensor:
         """Position k of each timestep in this chain (0 = the decoding step); errors if one is not in it."""
-        t = torch.as_tensor(timesteps).detach().cpu().long().reshape(-1)
+        t = torch.as_tensor(timesteps).detach().long().reshape(-1)
         T = self.num_train_timesteps
+        if t.device.type != "cpu":  # checked on the device: reading t back would wait for its queued work
+            k = _on_device(self.positions, t.device)[t.clamp(0, T - 1)]
+            torch._assert_async(((t >= 0) & (t < T) & (k >= 0)).all(), "timesteps outside [0, T) or not in the chain")
+            return k
         if t.numel() and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"Timesteps must lie in [0, {T - 1}], got {t.tolist()[:8]}.")
         k = torch.from_numpy(self.positions)[t]
@@ -301,9 +340,8 @@ class DiffusionChain:
         if self.variance_type == "fixed_small":
             return min_log.expand_as(sample)
         if self.variance_type == "fixed_large":
-            first = self.betas[:1] if len(self.timesteps) == 1 else self.posterior_variance[1:2]
-            return broadcast_constant(np.log(np.append(first, self.betas[1:])), k, sample).expand_as(sample)
-        max_log = broadcast_constant(np.log(self.betas), k, sample)
+            return broadcast_constant(self.fixed_large_log_variance, k, sample).expand_as(sample)
+        max_log = broadcast_constant(self.log_betas, k, sample)
         frac = (variance_output + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log
 
