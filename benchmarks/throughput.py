@@ -13,6 +13,9 @@ Measures, in one run and interleaved (so machine drift hits every arm alike):
 
     python benchmarks/throughput.py [--batch_size 128] [--repeats 15] [--json throughput.json]
     python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
+    python benchmarks/throughput.py --device cuda --json throughput_gpu.json   # on a GPU: the step of train.py's gpu
+        # recipe (bf16, fused AdamW, foreach EMA, data on the device) at several batches, eager and compiled, with
+        # compile time apart, against the bf16 matmul peak measured in the same run
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
@@ -68,14 +72,20 @@ def flops_per_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     return float(counter.get_total_flops())
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of torch.mm on size x size matrices of ``dtype`` (2 size^3 FLOPs each)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def matmul_peak_gflops(
+    dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10, device: torch.device | str = "cpu"
+) -> float:
+    """Best GFLOP/s of torch.mm on size x size matrices of ``dtype`` (2 size^3 FLOPs each) on ``device``."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        if a.is_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
+        if a.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -122,14 +132,14 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
     if fast_cpu_math:
         flush_denormals()  # before torch starts its threads, as train.py does
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from diffusers.training_utils import EMAModel
 
-    from train import build_model, parse_arguments
+    from hf_ddpm.objectives import build_model_and_objective
+    from hf_ddpm.training_args import parse_arguments
 
     model_args, data_args, train_args = parse_arguments(["--output_dir", "unused"])
     torch.manual_seed(0)
-    model, objective = build_model(model_args, data_args, train_args)
+    model, objective = build_model_and_objective(model_args, data_args, train_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=fast_cpu_math or None)
     ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=fast_cpu_math)
     images = torch.rand(batch_size, data_args.channels, data_args.resolution, data_args.resolution) * 2 - 1
@@ -188,6 +198,86 @@ def default_step_rows(batch_size: int, repeats: int, rounds: int, flops_per_imag
     return rows
 
 
+def cuda_step_row(images: np.ndarray, batch_size: int, compiled: bool, steps: int, device: str = "cuda") -> dict:
+    """Seconds per step of train.py's training step on CUDA (the default DDPM recipe's network and hybrid loss, bf16
+    autocast, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from resident images), eager
+    or compiled (torch.compile, default mode), and the seconds of its first 3 steps (compilation included)."""
+    from diffusers.training_utils import EMAModel
+
+    from hf_ddpm.data import ShuffledBatches
+    from hf_ddpm.objectives import build_model_and_objective
+    from hf_ddpm.training_args import parse_arguments
+
+    model_args, data_args, train_args = parse_arguments(["--output_dir", "unused", "--recipe", "gpu"])
+    torch.manual_seed(0)
+    model, objective = build_model_and_objective(model_args, data_args, train_args)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=True)
+    ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=True)
+    ema.to(device)
+    forward = torch.compile(model) if compiled else model
+    batches = iter(ShuffledBatches(images, batch_size, device, seed=0).epoch(0))
+
+    def step() -> None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = objective.loss(forward, next(batches))
+        out.loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.observe(out.feedback)
+        ema.step(model.parameters())
+
+    start = time.perf_counter()
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    for _ in range(3):
+        step()
+    synchronize()
+    warmup_seconds = time.perf_counter() - start
+    count = min(steps, len(images) // batch_size - 3)
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    synchronize()
+    return {"seconds_per_step": (time.perf_counter() - start) / count, "first_3_steps_seconds": warmup_seconds}
+
+
+def cuda_step_rows(batch_sizes: list[int], compiled_batch_sizes: list[int], steps: int) -> dict:
+    """:func:`cuda_step_row` eager at ``batch_sizes`` and compiled at ``compiled_batch_sizes``, with images/s and
+    the fraction of the bf16 matmul peak measured in the same run (FLOPs per image from torch.utils.flop_counter)."""
+    images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8).numpy()
+    peak = matmul_peak_gflops(torch.bfloat16, size=8192, device="cuda")
+    flops_per_image = flops_per_step(DenoisingUNet(), torch.randn(8, 1, 28, 28), torch.randint(0, 1000, (8,))) / 8
+    rows = []
+    for batch_size, compiled in [(b, False) for b in batch_sizes] + [(b, True) for b in compiled_batch_sizes]:
+        timing = cuda_step_row(images, batch_size, compiled, steps)
+        seconds = timing["seconds_per_step"]
+        gflops = flops_per_image * batch_size / seconds / 1e9
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "compiled": compiled,
+                "ms_per_step": 1000 * seconds,
+                "images_per_second": batch_size / seconds,
+                "first_3_steps_seconds": timing["first_3_steps_seconds"],
+                "achieved_tflops": gflops / 1000,
+                "fraction_of_bf16_matmul_peak": gflops / peak,
+            }
+        )
+        print(
+            f"batch {batch_size:5d} {'compiled' if compiled else 'eager   '} {1000 * seconds:7.2f} ms/step "
+            f"{batch_size / seconds:9.0f} img/s {gflops / 1000:6.2f} TFLOP/s ({100 * gflops / peak:.2f}% of peak); "
+            f"first 3 steps {timing['first_3_steps_seconds']:.1f} s",
+            flush=True,
+        )
+    return {
+        "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
+        "bf16_matmul_peak_tflops": peak / 1000,
+        "gflop_per_image_fwd_bwd": flops_per_image / 1e9,
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="batch of the model comparison")
@@ -205,6 +295,11 @@ def main() -> None:
         "natively, as --mixed_precision auto decides: emulated bf16 runs at a fraction of a GFLOP/s)",
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, or cuda: the GPU step only"
+    )
+    parser.add_argument("--cuda_batch_sizes", type=int, nargs="+", default=[32, 256, 512, 1024])
+    parser.add_argument("--cuda_compiled_batch_sizes", type=int, nargs="+", default=[512])
     parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
     parser.add_argument("--_step", default=None, help=argparse.SUPPRESS)  # one default-step measurement (internal)
     args = parser.parse_args()
@@ -214,6 +309,12 @@ def main() -> None:
                 default_step_seconds(**json.loads(args._step), batch_size=args.batch_size, repeats=args.repeats)
             )
         )
+        return
+    if args.device == "cuda":
+        result = cuda_step_rows(args.cuda_batch_sizes, args.cuda_compiled_batch_sizes, steps=10 * args.repeats)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
         return
     flush_denormals()  # the model comparison runs as train.py would run either model
     torch.manual_seed(0)

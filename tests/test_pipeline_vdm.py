@@ -16,7 +16,7 @@ from hf_ddpm.cli import main as cli_main
 from hf_ddpm.distributions import nats_to_bits_per_dim
 from hf_ddpm.evaluation import BoundOptions
 from hf_ddpm.hub.remote_code import remote_code_files
-from hf_ddpm.objectives import VDMObjective
+from hf_ddpm.objectives import VDMObjective, read_logs
 from hf_ddpm.pipelines import vdm as vdm_pipeline_module
 from hf_ddpm.pipelines.vdm import VDMModel, vdm_epsilon
 from hf_ddpm.vdm.elbo import (
@@ -180,7 +180,7 @@ def test_the_objective_loss_is_vdm_loss_terms_and_trains_the_schedule():
     terms = vdm_loss_terms(model.noise_schedule, lambda z, t: vdm_epsilon(model.unet, z, t), x)
     expected = terms.in_bits_per_dim(SIZE * SIZE)
     torch.testing.assert_close(out.loss, expected.total)
-    assert out.logs["diffusion_bits_per_dim"] == pytest.approx(expected.diffusion.mean().item())
+    assert read_logs(out.logs)["diffusion_bits_per_dim"] == pytest.approx(expected.diffusion.mean().item())
     out.loss.mean().backward()
     schedule = model.noise_schedule
     for name, parameter in [*schedule.named_parameters(), ("unet.conv_out.weight", model.unet.conv_out.weight)]:

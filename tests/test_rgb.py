@@ -21,6 +21,7 @@ from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.data.emoji import EMOJI_CODE_POINTS, NOTO_COLOR_EMOJI, main, render_emoji_folder
 from hf_ddpm.ddpm.elbo import prior_term, term_at
 from hf_ddpm.models.unet import SelfAttention
+from hf_ddpm.objectives import build_model_and_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 import train  # noqa: E402  (importable through helpers)
@@ -129,7 +130,7 @@ def test_every_model_kind_builds_trains_and_samples_rgb_at_32(tmp_path, model):
     flags = ["--model", kind, *architecture, "--resolution", "32", "--channels", "3", "--num_train_timesteps", "50"]
     args = parse(tmp_path, *flags, "--sample_steps", "2")
     torch.manual_seed(0)
-    network, objective = train.build_model(*args)
+    network, objective = build_model_and_objective(*args)
     config = network.unet.config if kind == "vdm" else network.config
     assert (config.in_channels, config.sample_size) == (3, 32)
     if kind == "vae":

@@ -60,17 +60,16 @@ def test_a_missing_model_config_is_one_line(tmp_path):
 
 
 def test_build_model_builds_the_unet_from_a_saved_config(tmp_path):
-    import helpers  # noqa: F401  (first: it makes training/train.py importable)
-    import train
     from hf_ddpm import DenoisingUNet
+    from hf_ddpm.objectives import build_model_and_objective
 
     DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=(14,)).save_config(tmp_path / "unet")
     args = parse(tmp_path, "--model_config_name_or_path", str(tmp_path / "unet" / "config.json"))
-    unet, _ = train.build_model(*args)
+    unet, _ = build_model_and_objective(*args)
     assert tuple(unet.config.block_out_channels) == (8, 16)
     args = parse(tmp_path, "--model_config_name_or_path", str(tmp_path / "unet"), "--resolution", "32")
     with pytest.raises(SystemExit, match=r"\(28, 1, True\) do not fit --resolution, --channels"):
-        train.build_model(*args)
+        build_model_and_objective(*args)
 
 
 def test_trackio_and_accelerates_other_trackers_are_accepted_names(tmp_path):

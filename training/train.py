@@ -28,20 +28,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import UNet2DModel
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hf_ddpm import DenoisingUNet, GaussianVAE, HFDDPMScheduler, NoiseSchedule
-from hf_ddpm.data import ImageData, ImageTensorDataset, load_images, split_holdout
-from hf_ddpm.ddpm.timestep_sampling import make_timestep_sampler
-from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound
+from hf_ddpm.data import ImageData, ImageTensorDataset, ShuffledBatches, load_images, split_holdout
+from hf_ddpm.evaluation import BoundResult, evaluate_bound
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
-from hf_ddpm.objectives import DiffusionObjective, Objective, VAEObjective, VDMObjective
-from hf_ddpm.pipelines.vdm import VDMModel
+from hf_ddpm.objectives import Objective, build_model_and_objective, read_logs
 from hf_ddpm.plots import (
     BOUND_BY_TIME_PATH,
     LOSS_CURVE_PATH,
@@ -52,7 +48,6 @@ from hf_ddpm.plots import (
 )
 from hf_ddpm.training_args import (
     DataArguments,
-    ModelArguments,
     TrainingArguments,
     describe_network_layout,
     model_keys,
@@ -107,108 +102,6 @@ def load_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
     return train, held_out, f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"
 
 
-class IndexedImages(torch.utils.data.Dataset):
-    """(index, image) pairs, so a run can record which images each process trained on."""
-
-    def __init__(self, images: ImageTensorDataset):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, self.images[index]
-
-
-# ================================================================================================ model + objective
-def build_model(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments
-) -> tuple[torch.nn.Module, Objective]:
-    """The network to train and the objective of its model kind (loss, pipeline, bound)."""
-    options = BoundOptions(
-        timesteps_per_image=train_args.eval_timesteps_per_image, iwae_samples=model_args.iwae_samples
-    )
-    if model_args.model == "vae":
-        vae = GaussianVAE(
-            sample_size=data_args.resolution,
-            in_channels=data_args.channels,
-            latent_dim=model_args.latent_dim,
-            block_out_channels=tuple(model_args.block_out_channels[:2]),
-            num_latent_layers=model_args.num_latent_layers,
-        )
-        return vae, VAEObjective(options)
-    if model_args.model == "vdm":
-        unet = DenoisingUNet(
-            sample_size=data_args.resolution,
-            in_channels=data_args.channels,
-            learn_variance=False,
-            block_out_channels=tuple(model_args.block_out_channels),
-            layers_per_block=model_args.layers_per_block,
-            attention_resolutions=tuple(model_args.attention_resolutions),
-            dropout=model_args.dropout,
-            fourier_features=(7, 8),
-        )
-        model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule), model_args.schedule_interior)
-        return model, VDMObjective(options, sample_steps=train_args.sample_steps)
-    scheduler = HFDDPMScheduler(
-        num_train_timesteps=model_args.num_train_timesteps,
-        beta_schedule=model_args.beta_schedule,
-        variance_type=model_args.variance_type,
-        prediction_type=model_args.prediction_type,
-    )
-    sampler_name = model_args.timestep_sampler
-    if sampler_name == "auto":
-        sampler_name = "loss-second-moment" if model_args.loss_type == "vlb" else "uniform"
-    objective = DiffusionObjective(
-        scheduler,
-        model_args.loss_type,
-        make_timestep_sampler(sampler_name, model_args.num_train_timesteps),
-        snr_gamma=model_args.snr_gamma,
-        bound_options=options,
-        sample_steps=train_args.sample_steps,
-    )
-    out_channels = data_args.channels * (2 if model_args.variance_type == "learned_range" else 1)
-    if model_args.architecture == "diffusers_unet2d":
-        sizes = [data_args.resolution // 2**level for level in range(len(model_args.block_out_channels))]
-        attention = [size in model_args.attention_resolutions for size in sizes]
-        unet = UNet2DModel(
-            sample_size=data_args.resolution,
-            in_channels=data_args.channels,
-            out_channels=out_channels,
-            block_out_channels=tuple(model_args.block_out_channels),
-            layers_per_block=model_args.layers_per_block,
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-            norm_num_groups=8,
-            dropout=model_args.dropout,
-        )
-        return unet, objective
-    if model_args.model_config_name_or_path is not None:  # diffusers' flag: the network from a saved config
-        try:
-            unet = DenoisingUNet.from_config(DenoisingUNet.load_config(model_args.model_config_name_or_path))
-        except (OSError, ValueError) as error:
-            reason = " ".join(str(error).split())
-            raise SystemExit(f"--model_config_name_or_path {model_args.model_config_name_or_path}: {reason}") from None
-        given = (unet.config.sample_size, unet.config.in_channels, unet.config.learn_variance)
-        wanted = (data_args.resolution, data_args.channels, model_args.variance_type == "learned_range")
-        if given != wanted:
-            raise SystemExit(
-                f"--model_config_name_or_path {model_args.model_config_name_or_path}: its (sample_size, in_channels, "
-                f"learn_variance) {given} do not fit --resolution, --channels and --variance_type {wanted}."
-            )
-        return unet, objective
-    unet = DenoisingUNet(
-        sample_size=data_args.resolution,
-        in_channels=data_args.channels,
-        learn_variance=model_args.variance_type == "learned_range",
-        block_out_channels=tuple(model_args.block_out_channels),
-        layers_per_block=model_args.layers_per_block,
-        attention_resolutions=tuple(model_args.attention_resolutions),
-        dropout=model_args.dropout,
-    )
-    return unet, objective
-
-
 def evaluate(
     objective: Objective, model: torch.nn.Module, images: torch.Tensor, train_args: TrainingArguments
 ) -> BoundResult:
@@ -241,7 +134,6 @@ def main(argv: list[str] | None = None) -> Path:
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / train_args.logging_dir)
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     threads = use_all_cores()
@@ -272,27 +164,25 @@ def main(argv: list[str] | None = None) -> Path:
     if train_args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
 
-    # ---- data
+    # ---- data: the training images on the training device, shuffled there (no DataLoader); each process its share
     train_data, held_out, held_out_description = load_data(data_args)
-    dataset = IndexedImages(ImageTensorDataset(train_data.images, random_flip=data_args.random_flip))
-    if len(dataset) < train_args.train_batch_size * accelerator.num_processes:
-        raise SystemExit(
-            f"{len(dataset)} training images are fewer than one global batch "
-            f"({train_args.train_batch_size} x {accelerator.num_processes} processes): lower --train_batch_size."
+    try:
+        batches = ShuffledBatches(
+            train_data.images,
+            train_args.train_batch_size,
+            accelerator.device,
+            train_args.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            random_flip=data_args.random_flip,
         )
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     held_out_images = ImageTensorDataset(held_out.images)[:]
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=train_args.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=data_args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(train_args.seed),
-    )
 
     # ---- model, objective, optimizer, EMA
     set_seed(train_args.seed)  # same initial weights in every process
-    model, objective = build_model(model_args, data_args, train_args)
+    model, objective = build_model_and_objective(model_args, data_args, train_args)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=train_args.learning_rate,
@@ -301,7 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
         eps=train_args.adam_epsilon,
         fused=True,  # one kernel for all parameters (CPU and CUDA): 4.5x faster than the foreach step on CPU
     )
-    updates_per_epoch = math.ceil(len(loader) / train_args.gradient_accumulation_steps)
+    updates_per_epoch = math.ceil(len(batches) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or train_args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
@@ -310,8 +200,9 @@ def main(argv: list[str] | None = None) -> Path:
         num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)  # evaluated, sampled and saved eagerly
+    train_model = torch.compile(model) if train_args.compile else model  # the same parameters, compiled
     ema = None
     if train_args.use_ema:
         ema = EMAModel(
@@ -328,11 +219,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
-        f"{len(dataset)} training images ({train_data.source}); held out: {held_out_description}. "
+        f"{len(train_data.images)} training images ({train_data.source}); held out: {held_out_description}. "
         f"{accelerator.num_processes} process(es) on {accelerator.device} ({threads} threads each), mixed precision "
-        f"{mixed_precision}; "
+        f"{mixed_precision}; recipe {train_args.recipe} (--recipe; flags override it): "
         f"batch {train_args.train_batch_size} per process, {global_batch} per optimizer step; {max_train_steps} steps "
-        f"({num_epochs} epochs); {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"({num_epochs} epochs); torch.compile {'on' if train_args.compile else 'off'}; loss read back every "
+        f"{train_args.logging_steps} step(s); {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{describe_network_layout(model_args, data_args)}."
     )
 
@@ -359,7 +251,6 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.init_trackers("hf_ddpm", config=tracker_config)
 
     # ---- the loop
-    seen_indices: list[int] = []
     progress = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
@@ -367,24 +258,29 @@ def main(argv: list[str] | None = None) -> Path:
     train_log = None
     if accelerator.is_main_process:  # appended and flushed step by step; a resume drops the steps after its checkpoint
         train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # any loss since the last read-back
     last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # a finished run trains no step
     for epoch in range(first_epoch, last_epoch):
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        epoch_batches = batches.epoch(epoch, start=skip_batches)
         skip_batches = 0
-        for indices, clean in batches:
-            if train_args.record_seen_indices:
-                seen_indices.extend(indices.tolist())
+        for clean in epoch_batches:
+            step = global_step + 1  # the optimizer step this batch belongs to
+            # the host reads the device back only where it logs or writes something: no wait per step elsewhere
+            read_back = any(step % n == 0 for n in (train_args.logging_steps, train_args.checkpointing_steps))
+            read_back |= step >= max_train_steps or step % train_args.eval_steps == 0
+            read_back |= bool(train_args.save_pipeline_steps) and step % (train_args.save_pipeline_steps or 1) == 0
             with accelerator.accumulate(model):
-                out = objective.loss(model, clean)
+                out = objective.loss(train_model, clean)
                 loss = out.loss.mean()
-                if not torch.isfinite(accelerator.gather(loss.detach())).all():
+                nonfinite |= ~torch.isfinite(loss.detach())
+                if read_back and accelerator.gather(nonfinite[None]).any():
                     last = list_checkpoints(output_dir)
+                    n = train_args.logging_steps
+                    earlier = f" (or up to {n - 1} steps before: --logging_steps {n})" if n > 1 else ""
                     raise SystemExit(
-                        f"The loss became {loss.item()} at step {global_step} (epoch {epoch}); stopping. The last "
-                        "good "
-                        f"checkpoint is {last[-1] if last else 'none (no checkpoint was saved yet)'}. Try a lower "
-                        "--learning_rate or --max_grad_norm, or --mixed_precision no."
+                        f"The loss became {loss.item()} at step {global_step}{earlier} (epoch {epoch}); stopping. "
+                        f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint was saved yet)'}. "
+                        "Try a lower --learning_rate or --max_grad_norm, or --mixed_precision no."
                     )
                 accelerator.backward(loss)
                 grad_norm = (
@@ -402,22 +298,25 @@ def main(argv: list[str] | None = None) -> Path:
                 ema.step(unwrapped.parameters())
             global_step += 1
             progress.update(1)
-            train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)
-            images_per_second = (global_step - start_step) * global_batch / train_seconds
-            logs = {
-                "loss": accelerator.reduce(loss.detach(), "mean").item(),  # the mean over processes
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "images_per_second": images_per_second,
-                "train_seconds": train_seconds,
-            }
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            logs.update(out.logs)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
-            accelerator.log(logs, step=global_step)
-            if train_log is not None:
-                train_log.append({"step": global_step, **logs})
+            if global_step % train_args.logging_steps == 0 or global_step == max_train_steps:
+                train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)
+                images_per_second = (global_step - start_step) * global_batch / train_seconds
+                # the mean over processes, the gradient norm and the objective's numbers in one read-back
+                values = read_logs({"loss": accelerator.reduce(loss.detach(), "mean"), "grad_norm": grad_norm})
+                logs = {
+                    "loss": values["loss"],
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": values["grad_norm"],
+                    "images_per_second": images_per_second,
+                    "train_seconds": train_seconds,
+                }
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                logs.update(read_logs(out.logs))
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
+                accelerator.log(logs, step=global_step)
+                if train_log is not None:
+                    train_log.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
                 limit = train_args.checkpoints_total_limit
                 saved = save_checkpoint(accelerator, output_dir, global_step, limit, arguments)
@@ -468,8 +367,6 @@ def main(argv: list[str] | None = None) -> Path:
             break
     progress.close()
     train_seconds = time.time() - start_time
-    if train_args.record_seen_indices:
-        (output_dir / f"seen_indices_rank{accelerator.process_index}.json").write_text(json.dumps(seen_indices))
 
     # ---- outputs: the EMA weights as a pipeline, the NLL, samples, plots, the card; then the Hub
     accelerator.wait_for_everyone()

@@ -15,7 +15,8 @@ ImageInput = torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Im
 
 def uint8_to_model_range(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
     """k in {0..255} -> k / 127.5 - 1 in [-1, 1] (float32): the grid the discretized decoder's bins are centred on."""
-    return torch.as_tensor(np.asarray(pixels), dtype=torch.float32) / 127.5 - 1.0
+    pixels = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+    return pixels.to(torch.float32) / 127.5 - 1.0
 
 
 def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:

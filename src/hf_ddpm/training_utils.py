@@ -40,7 +40,6 @@ RUN_OUTPUTS = (
     "unet",
     "vae",
     "scheduler",
-    "seen_indices_rank*.json",
     "hf_ddpm.py",
     f"{PIPELINE_PREFIX}*",
 )

@@ -8,6 +8,7 @@ folders, image folders, data files and datasets). This package re-exports their 
 on), which runs as ``python -m hf_ddpm.data.emoji`` and so is imported only where it is used.
 """
 
+from .batches import ShuffledBatches
 from .embedded import EMBEDDED, read_embedded_mnist
 from .idx import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx
 from .images import (
@@ -64,6 +65,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "PIL_MODES",
     "SPLIT_FOLDER_NAMES",
+    "ShuffledBatches",
     "ImageData",
     "ImageTensorDataset",
     "LoadOptions",

@@ -87,8 +87,11 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:
-    """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`)."""
+def make_timestep_sampler(name: str, num_timesteps: int, loss_type: str = "hybrid") -> UniformTimestepSampler:
+    """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`); ``auto`` is importance sampling by the loss's
+    second moment for the ``vlb`` loss (improved-diffusion's choice for it) and uniform for the others."""
+    if name == "auto":
+        name = "loss-second-moment" if loss_type == "vlb" else "uniform"
     if name == "uniform":
         return UniformTimestepSampler(num_timesteps)
     if name == "loss-second-moment":
