@@ -1,6 +1,6 @@
 """Which of two diffusion models has the lower NLL? A paired comparison on the same images with the same draws.
 
-    python benchmarks/paired_nll.py MODEL_A MODEL_B --eval_data ../shared/data/mnist [--timesteps_per_image 16]
+    python benchmarks/paired_nll.py MODEL_A MODEL_B --eval_data embedded [--timesteps_per_image 16]
 
 Both bounds are estimated by ``hf_ddpm.evaluation.evaluate_bound`` (the unbiased stratified estimate) on the same first
 --num_images t10k digits with generators of the same seed, so both models see the same timesteps and the same noise

@@ -1,6 +1,6 @@
 """Quality at equal CPU budget: hf_ddpm's default recipe vs the stock diffusers recipe, trained back to back.
 
-    python benchmarks/quality_vs_diffusers.py --eval_data ../shared/data/mnist [--ours benchmarks/runs/hf_ddpm_default]
+    python benchmarks/quality_vs_diffusers.py --eval_data embedded [--ours benchmarks/runs/hf_ddpm_default]
 
 1. hf_ddpm: `training/train.py` with its defaults (or an existing run folder of it, --ours).
 2. The stock diffusers recipe through the same script, so data, EMA and evaluation are identical: diffusers'
@@ -105,7 +105,7 @@ def real_digits_floor(test_images: torch.Tensor, reference: torch.Tensor, count:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval_data", required=True, help="folder with the MNIST IDX files (t10k is used)")
+    parser.add_argument("--eval_data", required=True, help="embedded, or a folder of MNIST IDX files (t10k is used)")
     parser.add_argument("--ours", type=Path, default=None, help="an existing run folder of train.py's defaults")
     parser.add_argument("--work_dir", type=Path, default=REPO / "benchmarks" / "runs")
     parser.add_argument("--num_eval_images", type=int, default=1000)

@@ -2,7 +2,7 @@
 exactly as ``hf_ddpm evaluate MODEL --data embedded --split test --num_samples N`` scores N samples (against all
 10,000 t10k digits, in the features of hf_ddpm's MNIST classifier).
 
-    python benchmarks/real_digits.py [--num_images 1000] [--json benchmarks/results/real_digits_1000.json]
+    python benchmarks/real_digits.py [--num_images 1000] [--json FILE]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sampling steps vs sample quality for one trained model: 1000 ancestral steps, respaced chains with the learned
 and with fixed variances, and DDIM; time per image and the MNIST-classifier metrics (NOT Inception-FID) for each.
 
-    python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data ../shared/data/mnist [--num_samples 200]
+    python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data embedded [--num_samples 200]
 
 Writes the table as JSON and a plot of Fréchet distance and time per image against the number of steps.
 """

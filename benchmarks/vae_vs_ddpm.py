@@ -1,7 +1,7 @@
 """The source's models side by side at an equal CPU budget: Gaussian VAE, Markovian hierarchical VAE, and the
 diffusion model (an MHVAE with a fixed encoder) trained with the simple and with the hybrid loss.
 
-    python benchmarks/vae_vs_ddpm.py --eval_data ../shared/data/mnist [--budget_minutes 6]
+    python benchmarks/vae_vs_ddpm.py --eval_data embedded [--budget_minutes 6]
 
 Every model is trained by ``training/train.py`` on the same 60,000 embedded MNIST digits for the same wall-clock
 budget (steps calibrated per recipe, see budget.py), then evaluated by ``hf_ddpm evaluate`` on the same first
@@ -42,7 +42,7 @@ def side_by_side(grids: dict[str, Path], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval_data", required=True, help="folder with the MNIST IDX files (t10k is used)")
+    parser.add_argument("--eval_data", required=True, help="embedded, or a folder of MNIST IDX files (t10k is used)")
     parser.add_argument("--budget_minutes", type=float, default=6.0)
     parser.add_argument("--work_dir", type=Path, default=REPO / "benchmarks" / "runs" / "vae_vs_ddpm")
     parser.add_argument("--num_eval_images", type=int, default=1000)

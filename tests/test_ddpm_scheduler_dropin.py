@@ -1,5 +1,5 @@
 """HFDDPMScheduler as a drop-in for diffusers' DDPMScheduler: every overlapping feature against diffusers with the same
-config, and every deliberate difference (the table in the README's "HFDDPMScheduler and diffusers' DDPMScheduler")."""
+config, and every deliberate difference (the table in docs/diffusers_compatibility.md)."""
 
 from __future__ import annotations
 

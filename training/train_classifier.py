@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small MNIST classifier whose features hf_ddpm.metrics measures sample quality in.
 
-    python training/train_classifier.py [--data ../shared/data/mnist] [--epochs 2]
+    python training/train_classifier.py [--data FOLDER_OF_MNIST_IDX_FILES] [--epochs 2]
 
 Trains on MNIST *training* digits (the full IDX training set when --data points at it, else the 60,000 embedded
 digits), reports accuracy on t10k when available, and writes src/hf_ddpm/assets/mnist_classifier.safetensors with a
