@@ -291,7 +291,8 @@ def score_image(pipeline: DemoPipelines, image: np.ndarray, seed: int = 0) -> di
         }
     # the VAE's terms layer by layer, which its bound (reconstruction and all KL terms) sums: the model's ELBO
     x = images_to_tensor(batch, pipeline.image_channels).to(pipeline.device)
-    elbo = pipeline.vae.elbo(x, num_samples=VAE_ELBO_SAMPLES, generator=generator)
+    with torch.no_grad():
+        elbo = pipeline.vae.elbo(x, num_samples=VAE_ELBO_SAMPLES, generator=generator)
     dims = batch[0].size
     terms = {"reconstruction_term": elbo.reconstruction_nats[0], "kl_term": elbo.kl_nats[0]}
     terms |= {f"layer_{layer}_term": nats for layer, nats in enumerate(elbo.layer_nats[0], start=1)}

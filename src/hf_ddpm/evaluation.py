@@ -139,10 +139,8 @@ class BoundResult:
             "num_images": self.num_images,
         }
         if self.per_image_iwae is not None:
-            summary["iwae_bits_per_dim"], summary["iwae_standard_error"] = (
-                self.iwae_bits_per_dim,
-                self.iwae_standard_error,
-            )
+            summary["iwae_bits_per_dim"] = self.iwae_bits_per_dim
+            summary["iwae_standard_error"] = self.iwae_standard_error
         return summary
 
 
