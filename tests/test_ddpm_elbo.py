@@ -143,6 +143,30 @@ def test_clipping_never_raises_a_term_and_leaves_the_decoder_alone():
     assert (runs[1].bits_per_dim < runs[0].bits_per_dim).all()
 
 
+def test_clipped_terms_take_one_model_mean_and_equal_the_two_mean_formula_bitwise(monkeypatch):
+    """With clip_denoised, the model's x_0 estimate, mean and variance are computed once (one p_mean_variance per
+    call; the clipped mean from the same x0_hat), and every term is, to the bit, the formula of two
+    p_mean_variance calls: the KL to the clipped mean, L_0 with the unclipped one, at a learned variance."""
+    T = 20
+    chain = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.3, variance_type="learned_range").train_chain
+    x0 = on_grid(4, 1, 4, 4)
+    t = torch.tensor([0, 1, 9, T - 1])
+    x_t = chain.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(8), dtype=x0.dtype), t)
+    output = 3.0 * torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    model_mean, model_log_variance, _ = chain.p_mean_variance(output, x_t, t)
+    clipped_mean, clipped_log_variance, _ = chain.p_mean_variance(output, x_t, t, clip_denoised=True)
+    assert torch.equal(clipped_log_variance, model_log_variance) and not torch.equal(clipped_mean, model_mean)
+    posterior_mean, _, posterior_log_variance = chain.q_posterior_mean_variance(x0, x_t, t)
+    kl = elbo.denoising_matching_term(posterior_mean, posterior_log_variance, clipped_mean, model_log_variance)
+    nll = elbo.reconstruction_term(x0, model_mean, model_log_variance)
+    expected = torch.cat([nll[:1], kl[1:]])  # t = 0: the decoder; t >= 1: the denoising KLs
+    calls = []
+    original = DiffusionChain.p_mean_variance
+    monkeypatch.setattr(DiffusionChain, "p_mean_variance", lambda *a, **k: calls.append(k) or original(*a, **k))
+    terms = elbo.variational_terms(chain, output, x0, x_t, t, clip_denoised=True)
+    assert torch.equal(terms, expected) and len(calls) == 1
+
+
 def linear_model(T: int, learned: bool) -> elbo.ModelFn:
     """A fixed, deterministic model: a per-timestep affine map of x_t (and tanh(x_t) as the variance channel)."""
     generator = torch.Generator().manual_seed(7)

@@ -25,6 +25,7 @@ from gradio_client import Client, handle_file
 
 from helpers import tiny_vdm_pipeline
 from hf_ddpm import (
+    BoundOptions,
     DenoisingUNet,
     GaussianVAE,
     HFDDPMPipeline,
@@ -252,21 +253,22 @@ def test_score_image_is_the_pipeline_elbo(ddpm: HFDDPMPipeline, vdm: VDMPipeline
     digit[1:7, 3:5] = 255
     terms = demo.score_image(ddpm, digit, seed=4)
     bound = ddpm.elbo(digit[None], generator=torch.Generator().manual_seed(4))
-    assert terms["bits_per_dim"] == pytest.approx(float(bound.bits_per_dim[0]), abs=1e-12)
+    assert terms["bits_per_dim"] == pytest.approx(float(bound.per_image[0]), abs=1e-12)
     assert abs(_bits_of(terms) - terms["bits_per_dim"]) < 1e-6
     terms = demo.score_image(vdm, digit, seed=4)
     bound = vdm.elbo(digit[None], generator=torch.Generator().manual_seed(4))
     assert terms == {
-        "bits_per_dim": float(bound.total[0]),
-        "prior_term": float(bound.prior[0]),
-        "diffusion_term": float(bound.diffusion[0]),
-        "reconstruction_term": float(bound.reconstruction[0]),
+        "bits_per_dim": float(bound.per_image[0]),
+        "prior_term": float(bound.per_image_terms["prior"][0]),
+        "diffusion_term": float(bound.per_image_terms["diffusion"][0]),
+        "reconstruction_term": float(bound.per_image_terms["reconstruction"][0]),
     }
     assert abs(_bits_of(terms) - terms["bits_per_dim"]) < 1e-9
     terms = demo.score_image(vae, digit, seed=4)
     assert set(terms) == {"bits_per_dim", "reconstruction_term", "kl_term", "layer_1_term"}
-    elbo = vae.elbo(digit[None], num_samples=demo.VAE_ELBO_SAMPLES, generator=torch.Generator().manual_seed(4))
-    assert terms["bits_per_dim"] == pytest.approx(float(elbo.bits_per_dim[0]), rel=1e-6)
+    options = BoundOptions(elbo_samples=demo.VAE_ELBO_SAMPLES, iwae_samples=0)
+    elbo = vae.elbo(digit[None], options=options, generator=torch.Generator().manual_seed(4))
+    assert terms["bits_per_dim"] == pytest.approx(float(elbo.per_image[0]), rel=1e-6)
     assert terms["bits_per_dim"] == _bits_of(terms)
 
 

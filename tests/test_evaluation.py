@@ -3,12 +3,16 @@ error, and the stratified estimate of a diffusion model against the exact sum of
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
 
-from helpers import mnist_like_pixels, tiny_vae
+import hf_ddpm
+from helpers import mnist_like_pixels, on_grid, public_pipeline_classes, tiny_pipeline_of, tiny_vae
 from hf_ddpm import (
     BoundOptions,
     BoundResult,
@@ -19,6 +23,7 @@ from hf_ddpm import (
     evaluate_bound,
 )
 from hf_ddpm.evaluation import BatchBound, mean_and_standard_error
+from hf_ddpm.pipelines import vdm as vdm_pipeline_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,3 +194,57 @@ def test_a_vae_reports_its_elbo_terms_and_the_iwae_bound():
     summary = result.to_dict()
     assert summary["bits_per_dim"] == pytest.approx(sum(summary["terms"].values()), rel=1e-12)
     assert 0 < summary["iwae_bits_per_dim"] and result.per_image_iwae.shape == (5,)
+
+
+# ---------------------------------------------------------------------------------------------- one protocol
+#: Each pipeline's ``elbo`` without options: the bound its 0.1 ``elbo`` computed.
+DEFAULT_OPTIONS = {
+    "HFDDPMPipeline": BoundOptions(exact=True),
+    "VDMPipeline": BoundOptions(exact=True),
+    "VAEPipeline": BoundOptions(elbo_samples=1, iwae_samples=0),
+}
+
+
+@pytest.mark.parametrize("name", public_pipeline_classes())
+def test_every_pipelines_elbo_has_one_signature_and_is_evaluate_bound_to_the_bit(name, monkeypatch):
+    monkeypatch.setattr(vdm_pipeline_module, "VDM_EXACT_BOUND_STEPS", 20)  # T = 1000 in use; fewer steps here
+    pipeline, _ = tiny_pipeline_of(name)
+    signature = inspect.signature(type(pipeline).elbo)
+    assert list(signature.parameters) == ["self", "images", "options", "batch_size", "generator"]
+    assert signature == inspect.signature(HFDDPMPipeline.elbo) and signature.return_annotation == "BoundResult"
+    assert pipeline.default_bound_options == DEFAULT_OPTIONS[name]
+    images = on_grid(3, 1, 8, 8)
+    for options in (None, BoundOptions(timesteps_per_image=2, elbo_samples=2, iwae_samples=3)):
+        result = pipeline.elbo(images, options=options, generator=torch.Generator().manual_seed(0))
+        direct = evaluate_bound(
+            pipeline, images, options or DEFAULT_OPTIONS[name], generator=torch.Generator().manual_seed(0)
+        )
+        assert isinstance(result, BoundResult) and result.estimator == direct.estimator
+        assert list(result.per_image_terms) == list(direct.per_image_terms)
+        for term, values in direct.per_image_terms.items():
+            assert values.dtype == torch.float64 and torch.equal(result.per_image_terms[term], values), term
+        assert (
+            (result.per_image_iwae is None)
+            == (direct.per_image_iwae is None)
+            == (name != "VAEPipeline" or not options)
+        )
+        if direct.per_image_iwae is not None:
+            assert torch.equal(result.per_image_iwae, direct.per_image_iwae)
+        assert result.bits_per_dim == direct.bits_per_dim and result.standard_error == direct.standard_error
+
+
+def test_the_removed_output_types_resolve_from_hf_ddpm_with_a_warning_once(monkeypatch):
+    monkeypatch.setattr(hf_ddpm, "_warned", set())
+    assert set(hf_ddpm.REMOVED_IN_0_2) == {"ELBOOutput", "VAEELBOOutput", "IWAEOutput"}
+    for name, module in hf_ddpm.REMOVED_IN_0_2.items():
+        assert name not in hf_ddpm.__all__
+        with pytest.warns(
+            FutureWarning, match=rf"^hf_ddpm\.{name} leaves the top level in 0\.3\.0: .* from {module}\.$"
+        ):
+            resolved = getattr(hf_ddpm, name)
+        assert resolved is getattr(importlib.import_module(module), name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert getattr(hf_ddpm, name) is resolved  # once
+    with pytest.raises(AttributeError, match="has no attribute 'VDMLossTerms'"):
+        hf_ddpm.VDMLossTerms  # noqa: B018

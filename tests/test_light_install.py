@@ -59,7 +59,7 @@ images = pipe(batch_size=2, num_inference_steps=3, output_type="pt").images
 assert images.shape == (2, 1, 8, 8), images.shape
 pixels = torch.randint(0, 256, (3, 1, 8, 8)).double() / 127.5 - 1
 elbo = pipe.elbo(pixels, generator=torch.Generator().manual_seed(0))
-assert torch.isfinite(elbo.bits_per_dim).all()
+assert torch.isfinite(elbo.per_image).all()
 bound = evaluate_bound(pipe, pixels, BoundOptions(timesteps_per_image=2), generator=torch.Generator().manual_seed(0))
 assert bound.num_images == 3 and bound.bits_per_dim > 0
 with tempfile.TemporaryDirectory() as folder:

@@ -16,8 +16,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 import hf_ddpm
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.ddpm.chain import DiffusionChain
-from hf_ddpm.ddpm.elbo import ELBOOutput, full_elbo
-from hf_ddpm.evaluation import BoundOptions, evaluate_bound
+from hf_ddpm.ddpm.elbo import full_elbo
+from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound
 from hf_ddpm.hub.registration import HFDDPMRegistrationMixin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,11 +162,12 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     pixels = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = pixels[:, None].float() / 127.5 - 1
     result = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
-    assert isinstance(result, ELBOOutput) and result.per_timestep is None
-    parts = (result.prior_term, result.denoising_terms, result.reconstruction_term)
-    assert result.bits_per_dim.shape == (3,) and all(part.shape == (3,) for part in parts)
-    torch.testing.assert_close(result.bits_per_dim, sum(parts), rtol=1e-12, atol=0)
-    assert (result.denoising_terms > 0).all() and (result.reconstruction_term > 0).all()
+    assert isinstance(result, BoundResult) and result.per_image_iwae is None
+    assert list(result.per_image_terms) == ["prior", "denoising", "reconstruction"]
+    parts = tuple(result.per_image_terms.values())
+    assert result.per_image.shape == (3,) and all(part.shape == (3,) for part in parts)
+    torch.testing.assert_close(result.per_image, sum(parts), rtol=1e-12, atol=0)
+    assert (result.per_image_terms["denoising"] > 0).all() and (result.per_image_terms["reconstruction"] > 0).all()
     # the same bound computed directly: every one of the T terms, the x_0 estimate clipped (BoundOptions' default)
     chain = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
     direct = {
@@ -179,7 +180,13 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
         )
         for clip in (True, False)
     }
-    torch.testing.assert_close(result.bits_per_dim, direct[True].bits_per_dim, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.per_image, direct[True].bits_per_dim, rtol=1e-12, atol=0)
+    for name, term in (
+        ("prior", "prior_term"),
+        ("denoising", "denoising_terms"),
+        ("reconstruction", "reconstruction_term"),
+    ):
+        assert torch.equal(result.per_image_terms[name], getattr(direct[True], term)), name
     unclipped = evaluate_bound(
         pipeline, images, BoundOptions(exact=True, clip_denoised=False), generator=torch.Generator().manual_seed(0)
     )
@@ -188,11 +195,11 @@ def test_elbo_adds_up_equals_the_bound_and_ignores_a_respaced_sampler(pipeline):
     sample(pipeline, 0, steps=5)  # leaves the pipeline's scheduler respaced to 5 steps
     assert len(pipeline.scheduler.chain.timesteps) == 5
     after = pipeline.elbo(images, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(after.bits_per_dim, result.bits_per_dim)
+    assert torch.equal(after.per_image, result.per_image)
     # the pipeline's elbo is evaluate_bound's exact bound, image by image
     bound = evaluate_bound(pipeline, images, BoundOptions(exact=True), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(bound.per_image, result.bits_per_dim)
-    assert torch.equal(bound.per_image_terms["denoising"], result.denoising_terms)
+    assert torch.equal(bound.per_image, result.per_image)
+    assert torch.equal(bound.per_image_terms["denoising"], result.per_image_terms["denoising"])
 
 
 def test_train_chain_is_the_configs_full_chain_and_bound_terms_name_their_estimator(pipeline):
@@ -218,16 +225,16 @@ def test_elbo_accepts_uint8_arrays_and_pil_images_and_rejects_off_grid_floats(pi
     pixels = torch.randint(0, 256, (2, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     reference = pipeline.elbo(
         pixels[:, None].float() / 127.5 - 1, generator=torch.Generator().manual_seed(3)
-    ).bits_per_dim
+    ).per_image
     inputs = {
         "uint8 (N, H, W)": pixels.numpy(),
         "uint8 (N, H, W, C)": pixels[..., None].numpy(),
         "PIL images": [PIL.Image.fromarray(p.numpy()) for p in pixels],
     }
     for name, images in inputs.items():
-        assert torch.equal(
-            pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).bits_per_dim, reference
-        ), name
+        assert torch.equal(pipeline.elbo(images, generator=torch.Generator().manual_seed(3)).per_image, reference), (
+            name
+        )
     off_grid = pixels[:, None].double() / 127.5 - 1
     off_grid[0, 0, 0, 0] = 100.3 / 127.5 - 1  # between the pixel values 100 and 101
     with pytest.raises(ValueError, match="256-level grid of 8-bit data"):

@@ -249,8 +249,8 @@ def test_a_train_py_run_on_rgb_emoji_writes_an_rgb_pipeline_bound_grid_and_card(
             term_at(chain, model_fn, x0, torch.full((2,), int(t)), generator, clip_denoised=True)
             for t in chain.timesteps
         )
-    torch.testing.assert_close(bound.bits_per_dim, nats / (3 * 32 * 32 * math.log(2)), rtol=1e-9, atol=0)
-    assert (bound.bits_per_dim > 0).all()
+    torch.testing.assert_close(bound.per_image, nats / (3 * 32 * 32 * math.log(2)), rtol=1e-9, atol=0)
+    assert (bound.per_image > 0).all()
 
     card = (out / "README.md").read_text()
     assert "mnist" not in card.lower()

@@ -21,14 +21,36 @@ def test_uint8_and_pil_inputs_give_the_float_input_bounds():
     pipe = VAEPipeline(tiny_vae(num_latent_layers=2))
     pixels = mnist_like_pixels(2)
     seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    as_float = pipe.elbo(pixels[:, None].float() / 127.5 - 1, num_samples=2, generator=seeded())
+    options = BoundOptions(elbo_samples=2, iwae_samples=3)
+    as_float = pipe.elbo(pixels[:, None].float() / 127.5 - 1, options=options, generator=seeded())
     for images in (pixels.numpy(), pixels, [PIL.Image.fromarray(p) for p in pixels.numpy()]):
-        elbo = pipe.elbo(images, num_samples=2, generator=seeded())
-        assert torch.equal(elbo.negative_elbo_nats, as_float.negative_elbo_nats)
+        bound = pipe.elbo(images, options=options, generator=seeded())
+        for name, values in as_float.per_image_terms.items():
+            assert torch.equal(bound.per_image_terms[name], values), name
+        assert torch.equal(bound.per_image_iwae, as_float.per_image_iwae)
+
+
+def test_elbo_is_the_models_elbo_with_one_draw_of_z_by_default():
+    pipe = VAEPipeline(tiny_vae(num_latent_layers=2))
+    pipe.set_progress_bar_config(disable=True)
+    x = mnist_like_pixels(3)[:, None].float() / 127.5 - 1
+    bound = pipe.elbo(x, generator=torch.Generator().manual_seed(2))
+    elbo = pipe.vae.elbo(x, num_samples=1, generator=torch.Generator().manual_seed(2))
+    assert bound.per_image_iwae is None and bound.iwae_bits_per_dim is None
+    assert bound.estimator == "ELBO with 1 sample(s) of z"
     assert torch.equal(
-        pipe.iwae(pixels.numpy(), 3, generator=seeded()).bits_per_dim,
-        pipe.iwae(pixels[:, None].float() / 127.5 - 1, 3, generator=seeded()).bits_per_dim,
+        bound.per_image_terms["reconstruction"], nats_to_bits_per_dim(elbo.reconstruction_nats, 784).double()
     )
+    kl = nats_to_bits_per_dim(elbo.kl_nats + elbo.layer_nats.sum(dim=1), 784)
+    assert torch.equal(bound.per_image_terms["kl"], kl.double())
+    torch.testing.assert_close(bound.per_image, elbo.bits_per_dim.double(), rtol=1e-6, atol=0)
+    with_iwae = pipe.elbo(x, options=BoundOptions(iwae_samples=4), generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)  # the ELBO's draws first, then the IWAE's
+    pipe.vae.elbo(x, num_samples=1, generator=generator)
+    iwae = pipe.vae.iwae(x, num_samples=4, generator=generator).bits_per_dim.double()
+    assert torch.equal(with_iwae.per_image_iwae, iwae)
+    assert with_iwae.iwae_bits_per_dim == iwae.mean().item()
+    assert with_iwae.iwae_standard_error == pytest.approx(iwae.std().item() / 3**0.5, rel=1e-12)
 
 
 def test_bound_terms_are_the_models_elbo_and_iwae_in_bits_per_dim():

@@ -34,18 +34,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_ddpm.data import ImageData, ImageTensorDataset, ShuffledBatches, load_images, split_holdout
-from hf_ddpm.evaluation import BoundResult, evaluate_bound
+from hf_ddpm.evaluation import BoundResult, evaluate_bound, has_time_axis
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
 from hf_ddpm.objectives import Objective, build_model_and_objective, read_logs
-from hf_ddpm.plots import (
-    BOUND_BY_TIME_PATH,
-    LOSS_CURVE_PATH,
-    bound_by_time,
-    has_time_axis,
-    plot_bound_by_time,
-    plot_loss_curve,
-)
+from hf_ddpm.plots import BOUND_BY_TIME_PATH, LOSS_CURVE_PATH, plot_bound_by_time, plot_loss_curve
 from hf_ddpm.training_args import (
     DataArguments,
     TrainingArguments,
@@ -382,7 +375,9 @@ def main(argv: list[str] | None = None) -> Path:
             }
             if has_time_axis(pipeline):  # DDPM and VDM; the VAE has none
                 generator = torch.Generator().manual_seed(train_args.seed)
-                plots[BOUND_BY_TIME_PATH] = plot_bound_by_time(*bound_by_time(pipeline, held_out_images, generator))
+                plots[BOUND_BY_TIME_PATH] = plot_bound_by_time(
+                    *pipeline.bound_by_time(held_out_images, generator=generator)
+                )
                 captions[BOUND_BY_TIME_PATH] = "Where the bits of the bound go: its terms along the diffusion's time"
             results = {
                 "held_out": held_out_description,

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import HFDDPMPipeline, HFDDPMScheduler, VAEPipeline, VDMContinuousScheduler, VDMPipeline, __version__
 from .distributions import nats_to_bits_per_dim
-from .image_utils import model_range_to_output
+from .image_utils import images_to_tensor, model_range_to_output
 from .pipelines.auto import load_pipeline
 from .pipelines.vdm import VDM_EXACT_BOUND_STEPS, vdm_epsilon
 from .vdm.scheduler import VDM_STEP_TYPES
@@ -283,17 +283,16 @@ def score_image(pipeline: DemoPipelines, image: np.ndarray, seed: int = 0) -> di
     """
     generator = torch.Generator().manual_seed(seed)
     batch = np.asarray(image)[None]
-    if isinstance(pipeline, HFDDPMPipeline):
+    if not isinstance(pipeline, VAEPipeline):  # a diffusion model: its elbo, every term of its bound
         bound = pipeline.elbo(batch, generator=generator)
-        names = ("bits_per_dim", "prior_term", "denoising_terms", "reconstruction_term")
-        return {name: float(getattr(bound, name)[0]) for name in names}
-    if isinstance(pipeline, VDMPipeline):
-        terms = pipeline.elbo(batch, generator=generator)
-        names = ("prior", "diffusion", "reconstruction")
-        return {"bits_per_dim": float(terms.total[0])} | {
-            f"{name}_term": float(getattr(terms, name)[0]) for name in names
+        names = {"denoising": "denoising_terms"}  # the DDPM's T - 1 denoising terms, summed
+        return {"bits_per_dim": float(bound.per_image[0])} | {
+            names.get(name, f"{name}_term"): float(values[0]) for name, values in bound.per_image_terms.items()
         }
-    elbo = pipeline.elbo(batch, num_samples=VAE_ELBO_SAMPLES, generator=generator)
+    # the VAE's terms layer by layer, which its bound (reconstruction and all KL terms) sums: the model's ELBO
+    x = images_to_tensor(batch, pipeline.image_channels).to(pipeline.device)
+    with torch.no_grad():
+        elbo = pipeline.vae.elbo(x, num_samples=VAE_ELBO_SAMPLES, generator=generator)
     dims = batch[0].size
     terms = {"reconstruction_term": elbo.reconstruction_nats[0], "kl_term": elbo.kl_nats[0]}
     terms |= {f"layer_{layer}_term": nats for layer, nats in enumerate(elbo.layer_nats[0], start=1)}

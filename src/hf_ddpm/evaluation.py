@@ -1,10 +1,14 @@
-"""The one way to measure a model's likelihood bound on a set of images, and the one type its result has.
+"""The one way to measure a model's likelihood bound on a set of images, the one type its result has, and the
+pipeline protocol around it.
 
 :func:`evaluate_bound` takes any hf_ddpm pipeline and a set of images and returns a :class:`BoundResult`: the
 per-image bound in bits/dim and its terms, the estimator in words, and (for VAEs) the tighter importance-weighted
-bound. The pipelines' ``elbo``, ``training/train.py``, the ``hf_ddpm evaluate`` command and every benchmark call
-it. A pipeline takes part by implementing ``bound_terms(images, options, generator) -> BatchBound`` for one batch
-(its model's equations live in the model's own modules); this module only batches, concatenates and summarises.
+bound. The pipelines' ``elbo`` (:class:`BoundMixin`, one signature for every model kind), ``training/train.py``,
+the ``hf_ddpm evaluate`` command and every benchmark call it. A pipeline takes part by implementing
+``bound_terms(images, options, generator) -> BatchBound`` for one batch (its model's equations live in the model's
+own modules); this module only batches, concatenates and summarises. A diffusion pipeline also splits its bound
+along its time axis, ``bound_by_time(images, ...) -> BoundByTime`` (:func:`has_time_axis`), which
+:func:`hf_ddpm.plots.plot_bound_by_time` draws.
 
 Each per-image value is an unbiased estimate of that image's bound (exact when every term is computed), so the
 standard error of the mean over N images, sd / sqrt(N), covers both the spread of the images and the randomness
@@ -16,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -114,6 +118,16 @@ class BoundResult:
         """The mean of each term (they add up to :attr:`bits_per_dim`)."""
         return {name: mean_and_standard_error(values)[0] for name, values in self.per_image_terms.items()}
 
+    @property
+    def iwae_bits_per_dim(self) -> float | None:
+        """The mean importance-weighted bound over the images (VAEs with ``BoundOptions.iwae_samples``), or None."""
+        return None if self.per_image_iwae is None else mean_and_standard_error(self.per_image_iwae)[0]
+
+    @property
+    def iwae_standard_error(self) -> float | None:
+        """Standard error of :attr:`iwae_bits_per_dim`, or None."""
+        return None if self.per_image_iwae is None else mean_and_standard_error(self.per_image_iwae)[1]
+
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-able values: ``bits_per_dim``, ``standard_error``, ``terms``, ``estimator``,
         ``num_images`` and, for VAEs, ``iwae_bits_per_dim`` and ``iwae_standard_error``."""
@@ -125,7 +139,8 @@ class BoundResult:
             "num_images": self.num_images,
         }
         if self.per_image_iwae is not None:
-            summary["iwae_bits_per_dim"], summary["iwae_standard_error"] = mean_and_standard_error(self.per_image_iwae)
+            summary["iwae_bits_per_dim"] = self.iwae_bits_per_dim
+            summary["iwae_standard_error"] = self.iwae_standard_error
         return summary
 
 
@@ -162,3 +177,66 @@ def evaluate_bound(
         estimator=parts[0].estimator,
         per_image_iwae=None if iwae[0] is None else torch.cat([v.double().cpu() for v in iwae]),
     )
+
+
+class BoundMixin:
+    """The pipelines' ``elbo``: one signature and one result type for every model kind, a thin call of
+    :func:`evaluate_bound` with the pipeline's own :attr:`default_bound_options`.
+
+    A pipeline class using it sets ``default_bound_options`` and implements ``bound_terms`` and ``image_channels``
+    (:class:`SupportsBound`); ``progress_bar`` comes from diffusers' ``DiffusionPipeline``.
+    """
+
+    #: The options of ``elbo`` when none are given: each pipeline's most precise bound of a few images.
+    default_bound_options: ClassVar[BoundOptions]
+
+    @torch.no_grad()
+    def elbo(
+        self,
+        images: ImageInput,
+        *,
+        options: BoundOptions | None = None,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> BoundResult:
+        r"""The negative ELBO of each image in bits/dim, with its terms: :func:`evaluate_bound` with ``options``
+        (None: the pipeline's :attr:`default_bound_options`: for a diffusion model every term of its bound, T network
+        evaluations per image; for a VAE one draw of z per image and no importance-weighted bound).
+
+        Args:
+            images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
+            options: which estimator (:class:`BoundOptions`); e.g. ``BoundOptions(iwae_samples=64)`` adds a VAE's
+                IWAE bound (:attr:`BoundResult.per_image_iwae`).
+            batch_size: images per forward pass.
+            generator: for every random draw (noise, timesteps, latents); seed it for a reproducible value.
+        """
+        chosen = self.default_bound_options if options is None else options
+        return evaluate_bound(
+            self, images, chosen, batch_size=batch_size, generator=generator, progress=self.progress_bar
+        )
+
+
+#: Images (of those given) a pipeline's ``bound_by_time`` splits the bound for, by default.
+BOUND_BY_TIME_IMAGES = 16
+
+
+class BoundByTime(NamedTuple):
+    """Where the bound goes along a diffusion's time axis, averaged over the images (it unpacks as
+    ``x, bits_per_dim, label``): what a pipeline's ``bound_by_time`` returns and
+    :func:`hf_ddpm.plots.plot_bound_by_time` draws.
+
+    Attributes:
+        x: the times, (K,): integer timesteps 0..T-1 of a DDPM's chain, or continuous t in (0, 1) of a VDM.
+        bits_per_dim: float64 (K,): a DDPM's term at each timestep (bits/dim), or a VDM's diffusion-loss density
+            (bits/dim per unit of t).
+        label: the whole bound and the terms not on the time axis, in words.
+    """
+
+    x: torch.Tensor
+    bits_per_dim: torch.Tensor
+    label: str
+
+
+def has_time_axis(pipeline: Any) -> bool:
+    """Whether ``pipeline`` splits its bound in time (has ``bound_by_time``): a DDPM or a VDM, not a VAE."""
+    return callable(getattr(pipeline, "bound_by_time", None))

@@ -95,11 +95,11 @@ def variational_terms(
     if detach_mean:
         prediction = prediction.detach()
     frozen_output = prediction if variance_output is None else torch.cat([prediction, variance_output], dim=1)
-    model_mean, model_log_variance, _ = chain.p_mean_variance(frozen_output, x_t, timesteps)
+    model_mean, model_log_variance, x0_hat = chain.p_mean_variance(frozen_output, x_t, timesteps)
     posterior_mean, _, posterior_log_variance = chain.q_posterior_mean_variance(x_start, x_t, timesteps)
     matching_mean = model_mean
-    if clip_denoised:
-        matching_mean, _, _ = chain.p_mean_variance(frozen_output, x_t, timesteps, clip_denoised=True)
+    if clip_denoised:  # the mean p_mean_variance(clip_denoised=True) gives, from the one x0_hat computed above
+        matching_mean, _, _ = chain.q_posterior_mean_variance(x0_hat.clamp(-1.0, 1.0), x_t, timesteps)
     kl = denoising_matching_term(posterior_mean, posterior_log_variance, matching_mean, model_log_variance)
     nll = reconstruction_term(x_start, model_mean, model_log_variance)
     is_first = (chain.chain_position(timesteps) == 0).to(device=kl.device)

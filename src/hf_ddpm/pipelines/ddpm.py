@@ -7,15 +7,15 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..ddpm.chain import DiffusionChain
-from ..ddpm.elbo import ELBOOutput, full_elbo, stratified_elbo
+from ..ddpm.elbo import full_elbo, stratified_elbo
 from ..ddpm.scheduler import HFDDPMScheduler
-from ..evaluation import BatchBound, BoundOptions, evaluate_bound
+from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
-from ..image_utils import ImageInput, check_output_type, model_range_to_output
+from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
 
 
-class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
+class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a :class:`DenoisingUNet`, and the exact likelihood bound of images.
 
     Args:
@@ -33,9 +33,16 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
     >>> images = pipe(batch_size=16, num_inference_steps=100).images
     >>> pipe.elbo(images).bits_per_dim
     ```
+
+    ``elbo`` (:class:`~hf_ddpm.evaluation.BoundMixin`) computes, by default, all T terms of the bound of the full
+    training chain, summed exactly, in float64 with the model's own variance type and prediction type (from the
+    scheduler's config, which must carry a :class:`HFDDPMScheduler`'s keys), the x_0 estimate clipped to [-1, 1]
+    in the denoising terms as the sampler clips it; ``BoundOptions(timesteps_per_image=K)`` gives the cheaper
+    stratified estimate.
     """
 
     model_cpu_offload_seq = "unet"
+    default_bound_options = BoundOptions(exact=True)
 
     def __init__(self, unet: DenoisingUNet, scheduler: HFDDPMScheduler):
         super().__init__()
@@ -98,6 +105,17 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         the scheduler was respaced or swapped to for sampling, the bound is that of the training chain."""
         return DiffusionChain.from_config(self.scheduler.config)
 
+    def _model_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at (x_t, t), x_t cast to the network's dtype: the ``model_fn`` of every bound."""
+        return self.unet(x_t.to(self.unet.dtype), t).sample
+
+    def _checked(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` on the execution device, once their size is checked against the network's."""
+        size = self.unet.config.sample_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        return images.to(self._execution_device)
+
     def bound_terms(
         self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None = None
     ) -> BatchBound:
@@ -105,23 +123,18 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         (``options.exact``, T network evaluations per image) or the unbiased stratified estimate from
         ``options.timesteps_per_image`` timesteps plus the exact reconstruction and prior terms. Float64. Called
         by :func:`hf_ddpm.evaluation.evaluate_bound`, the one entry point for a bound on a set of images."""
-        size = self.unet.config.sample_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        x = self._checked(images)
         chain = self.train_chain
-        x = images.to(self._execution_device)
-
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x_t.to(self.unet.dtype), t).sample
-
         T = chain.num_train_timesteps
         clip = options.clip_denoised
         if options.exact:
-            out = full_elbo(chain, model_fn, x, generator=generator, clip_denoised=clip)
+            out = full_elbo(chain, self._model_output, x, generator=generator, clip_denoised=clip)
             estimator = f"exact: all {T} terms"
         else:
             k = options.timesteps_per_image
-            out = stratified_elbo(chain, model_fn, x, timesteps_per_image=k, generator=generator, clip_denoised=clip)
+            out = stratified_elbo(
+                chain, self._model_output, x, timesteps_per_image=k, generator=generator, clip_denoised=clip
+            )
             estimator = (
                 f"unbiased stratified estimate of the full {T}-term bound, {k} timesteps per image "
                 "+ exact reconstruction and prior terms"
@@ -132,31 +145,36 @@ class HFDDPMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         return BatchBound(terms=terms, estimator=estimator)
 
     @torch.no_grad()
-    def elbo(self, images: ImageInput, batch_size: int = 64, generator: torch.Generator | None = None) -> ELBOOutput:
-        r"""The negative ELBO of each image in bits/dim: all T terms of the full training chain, summed exactly.
-
-        Costs T network evaluations per image. The bound is computed in float64 with the model's own variance
-        type and prediction type (from the scheduler's config, which must carry a :class:`HFDDPMScheduler`'s keys).
-        :func:`hf_ddpm.evaluation.evaluate_bound` gives the same numbers summarised, or the cheaper stratified
-        estimate.
+    def bound_by_time(
+        self,
+        images: ImageInput,
+        *,
+        num_images: int | None = BOUND_BY_TIME_IMAGES,
+        clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> BoundByTime:
+        """Where the negative ELBO of the first ``num_images`` of ``images`` (None: all) goes along the chain: the T
+        terms of the exact bound (:func:`~hf_ddpm.ddpm.elbo.full_elbo`, the terms ``elbo`` sums), one per timestep,
+        in bits/dim, averaged over the images, float64. t = 0 is the reconstruction term -log p(x_0 | x_1), t >= 1
+        the denoising KLs; with the prior term (in the label) they add up to the whole bound. T network evaluations
+        per image.
 
         Args:
             images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
-            batch_size (`int`): images per forward pass.
-            generator (`torch.Generator`, *optional*): for the x_t ~ q(x_t | x_0) draws.
+            num_images: how many of the images (None: all).
+            clip_denoised: the x_0 estimate clipped to [-1, 1] in the denoising terms, as ``BoundOptions`` (default)
+                and the sampler clip it.
+            generator: for the x_t ~ q(x_t | x_0) draws.
         """
-        bound = evaluate_bound(
-            self,
-            images,
-            BoundOptions(exact=True),
-            batch_size=batch_size,
-            generator=generator,
-            progress=self.progress_bar,
+        x = self._checked(images_to_tensor(images, self.image_channels)[:num_images]).double()
+        chain = self.train_chain
+        out = full_elbo(
+            chain, self._model_output, x, generator=generator, keep_per_timestep=True, clip_denoised=clip_denoised
         )
-        terms = bound.per_image_terms
-        return ELBOOutput(
-            bits_per_dim=bound.per_image,
-            prior_term=terms["prior"],
-            denoising_terms=terms["denoising"],
-            reconstruction_term=terms["reconstruction"],
+        terms = out.per_timestep.mean(dim=0).cpu()
+        label = (
+            f"negative ELBO {out.bits_per_dim.mean().item():.4f} bits/dim = sum of the {len(terms)} terms shown "
+            f"(t = 0: reconstruction {terms[0].item():.4f}) + prior {out.prior_term.mean().item():.2e}; "
+            f"mean of {x.shape[0]} images"
         )
+        return BoundByTime(torch.as_tensor(chain.timesteps, dtype=torch.long), terms, label)

@@ -6,13 +6,13 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..distributions import nats_to_bits_per_dim
-from ..evaluation import BatchBound, BoundOptions
+from ..evaluation import BatchBound, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
-from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
-from ..vae.model import GaussianVAE, IWAEOutput, VAEELBOOutput
+from ..image_utils import check_output_type, model_range_to_output
+from ..vae.model import GaussianVAE
 
 
-class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
+class VAEPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a :class:`GaussianVAE`, and its likelihood bounds.
 
     Saved with ``save_pretrained`` (safetensors), the component is recorded as ``["hf_ddpm", "GaussianVAE"]`` in
@@ -24,14 +24,19 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
     Example:
 
     ```py
-    >>> from hf_ddpm import VAEPipeline
+    >>> from hf_ddpm import BoundOptions, VAEPipeline
     >>> pipe = VAEPipeline.from_pretrained("org/vae-mnist", revision="main")
     >>> images = pipe(batch_size=16).images
-    >>> pipe.elbo(images).bits_per_dim, pipe.iwae(images, num_samples=64).bits_per_dim
+    >>> pipe.elbo(images).bits_per_dim, pipe.elbo(images, options=BoundOptions(iwae_samples=64)).iwae_bits_per_dim
     ```
+
+    ``elbo`` (:class:`~hf_ddpm.evaluation.BoundMixin`) computes, by default, the ELBO with one draw of z per image
+    (:meth:`GaussianVAE.elbo`) and no importance-weighted bound; ``BoundOptions(elbo_samples=S, iwae_samples=K)``
+    averages S draws and adds IWAE_K (:meth:`GaussianVAE.iwae`, drawn after the ELBO's draws).
     """
 
     model_cpu_offload_seq = "vae"
+    default_bound_options = BoundOptions(elbo_samples=1, iwae_samples=0)
 
     def __init__(self, vae: GaussianVAE):
         super().__init__()
@@ -79,7 +84,7 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         image and term in bits/dim (``reconstruction``, and ``kl``: the top KL plus the hierarchy's layer terms),
         and the importance-weighted bound with K = ``options.iwae_samples`` (none for 0). Called by
         :func:`hf_ddpm.evaluation.evaluate_bound`, the one entry point for a bound on a set of images."""
-        x = images.to(self._execution_device)
+        x = images.to(device=self._execution_device, dtype=self.vae.dtype)  # the network's dtype
         elbo = self.vae.elbo(x, num_samples=options.elbo_samples, generator=generator)
         dims = x[0].numel()
         terms = {
@@ -92,26 +97,3 @@ class VAEPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
             iwae = self.vae.iwae(x, num_samples=options.iwae_samples, generator=generator).bits_per_dim
             estimator += f"; IWAE with K={options.iwae_samples}"
         return BatchBound(terms=terms, estimator=estimator, iwae=iwae)
-
-    def _to_model_input(self, images: ImageInput) -> torch.Tensor:
-        return images_to_tensor(images, self.vae.config.in_channels).to(self._execution_device)
-
-    @torch.no_grad()
-    def elbo(
-        self, images: ImageInput, num_samples: int = 1, generator: torch.Generator | None = None
-    ) -> VAEELBOOutput:
-        """The ELBO of each image with ``num_samples`` Monte-Carlo draws of z (see :meth:`GaussianVAE.elbo`).
-
-        Args:
-            images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images (as for
-                :meth:`HFDDPMPipeline.elbo`).
-            num_samples (`int`): draws of z per image.
-            generator (`torch.Generator`, *optional*): for the draws of z.
-        """
-        return self.vae.elbo(self._to_model_input(images), num_samples=num_samples, generator=generator)
-
-    @torch.no_grad()
-    def iwae(self, images: ImageInput, num_samples: int = 16, generator: torch.Generator | None = None) -> IWAEOutput:
-        """The importance-weighted bound with K = ``num_samples`` draws of z (see :meth:`GaussianVAE.iwae`); images
-        as for :meth:`elbo`."""
-        return self.vae.iwae(self._to_model_input(images), num_samples=num_samples, generator=generator)

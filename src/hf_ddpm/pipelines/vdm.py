@@ -8,15 +8,20 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..evaluation import BatchBound, BoundOptions, evaluate_bound
+from ..distributions import nats_to_bits_per_dim
+from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
-from ..image_utils import ImageInput, check_output_type, model_range_to_output
+from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
 from ..vdm.elbo import (
+    VDMEpsilonModel,
     VDMLossTerms,
     clipped_estimate_model,
+    continuous_diffusion_loss,
     continuous_time_bound_estimate,
     discrete_time_bound,
+    prior_loss,
+    reconstruction_loss,
     vdm_loss_terms,
 )
 from ..vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, DeferredGradientScale, NoiseSchedule
@@ -26,6 +31,9 @@ from ..vdm.scheduler import VDMContinuousScheduler
 VDM_EXACT_BOUND_STEPS = 1000
 #: The network is conditioned on 1000 t: the scale of the integer timesteps its sinusoidal embedding was made for.
 VDM_TIME_SCALE = 1000.0
+#: ``bound_by_time``'s grid of t, the midpoints (i + 1/2) / n, i = 0..n-1, and its noise draws per image at each.
+VDM_BOUND_BY_TIME_TIMES = 200
+VDM_BOUND_BY_TIME_DRAWS = 4
 
 
 def vdm_epsilon(unet: DenoisingUNet, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +103,7 @@ class VDMModel(nn.Module):
         return terms
 
 
-class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
+class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a continuous-time variational diffusion model (Kingma et al. 2021), and
     the likelihood bound of images.
 
@@ -110,11 +118,16 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
     >>> from hf_ddpm import VDMPipeline
     >>> pipe = VDMPipeline.from_pretrained("org/vdm-mnist", revision="main")
     >>> images = pipe(batch_size=16, num_inference_steps=100).images
-    >>> pipe.elbo(images).total
+    >>> pipe.elbo(images).bits_per_dim
     ```
+
+    ``elbo`` (:class:`~hf_ddpm.evaluation.BoundMixin`) computes, by default, the discrete-time bound with all
+    T = 1000 steps summed (``bound_terms`` with ``BoundOptions(exact=True)``, T network evaluations per image);
+    ``BoundOptions(timesteps_per_image=K)`` gives the cheaper estimate of the continuous-time bound.
     """
 
     model_cpu_offload_seq = "noise_schedule->unet"
+    default_bound_options = BoundOptions(exact=True)
 
     def __init__(self, unet: DenoisingUNet, noise_schedule: NoiseSchedule, scheduler: VDMContinuousScheduler):
         super().__init__()
@@ -160,6 +173,22 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         """C, the channels of the images the model generates and scores."""
         return self.unet.config.in_channels
 
+    def _epsilon_model(self, clip_denoised: bool) -> VDMEpsilonModel:
+        """eps_hat(z_t, t) of the network (:func:`vdm_epsilon`), that of the data estimate clipped to [-1, 1]
+        (:func:`~hf_ddpm.vdm.elbo.clipped_estimate_model`) with ``clip_denoised``: the ``model_fn`` of every bound."""
+
+        def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return vdm_epsilon(self.unet, z_t, t)
+
+        return clipped_estimate_model(self.noise_schedule, model_fn) if clip_denoised else model_fn
+
+    def _checked(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in float64 on the execution device, once their size is checked against the network's."""
+        size = self.unet.config.sample_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        return images.to(device=self._execution_device, dtype=torch.float64)
+
     @torch.no_grad()
     def bound_terms(
         self, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None = None
@@ -180,16 +209,8 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         clipped to [-1, 1] (:func:`~hf_ddpm.vdm.elbo.clipped_estimate_model`), the model the default
         ``VDMContinuousScheduler(clip_sample=True)`` samples; it is never larger than the unclipped one.
         """
-        size = self.unet.config.sample_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
-        x = images.to(device=self._execution_device, dtype=torch.float64)
-
-        def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return vdm_epsilon(self.unet, z_t, t)
-
-        if options.clip_denoised:
-            model_fn = clipped_estimate_model(self.noise_schedule, model_fn)
+        x = self._checked(images)
+        model_fn = self._epsilon_model(options.clip_denoised)
         if options.exact:
             terms = discrete_time_bound(self.noise_schedule, model_fn, x, VDM_EXACT_BOUND_STEPS, generator=generator)
             estimator = (
@@ -212,25 +233,53 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         )
 
     @torch.no_grad()
-    def elbo(self, images: ImageInput, batch_size: int = 64, generator: torch.Generator | None = None) -> VDMLossTerms:
-        r"""The negative ELBO of each image in bits/dim, float64 (N,) terms: the discrete-time bound with all
-        T = 1000 steps summed (``bound_terms`` with ``BoundOptions(exact=True)``); ``total`` is the bound.
-
-        Costs T network evaluations per image. :func:`hf_ddpm.evaluation.evaluate_bound` gives the same numbers
-        summarised, or the cheaper estimate of the continuous-time bound.
+    def bound_by_time(
+        self,
+        images: ImageInput,
+        *,
+        num_images: int | None = BOUND_BY_TIME_IMAGES,
+        clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+        num_times: int = VDM_BOUND_BY_TIME_TIMES,
+        draws_per_time: int = VDM_BOUND_BY_TIME_DRAWS,
+    ) -> BoundByTime:
+        """Where the negative ELBO of the first ``num_images`` of ``images`` (None: all) goes in time: the integrand
+        of the continuous-time diffusion loss (:func:`~hf_ddpm.vdm.elbo.continuous_diffusion_loss`, the term the
+        estimate of the bound samples), 1/2 gamma'(t) E||eps - eps_hat(z_t, t)||^2 / (D ln 2) in bits/dim per unit
+        of t, averaged over the images and ``draws_per_time`` noise draws each, at the midpoints t = (i + 1/2) /
+        ``num_times``. Its mean (the midpoint rule on [0, 1]) estimates the diffusion term L_inf; the prior and
+        reconstruction terms have no time and are in the label. ``num_times * draws_per_time`` network evaluations
+        per image, float64.
 
         Args:
             images: a float tensor (N, C, H, W) in [-1, 1] on the 8-bit grid, uint8 arrays, or PIL images.
-            batch_size (`int`): images per forward pass.
-            generator (`torch.Generator`, *optional*): for the z_t ~ q(z_t | x) draws.
+            num_images: how many of the images (None: all).
+            clip_denoised: eps_hat of the data estimate clipped to [-1, 1], as ``BoundOptions`` (default) and the
+                sampler clip it.
+            generator: for the noise draws.
+            num_times: the points of the grid of t.
+            draws_per_time: noise draws per image at each t.
         """
-        bound = evaluate_bound(
-            self,
-            images,
-            BoundOptions(exact=True),
-            batch_size=batch_size,
-            generator=generator,
-            progress=self.progress_bar,
+        if num_times < 1 or draws_per_time < 1:
+            raise ValueError(f"num_times={num_times} and draws_per_time={draws_per_time} must be at least 1.")
+        x = self._checked(images_to_tensor(images, self.image_channels)[:num_images])
+        schedule, model_fn = self.noise_schedule, self._epsilon_model(clip_denoised)
+        num_dims = x[0].numel()
+        repeated = x.repeat(draws_per_time, *([1] * (x.dim() - 1)))  # (draws * N, ...): every image draws times
+        times = (torch.arange(num_times, dtype=torch.float64) + 0.5) / num_times
+        density = torch.zeros(num_times, dtype=torch.float64)
+        for i, t in enumerate(times.tolist()):
+            noise = randn_tensor(repeated.shape, generator=generator, device=x.device, dtype=x.dtype)
+            t_batch = torch.full((repeated.shape[0],), t, dtype=x.dtype, device=x.device)
+            nats = continuous_diffusion_loss(schedule, model_fn, repeated, t_batch, noise)
+            density[i] = nats_to_bits_per_dim(nats, num_dims).mean().cpu()
+        reconstruction_noise = randn_tensor(repeated.shape, generator=generator, device=x.device, dtype=x.dtype)
+        reconstruction = nats_to_bits_per_dim(reconstruction_loss(schedule, repeated, reconstruction_noise), num_dims)
+        prior = nats_to_bits_per_dim(prior_loss(schedule, x), num_dims).mean().item()
+        diffusion = density.mean().item()  # the midpoint rule on [0, 1]
+        label = (
+            f"negative ELBO {prior + diffusion + reconstruction.mean().item():.4f} bits/dim = diffusion "
+            f"{diffusion:.4f} (area under the curve) + reconstruction {reconstruction.mean().item():.4f} "
+            f"+ prior {prior:.2e}; mean of {x.shape[0]} images"
         )
-        terms = bound.per_image_terms
-        return VDMLossTerms(prior=terms["prior"], diffusion=terms["diffusion"], reconstruction=terms["reconstruction"])
+        return BoundByTime(times, density, label)
