@@ -350,3 +350,27 @@ def test_unknown_loss_type_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid"):
         elbo.training_loss("l2", chain, lambda x, t: x, -torch.ones(1, 1, 2, 2), torch.tensor([3]))
     assert elbo.LOSS_TYPES == ("simple", "vlb", "hybrid") and elbo.HYBRID_VLB_WEIGHT == 0.001
+
+
+@pytest.mark.parametrize("timesteps_per_forward", [3, 20])
+def test_the_exact_bound_is_the_same_with_timesteps_evaluated_together(timesteps_per_forward):
+    """full_elbo with m timesteps per network call (a GPU's width) gives the terms of one call per timestep: the
+    same noise in the same order, the same model outputs (the model here sees each image alone)."""
+    chain = DiffusionChain.from_config(HFDDPMScheduler(num_train_timesteps=20, variance_type="learned_range").config)
+    x0 = on_grid(3, 1, 4, 4, seed=2)
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = (t.double() / 20).view(-1, 1, 1, 1)
+        return torch.cat([0.3 * x_t * scale, torch.tanh(x_t) * 0.5], dim=1)
+
+    one = elbo.full_elbo(chain, model_fn, x0, torch.Generator().manual_seed(5), keep_per_timestep=True)
+    many = elbo.full_elbo(
+        chain,
+        model_fn,
+        x0,
+        torch.Generator().manual_seed(5),
+        keep_per_timestep=True,
+        timesteps_per_forward=timesteps_per_forward,
+    )
+    torch.testing.assert_close(many.per_timestep, one.per_timestep, rtol=1e-12, atol=0)
+    torch.testing.assert_close(many.bits_per_dim, one.bits_per_dim, rtol=1e-12, atol=0)

@@ -283,6 +283,7 @@ def full_elbo(
     keep_per_timestep: bool = False,
     progress: Progress | None = None,
     clip_denoised: bool = False,
+    timesteps_per_forward: int = 1,
 ) -> ELBOOutput:
     """The negative ELBO of a batch, every term of ``chain`` summed exactly (not sampled).
 
@@ -290,15 +291,18 @@ def full_elbo(
     expectation over q that every term carries) and the model is evaluated once: K network evaluations per image
     for a K-step chain (K = T for the full chain). The terms are computed in float64 from float64 constants;
     ``model_fn`` receives float64 x_t and casts to its own dtype. ``progress`` wraps the iterable of chain positions
-    (e.g. a tqdm bar). ``clip_denoised``: see :func:`variational_terms`.
+    (e.g. a tqdm bar). ``clip_denoised``: see :func:`variational_terms`. ``timesteps_per_forward``: m timesteps of
+    the chain evaluated in one network call on m x B images (a GPU's width; the noise is drawn in the same order).
     """
     x0 = x_start.to(torch.float64)
     batch = x0.shape[0]
     terms = torch.zeros(batch, len(chain.timesteps), dtype=torch.float64, device=x0.device)
-    positions = range(len(chain.timesteps))
-    for k in progress(positions) if progress is not None else positions:
-        t = torch.full((batch,), int(chain.timesteps[k]), dtype=torch.long, device=x0.device)
-        terms[:, k] = term_at(chain, model_fn, x0, t, generator, clip_denoised)
+    starts = range(0, len(chain.timesteps), timesteps_per_forward)
+    for start in progress(starts) if progress is not None else starts:
+        positions = list(range(start, min(start + timesteps_per_forward, len(chain.timesteps))))
+        t = torch.as_tensor(chain.timesteps[positions], device=x0.device).repeat_interleave(batch)
+        values = term_at(chain, model_fn, x0.repeat(len(positions), 1, 1, 1), t, generator, clip_denoised)
+        terms[:, positions] = values.view(len(positions), batch).T
     prior = prior_term(chain, x0)
     out = ELBOOutput.from_nats(
         prior, terms[:, 1:].sum(dim=1), terms[:, 0], x0[0].numel(), per_timestep=terms if keep_per_timestep else None

@@ -14,6 +14,10 @@ from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
 
+#: Images per network call of the exact bound on a CUDA device (timesteps batched: ``full_elbo``'s
+#: ``timesteps_per_forward``); small enough for any GPU at MNIST size (a 28x28 UNet's activations: a few GB).
+GPU_FORWARD_IMAGES = 4096
+
 
 class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a :class:`DenoisingUNet`, and the exact likelihood bound of images.
@@ -109,6 +113,11 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         """The network's output at (x_t, t), x_t cast to the network's dtype: the ``model_fn`` of every bound."""
         return self.unet(x_t.to(self.unet.dtype), t).sample
 
+    def _timesteps_per_forward(self, batch: int) -> int:
+        """Timesteps of the exact bound evaluated in one network call: enough for about
+        :data:`GPU_FORWARD_IMAGES` images on a CUDA device, one elsewhere (a CPU gains nothing from wider calls)."""
+        return max(1, GPU_FORWARD_IMAGES // batch) if self._execution_device.type == "cuda" else 1
+
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on the execution device, once their size is checked against the network's."""
         size = self.unet.config.sample_size
@@ -128,7 +137,14 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         T = chain.num_train_timesteps
         clip = options.clip_denoised
         if options.exact:
-            out = full_elbo(chain, self._model_output, x, generator=generator, clip_denoised=clip)
+            out = full_elbo(
+                chain,
+                self._model_output,
+                x,
+                generator=generator,
+                clip_denoised=clip,
+                timesteps_per_forward=self._timesteps_per_forward(len(x)),
+            )
             estimator = f"exact: all {T} terms"
         else:
             k = options.timesteps_per_image
@@ -169,7 +185,13 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         x = self._checked(images_to_tensor(images, self.image_channels)[:num_images]).double()
         chain = self.train_chain
         out = full_elbo(
-            chain, self._model_output, x, generator=generator, keep_per_timestep=True, clip_denoised=clip_denoised
+            chain,
+            self._model_output,
+            x,
+            generator=generator,
+            keep_per_timestep=True,
+            clip_denoised=clip_denoised,
+            timesteps_per_forward=self._timesteps_per_forward(len(x)),
         )
         terms = out.per_timestep.mean(dim=0).cpu()
         label = (
