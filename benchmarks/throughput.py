@@ -14,8 +14,9 @@ Measures, in one run and interleaved (so machine drift hits every arm alike):
     python benchmarks/throughput.py [--batch_size 128] [--repeats 15] [--json throughput.json]
     python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
     python benchmarks/throughput.py --device cuda --json throughput_gpu.json   # on a GPU: the step of train.py's gpu
-        # recipe (bf16, fused AdamW, foreach EMA, data on the device) at several batches, eager and compiled, with
-        # compile time apart, against the bf16 matmul peak measured in the same run
+        # recipe (bf16, fused AdamW, foreach EMA, data on the device) at several batches, eager and as CUDA graphs
+        # (--cuda_compiled_batch_sizes: torch.compile too), the capture or compile time apart, against the bf16
+        # matmul peak measured in the same run
 """
 
 from __future__ import annotations
@@ -198,15 +199,18 @@ def default_step_rows(batch_size: int, repeats: int, rounds: int, flops_per_imag
     return rows
 
 
-def cuda_step_row(images: np.ndarray, batch_size: int, compiled: bool, steps: int, device: str = "cuda") -> dict:
+def cuda_step_row(images: np.ndarray, batch_size: int, forward_kind: str, steps: int, device: str = "cuda") -> dict:
     """Seconds per step of train.py's training step on CUDA (the default DDPM recipe's network and hybrid loss, bf16
-    autocast, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from resident images), eager
-    or compiled (torch.compile, default mode), and the seconds of its first 3 steps (compilation included)."""
+    autocast, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from resident images), with the
+    network's forward and backward ``eager``, ``compiled`` (torch.compile, default mode) or replayed as ``cuda
+    graphs`` (:class:`hf_ddpm.training_utils.CUDAGraphedNetwork`), and the seconds of its first 3 steps (with the
+    compilation or capture)."""
     from diffusers.training_utils import EMAModel
 
     from hf_ddpm.data import ShuffledBatches
     from hf_ddpm.objectives import build_model_and_objective
     from hf_ddpm.training_args import parse_arguments
+    from hf_ddpm.training_utils import CUDAGraphedNetwork
 
     model_args, data_args, train_args = parse_arguments(["--output_dir", "unused", "--recipe", "gpu"])
     torch.manual_seed(0)
@@ -215,11 +219,20 @@ def cuda_step_row(images: np.ndarray, batch_size: int, compiled: bool, steps: in
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=True)
     ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=True)
     ema.to(device)
-    forward = torch.compile(model) if compiled else model
     batches = iter(ShuffledBatches(images, batch_size, device, seed=0).epoch(0))
+    # no cached casts: CUDA graphs refuse them (the same setting in every arm)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    start = time.perf_counter()
+    forward = {"eager": lambda: model, "compiled": lambda: torch.compile(model)}.get(forward_kind)
+    if forward is None:
+        with autocast:
+            sample_t = torch.zeros(batch_size, dtype=torch.long, device=device)
+            forward = CUDAGraphedNetwork(model, torch.zeros(batch_size, 1, 28, 28, device=device), sample_t)
+    else:
+        forward = forward()
 
     def step() -> None:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with autocast:
             out = objective.loss(forward, next(batches))
         out.loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -242,34 +255,36 @@ def cuda_step_row(images: np.ndarray, batch_size: int, compiled: bool, steps: in
     return {"seconds_per_step": (time.perf_counter() - start) / count, "first_3_steps_seconds": warmup_seconds}
 
 
-def cuda_step_rows(batch_sizes: list[int], compiled_batch_sizes: list[int], steps: int) -> dict:
-    """:func:`cuda_step_row` eager at ``batch_sizes`` and compiled at ``compiled_batch_sizes``, with images/s and
-    the fraction of the bf16 matmul peak measured in the same run (FLOPs per image from torch.utils.flop_counter)."""
+def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
+    """:func:`cuda_step_row` for each forward kind (``eager``, ``cuda graphs``, ``compiled``) at its batch sizes,
+    with images/s and the fraction of the bf16 matmul peak measured in the same run (FLOPs per image from
+    torch.utils.flop_counter)."""
     images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8).numpy()
     peak = matmul_peak_gflops(torch.bfloat16, size=8192, device="cuda")
     flops_per_image = flops_per_step(DenoisingUNet(), torch.randn(8, 1, 28, 28), torch.randint(0, 1000, (8,))) / 8
     rows = []
-    for batch_size, compiled in [(b, False) for b in batch_sizes] + [(b, True) for b in compiled_batch_sizes]:
-        timing = cuda_step_row(images, batch_size, compiled, steps)
-        seconds = timing["seconds_per_step"]
-        gflops = flops_per_image * batch_size / seconds / 1e9
-        rows.append(
-            {
-                "batch_size": batch_size,
-                "compiled": compiled,
-                "ms_per_step": 1000 * seconds,
-                "images_per_second": batch_size / seconds,
-                "first_3_steps_seconds": timing["first_3_steps_seconds"],
-                "achieved_tflops": gflops / 1000,
-                "fraction_of_bf16_matmul_peak": gflops / peak,
-            }
-        )
-        print(
-            f"batch {batch_size:5d} {'compiled' if compiled else 'eager   '} {1000 * seconds:7.2f} ms/step "
-            f"{batch_size / seconds:9.0f} img/s {gflops / 1000:6.2f} TFLOP/s ({100 * gflops / peak:.2f}% of peak); "
-            f"first 3 steps {timing['first_3_steps_seconds']:.1f} s",
-            flush=True,
-        )
+    for forward_kind, batch_sizes in arms.items():
+        for batch_size in batch_sizes:
+            timing = cuda_step_row(images, batch_size, forward_kind, steps)
+            seconds = timing["seconds_per_step"]
+            gflops = flops_per_image * batch_size / seconds / 1e9
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "forward": forward_kind,
+                    "ms_per_step": 1000 * seconds,
+                    "images_per_second": batch_size / seconds,
+                    "first_3_steps_seconds": timing["first_3_steps_seconds"],
+                    "achieved_tflops": gflops / 1000,
+                    "fraction_of_bf16_matmul_peak": gflops / peak,
+                }
+            )
+            print(
+                f"batch {batch_size:5d} {forward_kind:11s} {1000 * seconds:7.2f} ms/step {batch_size / seconds:9.0f} "
+                f"img/s {gflops / 1000:6.2f} TFLOP/s ({100 * gflops / peak:.2f}% of peak); first 3 steps "
+                f"{timing['first_3_steps_seconds']:.1f} s",
+                flush=True,
+            )
     return {
         "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
         "bf16_matmul_peak_tflops": peak / 1000,
@@ -298,8 +313,9 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, or cuda: the GPU step only"
     )
-    parser.add_argument("--cuda_batch_sizes", type=int, nargs="+", default=[32, 256, 512, 1024])
-    parser.add_argument("--cuda_compiled_batch_sizes", type=int, nargs="+", default=[512])
+    parser.add_argument("--cuda_eager_batch_sizes", type=int, nargs="*", default=[32, 512, 1024])
+    parser.add_argument("--cuda_graph_batch_sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    parser.add_argument("--cuda_compiled_batch_sizes", type=int, nargs="*", default=[])
     parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
     parser.add_argument("--_step", default=None, help=argparse.SUPPRESS)  # one default-step measurement (internal)
     args = parser.parse_args()
@@ -311,7 +327,12 @@ def main() -> None:
         )
         return
     if args.device == "cuda":
-        result = cuda_step_rows(args.cuda_batch_sizes, args.cuda_compiled_batch_sizes, steps=10 * args.repeats)
+        arms = {
+            "eager": args.cuda_eager_batch_sizes,
+            "cuda graphs": args.cuda_graph_batch_sizes,
+            "compiled": args.cuda_compiled_batch_sizes,
+        }
+        result = cuda_step_rows(arms, steps=10 * args.repeats)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2))

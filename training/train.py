@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -64,6 +64,7 @@ from hf_ddpm.training_utils import (
     resolve_mixed_precision,
     sample_grid,
     save_checkpoint,
+    training_forward,
     use_all_cores,
 )
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
     mixed_precision = resolve_mixed_precision(train_args.mixed_precision)
     accelerator = Accelerator(
         cpu=not has_accelerator_device(),  # with no GPU, several launched processes form a gloo group on the CPU
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if train_args.cuda_graphs else None,  # graphs need it
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=None if train_args.logger == "none" else train_args.logger,
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)  # evaluated, sampled and saved eagerly
-    train_model = torch.compile(model) if train_args.compile else model  # the same parameters, compiled
+    size = (train_args.train_batch_size, data_args.channels, data_args.resolution, data_args.resolution)
+    train_model, step_kind = training_forward(model, train_args, model_args.model, accelerator, size)
     ema = None
     if train_args.use_ema:
         ema = EMAModel(
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"{accelerator.num_processes} process(es) on {accelerator.device} ({threads} threads each), mixed precision "
         f"{mixed_precision}; recipe {train_args.recipe} (--recipe; flags override it): "
         f"batch {train_args.train_batch_size} per process, {global_batch} per optimizer step; {max_train_steps} steps "
-        f"({num_epochs} epochs); torch.compile {'on' if train_args.compile else 'off'}; loss read back every "
+        f"({num_epochs} epochs); training step {step_kind}; loss read back every "
         f"{train_args.logging_steps} step(s); {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{describe_network_layout(model_args, data_args)}."
     )

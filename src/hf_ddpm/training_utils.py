@@ -21,6 +21,8 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
+from .models.unet import DenoisingUNetOutput
+
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
 
@@ -276,6 +278,70 @@ class ema_weights:
         if self.ema is not None:
             self.ema.restore(self.model.parameters())
         return False
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+class _NetworkSample(torch.nn.Module):
+    """``network(x, t).sample`` as a module of the network's parameters: what make_graphed_callables captures."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t).sample
+
+
+class CUDAGraphedNetwork(torch.nn.Module):
+    """A denoising network's forward and backward replayed as two CUDA graphs (``torch.cuda.make_graphed_callables``)
+    at one static batch shape: one launch each instead of hundreds of kernels, which at MNIST size is what a GPU
+    step otherwise waits for. Called as the network is, ``graphed(x, t).sample``, with x of the captured shape; the
+    parameters are the network's own (the graphs read them where they are, so optimizer steps, EMA swaps and
+    checkpoint loads, all in place, are seen). Evaluate and sample with the network itself. Captured in the network's
+    current autocast setting, which must not cache casts (``AutocastKwargs(cache_enabled=False)``)."""
+
+    def __init__(self, network: torch.nn.Module, sample_x: torch.Tensor, sample_t: torch.Tensor):
+        super().__init__()
+        self.network = network
+        self.graphed = torch.cuda.make_graphed_callables(_NetworkSample(network), (sample_x, sample_t))
+        network.zero_grad(set_to_none=True)  # the capture's warm-up backward passes left gradients
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> DenoisingUNetOutput:
+        return DenoisingUNetOutput(sample=self.graphed(x, t))
+
+
+def cuda_graph_refusal(device: torch.device, num_processes: int, gradient_accumulation_steps: int, model: str) -> str:
+    """Why the training step cannot be replayed as CUDA graphs here, in words, or "" where it can: a CUDA device,
+    one process (DDP's gradient hooks are not captured), no gradient accumulation, a DDPM network (the VAE and the
+    VDM train through other forwards)."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if num_processes > 1:
+        return f"{num_processes} processes (DDP)"
+    if gradient_accumulation_steps > 1:
+        return "gradient accumulation"
+    if model != "ddpm":
+        return f"--model {model}"
+    return ""
+
+
+def training_forward(
+    model: torch.nn.Module, train_args: Any, model_kind: str, accelerator: Accelerator, batch_shape: tuple[int, ...]
+) -> tuple[torch.nn.Module, str]:
+    """(what the training step calls for the network's forward and backward: the prepared ``model`` itself,
+    ``torch.compile(model)`` with ``--compile``, or its :class:`CUDAGraphedNetwork` at ``batch_shape`` with
+    ``--cuda_graphs`` where :func:`cuda_graph_refusal` allows; that choice in words, for the log). All share the
+    model's parameters."""
+    if train_args.compile:
+        return torch.compile(model), "torch.compile"
+    if not train_args.cuda_graphs:
+        return model, "eager"
+    device = accelerator.device
+    refusal = cuda_graph_refusal(device, accelerator.num_processes, train_args.gradient_accumulation_steps, model_kind)
+    if refusal:
+        return model, f"eager (no CUDA graphs with {refusal})"
+    sample_t = torch.zeros(batch_shape[0], dtype=torch.long, device=device)
+    return CUDAGraphedNetwork(model, torch.zeros(batch_shape, device=device), sample_t), "CUDA graphs"
 
 
 # ---------------------------------------------------------------------------------------------- outputs
