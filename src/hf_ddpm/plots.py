@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .ddpm.elbo import full_elbo, prior_term
 from .distributions import nats_to_bits_per_dim
-from .image_utils import ImageInput, images_to_tensor
+from .image_utils import ImageInput, check_image_size, images_to_tensor
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vdm import VDMPipeline, vdm_epsilon
 from .vdm.elbo import clipped_estimate_model, continuous_diffusion_loss, prior_loss, reconstruction_loss
@@ -63,9 +63,7 @@ def _images(pipeline: Any, images: ImageInput, num_images: int | None) -> torch.
     x = images_to_tensor(images, pipeline.image_channels)
     if num_images is not None:
         x = x[:num_images]
-    size = pipeline.unet.config.sample_size
-    if tuple(x.shape[-2:]) != (size, size):
-        raise ValueError(f"Images must be {size}x{size}, got {tuple(x.shape[-2:])}.")
+    check_image_size(x, pipeline.unet.config.sample_size)
     return x.to(device=pipeline._execution_device, dtype=torch.float64)
 
 
