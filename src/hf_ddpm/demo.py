@@ -59,8 +59,8 @@ DemoPipelines = HFDDPMPipeline | VDMPipeline | VAEPipeline
 
 class TrajectoryFrame(NamedTuple):
     """One recorded step of a reverse chain: the timestep t (an integer of a discrete chain, or the time in (0, 1]
-    of a continuous-time VDM), x_t and the scheduler's predicted x_0, both (H, W, C) float arrays in [0, 1] (x_t
-    clipped to the data range for display)."""
+    of a continuous-time VDM), x_t and the predicted x_0 (the pipeline's ``pred_original_sample``), both (H, W, C)
+    float arrays in [0, 1] (x_t clipped to the data range for display)."""
 
     timestep: int | float
     noisy: np.ndarray
@@ -318,7 +318,7 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
         if not is_vae:
             with gr.Tab("Trajectory"):
                 gr.Markdown(
-                    f"One reverse chain: each frame shows x_t (left) and the scheduler's predicted x_0 "
+                    f"One reverse chain: each frame shows x_t (left) and the predicted x_0 "
                     f"(right) at {TRAJECTORY_FRAMES} evenly spaced steps."
                 )
                 controls = chain_controls()
