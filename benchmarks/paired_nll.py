@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound, mean_and_standard_error
+from hf_ddpm.pipelines.auto import load_pipeline
 
 
 def bound_of(model: Path, images: torch.Tensor, timesteps_per_image: int, seed: int) -> BoundResult:
-    """The stratified bound estimate of ``model`` (a saved HFDDPMPipeline folder) on ``images``."""
-    pipe = HFDDPMPipeline.from_pretrained(model)
+    """The stratified bound estimate of ``model`` (a saved DDPM or VDM pipeline) on ``images``."""
+    pipe = load_pipeline(model)
     pipe.unet.eval()
     options = BoundOptions(timesteps_per_image=timesteps_per_image)
     return evaluate_bound(pipe, images, options, generator=torch.Generator().manual_seed(seed))

@@ -25,10 +25,10 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
-from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.metrics import sample_quality
+from hf_ddpm.pipelines.auto import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, train, train_for_budget  # noqa: E402
@@ -65,7 +65,7 @@ SMALL_GRID = ["--num_sample_images", "16"]
 def evaluate(
     folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool
 ) -> dict:
-    pipe = HFDDPMPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval()
     start = time.time()

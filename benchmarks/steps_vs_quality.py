@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
+from hf_ddpm import HFDDPMScheduler
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.metrics import sample_quality
+from hf_ddpm.pipelines.auto import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def main() -> None:
         f"{floor['frechet_distance_std']:.2f} (std over sets), confidence {floor['mean_confidence']:.3f}",
         flush=True,
     )
-    pipe = HFDDPMPipeline.from_pretrained(args.model)
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
     rows = []

@@ -20,10 +20,11 @@ import hf_ddpm.data
 from hf_ddpm.data import ImageData, ImageTensorDataset, LoadOptions, load_images, read_dataset, split_holdout
 from hf_ddpm.data.embedded import MNIST_FILES, MNIST_FOLDER
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+#: The official IDX files, read as a folder of IDX files: the copy that ships in the package.
+MNIST = MNIST_FOLDER
 TRAIN_SOURCE = "MNIST train (60,000 official digits, embedded in hf_ddpm)"
 TEST_SOURCE = "MNIST test (10,000 official t10k digits, embedded in hf_ddpm)"
-TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # from that folder's README
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # the digits 0..9 of the official files
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
@@ -78,8 +79,6 @@ def embedded_test() -> ImageData:
 
 @pytest.fixture(scope="module")
 def mnist() -> dict[str, ImageData]:
-    if not MNIST.is_dir():
-        pytest.skip(f"the MNIST IDX files are not at {MNIST} (../shared/data/mnist from the repository root)")
     return {split: load_images(str(MNIST), split=split) for split in ("train", "test")}
 
 
@@ -147,7 +146,7 @@ def test_a_damaged_embedded_file_fails_in_one_line_naming_it_and_both_md5s(tmp_p
 
 def test_the_embedded_digits_read_nothing_outside_the_package(tmp_path):
     """In a fresh process in which opening or listing anything under ../shared fails, both splits still load."""
-    shared = MNIST.parents[1]
+    shared = Path(__file__).resolve().parents[2] / "shared"  # where a development checkout keeps data
     script = f"""
 import json, os, sys
 BLOCKED = {str(shared)!r}

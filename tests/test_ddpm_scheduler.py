@@ -89,15 +89,29 @@ def test_sampling_chain_matches_diffusers_with_the_same_noise(
     assert_close(torch.stack(ours_steps), torch.stack(theirs_steps))  # every step's x_0 estimate and x_{t-1}
     # the same number of noise draws: the generators are in the same state
     assert torch.equal(torch.randn(3, generator=ours_gen), torch.randn(3, generator=theirs_gen))
+    # return_dict=False gives the same two tensors as a tuple, (x_{t-1}, x_0 estimate)
+    last = vdm.timesteps[-1]
+    as_tuple = vdm.step(toy_model(ours_x, last), last, ours_x, return_dict=False)
+    as_output = vdm.step(toy_model(ours_x, last), last, ours_x)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    assert torch.equal(as_tuple[0], as_output.prev_sample) and torch.equal(as_tuple[1], as_output.pred_original_sample)
 
 
-@pytest.mark.parametrize("steps", [None, 100])
-def test_learned_range_matches_diffusers(steps):
-    config = dict(variance_type="learned_range", timestep_spacing="leading")
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("steps", [None, 100, [900, 600, 240, 100, 0]])
+def test_learned_range_matches_diffusers(steps, prediction_type):
+    """Both recompute beta_k = 1 - abar_{t_k} / abar_{t_{k-1}} on a respaced chain (by a count or custom timesteps),
+    so the learned variances and the samples agree."""
+    config = dict(variance_type="learned_range", timestep_spacing="leading", prediction_type=prediction_type)
     vdm, ddpm = HFDDPMScheduler(**config), diffusers_in_float64("linear", **config)
-    if steps:
+    if isinstance(steps, list):
+        vdm.set_timesteps(timesteps=steps)
+        ddpm.set_timesteps(timesteps=steps)
+    elif steps:
         vdm.set_timesteps(steps)
         ddpm.set_timesteps(steps)
+    chain = vdm.chain
+    np.testing.assert_allclose(chain.betas[1:], 1 - chain.alphas_cumprod[1:] / chain.alphas_cumprod[:-1], rtol=1e-12)
     generator = torch.Generator().manual_seed(3)
     v = torch.rand(2, 1, 3, 3, generator=generator, dtype=torch.float64) * 2 - 1
     x = torch.zeros_like(v)
@@ -119,16 +133,30 @@ def test_learned_range_matches_diffusers(steps):
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("steps", [1, 7, 50, 333, 1000])
-def test_respaced_timesteps_equal_diffusers(spacing, steps):
-    """The same spacing gives the same timesteps as diffusers' DDPMScheduler and DDIMScheduler (which a pipeline
-    swaps in from our config)."""
-    vdm = HFDDPMScheduler(timestep_spacing=spacing)
-    vdm.set_timesteps(steps)
-    for theirs in (DDPMScheduler(timestep_spacing=spacing), DDIMScheduler.from_config(vdm.config)):
-        theirs.set_timesteps(steps)
-        assert torch.equal(vdm.timesteps, theirs.timesteps), type(theirs).__name__
-    np.testing.assert_array_equal(vdm.chain.timesteps, vdm.timesteps.flip(0).numpy())
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_respaced_timesteps_equal_diffusers(spacing, steps_offset):
+    """The same spacing and offset give the same timesteps as diffusers' DDPMScheduler and DDIMScheduler (which a
+    pipeline swaps in from our config), for every count, except where diffusers leaves the chain (refused, see
+    test_ddpm_scheduler_dropin.py)."""
+    for num_train in (50, 1000):
+        ours = HFDDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
+        theirs = DDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
+        ddim = DDIMScheduler.from_config(ours.config)
+        for n in (1, 2, 3, 7, 10, 25, 49, 50, 250, 333, 999, 1000):
+            if n > num_train:
+                continue
+            theirs.set_timesteps(n)
+            expected = theirs.timesteps
+            if spacing == "leading" and int(expected[0]) >= num_train:
+                continue  # refused: test_leading_offset_past_the_chain_is_refused
+            if spacing == "trailing" and int(expected[-1]) < 0:
+                continue  # test_trailing_drops_diffusers_spurious_minus_one
+            ours.set_timesteps(n)
+            ddim.set_timesteps(n)
+            assert torch.equal(ours.timesteps, expected), (num_train, n)
+            assert torch.equal(ours.timesteps, ddim.timesteps), ("DDIM", num_train, n)
+            assert ours.num_inference_steps == theirs.num_inference_steps == n
+            np.testing.assert_array_equal(ours.chain.timesteps, ours.timesteps.flip(0).numpy())
 
 
 def test_configs_interchange_with_diffusers_schedulers():

@@ -49,26 +49,7 @@ def sample_both(ours, theirs, learned=False, seed=0, shape=(2, 3, 4, 4)):
 
 
 # ------------------------------------------------------------------------------------------------ step()
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
-@pytest.mark.parametrize(
-    "prediction_type,spacing,n",
-    [("epsilon", "linspace", None), ("v_prediction", "leading", 10), ("sample", "linspace", 7)],
-)
-def test_step_matches_ddpm_with_the_same_generator(variance_type, prediction_type, spacing, n):
-    ours, theirs = pair(variance_type=variance_type, prediction_type=prediction_type, timestep_spacing=spacing)
-    if n is not None:
-        ours.set_timesteps(n)
-        theirs.set_timesteps(n)
-    assert torch.equal(ours.timesteps, theirs.timesteps)
-    for _, a, b in sample_both(ours, theirs, learned=variance_type == "learned_range"):
-        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=2e-5, rtol=1e-5)
-    ours_tuple = ours.step(
-        fake_model(a.prev_sample, 0, variance_type == "learned_range"), 0, a.prev_sample, return_dict=False
-    )
-    assert isinstance(ours_tuple, tuple) and len(ours_tuple) == 2
-
-
+# (every step against diffusers with the same noise, and learned-range respacing: test_ddpm_scheduler.py)
 def test_no_noise_at_a_last_step_above_zero():
     """trailing ends at t = 4 > 0 here: diffusers adds noise there (sqrt(beta_t) for fixed_large, ~1e-10 for
     fixed_small after its 1e-20 clamp); ours returns the mean, i.e. what diffusers' fixed_small returns."""
@@ -85,17 +66,6 @@ def test_no_noise_at_a_last_step_above_zero():
     small = theirs_small.step(fake_model(x, 4, False), 4, x, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(last_ours.prev_sample, small.prev_sample, atol=1e-6, rtol=1e-6)
     assert (last_ours.prev_sample - last_large.prev_sample).abs().max() > 1e-2
-
-
-def test_learned_range_respacing_matches_ddpm():
-    """Both recompute beta_k = 1 - abar_{t_k} / abar_{t_{k-1}} on a respaced chain, so samples agree."""
-    ours, theirs = pair(variance_type="learned_range", timestep_spacing="linspace")
-    ours.set_timesteps(timesteps=[45, 30, 12, 5, 0])
-    theirs.set_timesteps(timesteps=[45, 30, 12, 5, 0])
-    for _, a, b in sample_both(ours, theirs, learned=True):
-        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=2e-5, rtol=1e-5)
-    chain = ours.chain
-    np.testing.assert_allclose(chain.betas[1:], 1 - chain.alphas_cumprod[1:] / chain.alphas_cumprod[:-1])
 
 
 # ------------------------------------------------------------------------------------------------ thresholding
@@ -193,26 +163,7 @@ def test_float64_constants_are_more_accurate_than_diffusers_float32():
 
 
 # ------------------------------------------------------------------------------------------------ timesteps
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("steps_offset", [0, 1])
-def test_timesteps_match_ddpm_for_every_spacing(spacing, steps_offset):
-    for num_train in (50, 1000):
-        ours = HFDDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
-        theirs = DDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
-        for n in (1, 2, 3, 7, 10, 25, 49, 50, 250, 999, 1000):
-            if n > num_train:
-                continue
-            theirs.set_timesteps(n)
-            expected = theirs.timesteps
-            if spacing == "leading" and int(expected[0]) >= num_train:
-                continue  # refused, see test_leading_offset_past_the_chain_is_refused
-            if spacing == "trailing" and int(expected[-1]) < 0:
-                continue  # see test_trailing_drops_diffusers_spurious_minus_one
-            ours.set_timesteps(n)
-            assert torch.equal(ours.timesteps, expected), (num_train, n)
-            assert ours.num_inference_steps == theirs.num_inference_steps == n
-
-
+# (every spacing, offset and count against DDPM and DDIM: test_ddpm_scheduler.py)
 def test_default_timestep_spacing_is_linspace_not_leading():
     assert HFDDPMScheduler().config.timestep_spacing == "linspace"
     assert DDPMScheduler().config.timestep_spacing == "leading"

@@ -35,6 +35,8 @@ from hf_ddpm import (
     VDMPipeline,
     demo,
 )
+from hf_ddpm.image_utils import model_range_to_output
+from hf_ddpm.pipelines.auto import with_scheduler
 
 SIZE = 8
 SCALE = demo.display_scale(SIZE)
@@ -159,7 +161,7 @@ def test_sample_and_trajectory_follow_the_pipeline(ddpm: HFDDPMPipeline) -> None
     # the last step of the VDM chain returns its predicted x_0: the sample that __call__ draws with the same seed
     np.testing.assert_allclose(frames[-1].predicted_original, demo.sample_images(ddpm, 1, 5, "vdm", 10)[0], atol=1e-6)
     assert len(demo.denoising_trajectory(ddpm, "ddpm", 3, 0)) == 3
-    copy = demo.with_scheduler(ddpm, "ddim")
+    copy = with_scheduler(ddpm, "ddim")
     assert copy.unet is ddpm.unet and type(copy.scheduler) is DDIMScheduler and copy.scheduler is not ddpm.scheduler
     assert copy._progress_bar_config == {"disable": True}
     with pytest.raises(ValueError, match="scheduler must be one of"):
@@ -167,11 +169,11 @@ def test_sample_and_trajectory_follow_the_pipeline(ddpm: HFDDPMPipeline) -> None
 
 
 def test_vdm_sample_and_trajectory_follow_the_pipeline(vdm: VDMPipeline) -> None:
-    assert demo.scheduler_names(vdm) == ["ancestral", "ddim"] and demo.max_steps(vdm) == demo.VDM_MAX_STEPS
+    assert list(vdm.scheduler_choices) == ["ancestral", "ddim"] and demo.max_steps(vdm) == demo.VDM_MAX_STEPS
     own = vdm(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=7, output_type="np")
     np.testing.assert_array_equal(demo.sample_images(vdm, 3, 5, num_inference_steps=7), own.images)
     ddim = demo.sample_images(vdm, 3, 5, "ddim", 7)
-    ddim_pipeline = demo.with_scheduler(vdm, "ddim")
+    ddim_pipeline = with_scheduler(vdm, "ddim")
     assert ddim_pipeline.unet is vdm.unet and ddim_pipeline.noise_schedule is vdm.noise_schedule
     assert type(ddim_pipeline.scheduler) is VDMContinuousScheduler and ddim_pipeline.scheduler is not vdm.scheduler
     assert ddim_pipeline.scheduler.config.step_type == "ddim" and vdm.scheduler.config.step_type == "ancestral"
@@ -188,15 +190,42 @@ def test_vdm_sample_and_trajectory_follow_the_pipeline(vdm: VDMPipeline) -> None
     np.testing.assert_allclose(frames[0].noisy, demo.denoising_trajectory(vdm, "ddim", 10, 5)[0].noisy)  # same z_1
     with pytest.raises(ValueError, match="scheduler must be one of ancestral, ddim"):
         demo.sample_images(vdm, 1, 0, "vdm", 10)
-    assert demo.scheduler_names(ddim_pipeline) == ["ddim", "ancestral"]  # a model saved with DDIM steps samples so
+    assert list(ddim_pipeline.scheduler_choices) == ["ddim", "ancestral"]  # a model saved with DDIM steps samples so
     np.testing.assert_array_equal(demo.sample_images(ddim_pipeline, 3, 5, num_inference_steps=7), ddim)
+
+
+@pytest.mark.parametrize("kind, scheduler", [("ddpm", "vdm"), ("ddpm", "dpm"), ("vdm", "ancestral"), ("vdm", "ddim")])
+def test_trajectory_frames_are_the_steps_of_the_seeded_call(kind: str, scheduler: str, request) -> None:
+    pipeline = request.getfixturevalue(kind)
+    seen = []
+
+    def keep(pipe, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        seen.append((timestep.item(), *(model_range_to_output(x, "np")[0] for x in callback_kwargs.values())))
+        return {}
+
+    images = with_scheduler(pipeline, scheduler)(
+        generator=torch.Generator().manual_seed(6),
+        num_inference_steps=7,
+        output_type="np",
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["sample", "pred_original_sample", "latents"],
+    ).images
+    frames = demo.denoising_trajectory(pipeline, scheduler, 7, 6, num_frames=7)
+    assert len(frames) == len(seen) == 7
+    for frame, (timestep, noisy, predicted, _) in zip(frames, seen):
+        assert frame.timestep == timestep
+        np.testing.assert_array_equal(frame.noisy, noisy)
+        np.testing.assert_array_equal(frame.predicted_original, predicted)
+    np.testing.assert_array_equal(seen[-1][3], images[0])  # the chain the frames show ends at the call's image
+    x_T = torch.randn((1, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(6))
+    np.testing.assert_array_equal(frames[0].noisy, model_range_to_output(x_T, "np")[0])  # and starts at the seed's
 
 
 def test_vdm_app_api(vdm: VDMPipeline, tmp_path: Path) -> None:
     with serve(vdm) as (_, client):
         endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         assert set(endpoints) == {"/sample", "/trajectory", "/score"}
-        for scheduler in demo.scheduler_names(vdm):
+        for scheduler in list(vdm.scheduler_choices):
             grid = _cells(client.predict(6, scheduler, 2, 4, api_name="/sample"), columns=2, rows=2)
             expected = (demo.sample_images(vdm, 4, 2, scheduler, 6)[..., 0] * 255).round()
             np.testing.assert_array_equal(grid[SIZE:, :SIZE], expected[2])
@@ -217,7 +246,7 @@ def test_diffusion_app_api(ddpm: HFDDPMPipeline, tmp_path: Path) -> None:
     with serve(ddpm) as (_, client):
         endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         assert set(endpoints) == {"/sample", "/trajectory", "/score"}
-        for scheduler in demo.SCHEDULERS:
+        for scheduler in ddpm.scheduler_choices:  # vdm, ddpm, ddim, dpm: the CLI's --scheduler choices
             grid = _cells(client.predict(10, scheduler, 3, 3, api_name="/sample"), columns=2, rows=2)
             expected = (demo.sample_images(ddpm, 3, 3, scheduler, 10)[..., 0] * 255).round()
             for index in range(3):
@@ -269,7 +298,20 @@ def test_score_image_is_the_pipeline_elbo(ddpm: HFDDPMPipeline, vdm: VDMPipeline
     options = BoundOptions(elbo_samples=demo.VAE_ELBO_SAMPLES, iwae_samples=0)
     elbo = vae.elbo(digit[None], options=options, generator=torch.Generator().manual_seed(4))
     assert terms["bits_per_dim"] == pytest.approx(float(elbo.per_image[0]), rel=1e-6)
-    assert terms["bits_per_dim"] == _bits_of(terms)
+    # each term is the model's own ELBO term in nats, over D ln 2, D = 1 x 8 x 8
+    with torch.no_grad():
+        model_elbo = vae.vae.elbo(
+            torch.from_numpy(digit[None, None] / 127.5 - 1).float(),
+            num_samples=demo.VAE_ELBO_SAMPLES,
+            generator=torch.Generator().manual_seed(4),
+        )
+    nats = {
+        "reconstruction_term": model_elbo.reconstruction_nats[0],
+        "kl_term": model_elbo.kl_nats[0],
+        "layer_1_term": model_elbo.layer_nats[0, 0],
+    }
+    for name, value in nats.items():
+        assert terms[name] == pytest.approx(float(value) / (SIZE * SIZE * math.log(2)), rel=1e-12), name
 
 
 def test_vae_app_api(vae: VAEPipeline, tmp_path: Path) -> None:

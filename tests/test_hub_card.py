@@ -6,12 +6,23 @@ import re
 import shlex
 
 import pytest
+import torch
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from helpers import REPO, TOKEN, bound_of, code_blocks, report_for, tiny_ddpm_pipeline, tiny_vae_pipeline
-from hf_ddpm import NLLResult, TrainingReport, render_model_card
+from helpers import REPO, REPO_ROOT, TOKEN, bound_of, code_blocks, report_for, tiny_ddpm_pipeline, tiny_vae_pipeline
+from hf_ddpm import (
+    BoundOptions,
+    DenoisingUNet,
+    HFDDPMPipeline,
+    HFDDPMScheduler,
+    NLLResult,
+    TrainingReport,
+    evaluate_bound,
+    render_model_card,
+)
 from hf_ddpm.cli import build_parser
+from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.hub.card import redact_secrets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,3 +150,27 @@ def test_card_shows_each_plot_with_its_caption_after_the_sample_grid():
         assert f"![{caption}]({path})" in results and f"*{caption}*" in results
         assert results.index(f"]({path})") > grid
     assert "loss_curve.png" not in str(render_model_card(report_for(tiny_ddpm_pipeline(0))))
+
+
+def test_the_example_of_model_cards_readme_runs_and_reports_its_bound():
+    """Every Python block of model_cards/README.md, run with the two names its text says it takes: the card it
+    renders reports the bound that evaluate_bound gives for those digits."""
+    text = (REPO_ROOT / "model_cards" / "README.md").read_text(encoding="utf-8")
+    blocks = code_blocks(text)
+    assert blocks and "NLLResult(" in blocks[0]
+    torch.manual_seed(0)
+    unet = DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=())  # 28x28, as the example's digits
+    scheduler = HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range")
+    pipeline = HFDDPMPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    namespace = {"pipeline": pipeline, "resolved_arguments": {"learning_rate": 1e-3, "hub_token": TOKEN}}
+    torch.manual_seed(1)  # the example's evaluate_bound draws its timesteps and noise from the global generator
+    for block in blocks:
+        exec(compile(block, "model_cards/README.md", "exec"), namespace)
+    card, bound = namespace["card"], namespace["bound"]
+    digits = ImageTensorDataset(load_images(split="test", max_images=64).images)[:]
+    torch.manual_seed(1)
+    expected = evaluate_bound(pipeline, digits, BoundOptions(timesteps_per_image=8))
+    assert bound.num_images == 64 and bound.bits_per_dim == expected.bits_per_dim
+    by_metric = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_metric["nll"] == expected.bits_per_dim and TOKEN not in card.content

@@ -12,9 +12,11 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
+from helpers import tiny_ddpm_pipeline, tiny_vdm_pipeline
+from hf_ddpm import BoundOptions, DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler, evaluate_bound
 from hf_ddpm.data.images import LoadOptions, decode_image
 from hf_ddpm.hub.push import save_pipeline_repo
+from hf_ddpm.image_utils import check_image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +51,20 @@ def test_elbo_of_0_1_images_suggests_the_fix_that_scores_the_same_images(pipe):
     fixed = torch.round(x * 255) / 255 * 2 - 1  # the suggested fix maps k / 255 to k / 127.5 - 1: the same pixels
     assert torch.allclose((fixed + 1) * 127.5, x * 255, atol=1e-3)
     pipe.elbo(fixed, generator=torch.Generator().manual_seed(0))
+
+
+def test_images_of_the_wrong_size_get_the_same_one_line_error_everywhere() -> None:
+    """The DDPM's and the VDM's bound and the bound along time all check the size with check_image_size."""
+    wrong = torch.full((2, 1, 12, 12), -1.0)  # black, on the 8-bit grid
+    message = r"^Images must be 8x8, got \(12, 12\)\.$"
+    for pipeline in (tiny_ddpm_pipeline(), tiny_vdm_pipeline()):
+        with pytest.raises(ValueError, match=message):
+            evaluate_bound(pipeline, wrong, BoundOptions(timesteps_per_image=1))
+        with pytest.raises(ValueError, match=message):
+            pipeline.bound_by_time(wrong)
+    with pytest.raises(ValueError, match=message):
+        check_image_size(wrong, 8)
+    check_image_size(torch.zeros(2, 3, 8, 8), 8)  # any batch and channels of the right size pass
 
 
 def test_from_pretrained_on_a_missing_local_folder_says_no_such_folder(tmp_path):

@@ -1,8 +1,6 @@
 """The sample-quality metric (hf_ddpm.metrics): the Fréchet distance's closed forms, and the embedded MNIST
 classifier on real digits."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +9,6 @@ from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.metrics import frechet_distance, mnist_classifier, sample_quality
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"the MNIST IDX files are not at {MNIST}")
 
 
 def test_frechet_distance_closed_forms():
@@ -28,9 +23,8 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-10)
 
 
-@needs_mnist
 def test_classifier_recognises_real_digits_and_the_metric_separates_digits_from_noise():
-    test = load_images(str(MNIST), split="test")
+    test = load_images(split="test")  # the official t10k digits embedded in hf_ddpm
     images = ImageTensorDataset(test.images)[:]
     classifier = mnist_classifier()
     with torch.no_grad():

@@ -265,7 +265,7 @@ def test_a_vdm_model_predicts_the_noise_only():
         VDMModel(unet, NoiseSchedule())
 
 
-def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_reads(tmp_path):
+def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_reads(tmp_path, capsys):
     out = train.main(
         [
             "--output_dir",
@@ -315,7 +315,13 @@ def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_rea
     sample_args = ["sample", str(out), "--num_images", "2", "--steps", "3", "--device", "cpu", "--out", str(grid)]
     assert cli_main(sample_args) == 0
     assert grid.is_file()
-    assert cli_main(["sample", str(out), "--scheduler", "ddim", "--device", "cpu", "--out", str(grid)]) == 2
+    assert cli_main([*sample_args, "--scheduler", "ddim"]) == 0  # the VDM's DDIM steps, as the demo offers them
+    capsys.readouterr()
+    assert cli_main(["sample", str(out), "--scheduler", "dpm", "--device", "cpu", "--out", str(grid)]) == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "hf_ddpm: error: --scheduler must be one of ancestral, ddim, got 'dpm'."
+    )
     bounds = {}
     for flags in ([], ["--no_clip_denoised"]):  # the same seed and draws: only the diffusion term may differ
         report = tmp_path / f"evaluate{len(flags)}.json"

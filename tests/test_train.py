@@ -116,7 +116,7 @@ def test_resumed_run_reaches_the_same_weights_bitwise(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+def test_sigkill_keeps_the_log_line_by_line_and_resume_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     out = tmp_path / "killed"
     command = [
         sys.executable,
@@ -140,6 +140,10 @@ def test_sigkill_then_resume_loses_at_most_the_steps_since_the_last_checkpoint(t
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    # each step's line was written whole, in order, before that step's checkpoint (a cut last line is not a step)
+    log = (out / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log if line.endswith("}")]
+    assert len(steps) >= 6 and steps == list(range(1, len(steps) + 1))
     latest = list_checkpoints(out)[-1]
     step = int(latest.name.split("-")[1])
     assert step >= 6

@@ -166,35 +166,6 @@ def test_the_log_is_appended_on_resume_without_duplicate_steps_and_a_finished_ru
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
 
 
-def test_a_sigkilled_run_keeps_its_log_line_by_line(tmp_path):
-    import signal
-    import time
-
-    out = tmp_path / "killed"
-    command = [
-        sys.executable,
-        str(REPO / "training" / "train.py"),
-        "--output_dir",
-        str(out),
-        *TINY_TRAIN,
-        "--max_train_steps",
-        "400",
-        "--checkpointing_steps",
-        "3",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "train_log.jsonl"
-    try:
-        deadline = time.time() + 240
-        while not (log.is_file() and len(log.read_text().splitlines()) >= 4) and time.time() < deadline:
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.endswith("}")]
-    assert len(steps) >= 4 and steps == list(range(1, len(steps) + 1))
-
-
 def test_the_script_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
     command = [
         sys.executable,

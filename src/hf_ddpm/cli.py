@@ -21,21 +21,20 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
-from .ddpm.scheduler import HFDDPMScheduler
 from .demo import add_demo_arguments, run_demo
 from .evaluation import BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
-from .pipelines.auto import load_pipeline as load_any_pipeline
-from .pipelines.ddpm import HFDDPMPipeline
-from .pipelines.vae import VAEPipeline
-from .pipelines.vdm import VDMPipeline
+from .pipelines.auto import open_pipeline, with_scheduler
+from .pipelines.ddpm import DDPM_SCHEDULERS
 from .training_utils import image_grid
+from .vdm.scheduler import VDM_STEP_TYPES
 
-SCHEDULERS = {"vdm": HFDDPMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+#: Every --scheduler name: an HFDDPMPipeline's samplers and a VDMPipeline's step types (each pipeline takes its own).
+SCHEDULER_NAMES = list(dict.fromkeys([*DDPM_SCHEDULERS, *VDM_STEP_TYPES]))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -51,83 +50,12 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit code 2."""
 
 
-def load_pipeline(model: str, revision: str | None, device: str) -> HFDDPMPipeline | VAEPipeline | VDMPipeline:
-    """A pipeline from a local folder or a Hub repo id, of the class its model_index.json names
-    (:func:`hf_ddpm.pipelines.auto.load_pipeline`)."""
-    if not Path(model).is_dir() and "/" not in model:
-        raise UsageError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
-    try:
-        pipeline = load_any_pipeline(model, revision=revision)
-    except Exception as error:
-        message = hub_error_message(model, revision, error)
-        if message is None:
-            if not isinstance(error, (OSError, ValueError)):
-                raise
-            message = f"Could not load {model}: {error}"
-        raise UsageError(message) from error
+def load_pipeline(model: str, revision: str | None, device: str) -> DiffusionPipeline:
+    """A pipeline from a local folder or a Hub repo id, of the class its model_index.json names, on ``device``
+    (:func:`hf_ddpm.pipelines.auto.open_pipeline`: errors in one line), its progress bars not left behind."""
+    pipeline = open_pipeline(model, revision, device)
     pipeline.set_progress_bar_config(leave=False)
-    return pipeline.to(device)
-
-
-def is_connection_error(error: BaseException) -> bool:
-    """True when ``error``, or an error it was raised from, is a failure to reach a server (refused, timed out,
-    offline mode, a proxy), whichever HTTP library huggingface_hub uses."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    seen: BaseException | None = error
-    while seen is not None:
-        names = {cls.__name__ for cls in type(seen).__mro__}
-        if isinstance(seen, (ConnectionError, TimeoutError, OfflineModeIsEnabled)) or names & {
-            "TransportError",
-            "TimeoutException",
-            "RequestException",
-        }:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def hub_error_message(model: str, revision: str | None, error: BaseException) -> str | None:
-    """One line for a Hub or network failure while loading ``model`` (None for other errors): the Hub unreachable,
-    no such repo, a gated repo, no such revision, or another answer of the Hub."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        RevisionResolutionError,
-    )
-
-    endpoint = constants.ENDPOINT
-    if isinstance(error, GatedRepoError):
-        return (
-            f"{model} is a gated repo on the Hub at {endpoint}: accept its terms on its page, then log in "
-            "(hf auth login)."
-        )
-    if isinstance(error, RepositoryNotFoundError):
-        return (
-            f"no such repo {model} on the Hub at {endpoint} (or it is private: log in with hf auth login or set "
-            "HF_TOKEN); a local model is a folder that exists."
-        )
-    if isinstance(error, RevisionNotFoundError):
-        return f"{model} has no revision {revision!r} on the Hub at {endpoint}; pass an existing --revision."
-    if isinstance(error, (RevisionResolutionError, LocalEntryNotFoundError)) or is_connection_error(error):
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        reason = " ".join(str(cause).split()) or type(cause).__name__
-        if constants.HF_HUB_OFFLINE:
-            reason = "HF_HUB_OFFLINE is set"
-        return (
-            f"could not reach the Hub at {endpoint} to load {model} ({reason}) and it is not in the local cache; "
-            "check the network and HF_ENDPOINT, or give a local folder."
-        )
-    if isinstance(error, HfHubHTTPError):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"the Hub at {endpoint} could not give {model}: {first}"
-    return None
+    return pipeline
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -147,8 +75,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)
     try:
-        network = pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet
-        shape = (network.config.in_channels, network.config.sample_size, network.config.sample_size)
+        shape = (pipeline.image_channels, pipeline.image_size, pipeline.image_size)
         if args.num_samples and shape != MNIST_SHAPE:
             raise UsageError(
                 f"--num_samples: the sample-quality metrics use an MNIST classifier of 1x28x28 digits, and "
@@ -159,8 +86,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             args.data,
             split=args.split,
             max_images=args.max_images,
-            resolution=network.config.sample_size,
-            channels=network.config.in_channels,
+            resolution=pipeline.image_size,
+            channels=pipeline.image_channels,
         )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--data {args.data}: {error}") from None
@@ -186,9 +113,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     return add_sample_quality(result, pipeline, images, args, generator)
 
 
-def sampling_call(pipeline: HFDDPMPipeline | VAEPipeline, args: argparse.Namespace) -> dict:
-    """Arguments of the pipeline's call: the respaced ``--steps`` of a diffusion model, none for a VAE."""
-    return {} if isinstance(pipeline, VAEPipeline) else {"num_inference_steps": args.steps}
+def sampling_call(pipeline: DiffusionPipeline, args: argparse.Namespace) -> dict:
+    """Arguments of the pipeline's call: the ``--steps`` of a pipeline that samples with a scheduler (a diffusion
+    model), none for one without (a VAE)."""
+    return {"num_inference_steps": args.steps} if pipeline.scheduler_choices else {}
 
 
 def add_sample_quality(
@@ -246,10 +174,11 @@ def sample(args: argparse.Namespace) -> Path:
         check_writable_file(out / "00000.png", "--out")
     pipeline = load_pipeline(args.model, args.revision, args.device)
     call = sampling_call(pipeline, args)
-    if args.scheduler != "vdm" and isinstance(pipeline, VDMPipeline):
-        raise UsageError(f"--scheduler {args.scheduler}: a VDMPipeline samples with its own VDMContinuousScheduler.")
-    if args.scheduler != "vdm" and not isinstance(pipeline, VAEPipeline):
-        pipeline.scheduler = SCHEDULERS[args.scheduler].from_config(pipeline.scheduler.config)
+    if args.scheduler != "vdm":  # vdm: the model's own sampler, as saved
+        try:
+            pipeline = with_scheduler(pipeline, args.scheduler)
+        except ValueError as error:
+            raise UsageError(f"--{error}") from None
         if str(pipeline.scheduler.config.get("variance_type", "")).startswith("learned") and args.scheduler != "ddpm":
             print(
                 f"note: {args.scheduler} ignores the model's learned variance (it uses the predicted noise only)",
@@ -329,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument(
         "--scheduler",
         default="vdm",
-        metavar="{" + ",".join(SCHEDULERS) + "}",
-        help="vdm: the model's own ancestral sampler; ddpm, ddim, dpm: diffusers' schedulers built from its config",
+        metavar="{" + ",".join(DDPM_SCHEDULERS) + "}",
+        help="vdm: the model's own sampler; ddpm, ddim, dpm: diffusers' schedulers built from its config (a VDM: "
+        f"{' or '.join(VDM_STEP_TYPES)} steps)",
     )
     sample_parser.add_argument(
         "--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image"
@@ -370,8 +300,8 @@ def run_command(argv: list[str]) -> int:
     if args.command == "demo":
         return run_demo(args)
     if args.command == "sample":
-        if args.scheduler not in SCHEDULERS:
-            raise UsageError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SCHEDULERS)}.")
+        if args.scheduler not in SCHEDULER_NAMES:
+            raise UsageError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SCHEDULER_NAMES)}.")
         print(f"wrote {sample(args)}")
         return 0
     result = evaluate(args)

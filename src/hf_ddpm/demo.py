@@ -5,11 +5,12 @@
     hf_ddpm demo org/ddpm-mnist --export_space space/   # write app.py, requirements.txt, README.md for a Space
 
 For an :class:`HFDDPMPipeline` the app has three tabs: **Sample** (a grid of images drawn with the model's
-HFDDPMScheduler or diffusers' DDIM / DDPM schedulers built from its config), **Trajectory** (x_t and the predicted x_0
-at evenly spaced steps of one reverse chain) and **Score** (the bits/dim of a drawn or uploaded digit, with the
-terms of the bound). A :class:`VDMPipeline` (continuous time) gets the same three tabs, its chain's steps ancestral
-or DDIM-like (:class:`VDMContinuousScheduler`'s ``step_type``) on the grid t_i = i / n. A :class:`VAEPipeline` gets
-Sample (no steps or scheduler) and Score.
+HFDDPMScheduler or diffusers' DDPM / DDIM / DPM-Solver schedulers built from its config: the pipeline's
+``scheduler_choices``, as the CLI's ``--scheduler``), **Trajectory** (x_t and the predicted x_0 at evenly spaced
+steps of one reverse chain, recorded by the pipeline's ``callback_on_step_end``) and **Score** (the bits/dim of a
+drawn or uploaded digit, with the terms of the bound). A :class:`VDMPipeline` (continuous time) gets the same three
+tabs, its chain's steps ancestral or DDIM-like (:class:`VDMContinuousScheduler`'s ``step_type``) on the grid
+t_i = i / n. A :class:`VAEPipeline` gets Sample (no steps or scheduler) and Score.
 
 Gradio is an optional dependency (``pip install 'hf_ddpm[demo]'``), imported only by the functions that need it.
 """
@@ -26,25 +27,17 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.configuration_utils import FrozenDict
-from diffusers.utils.torch_utils import randn_tensor
 
-from . import HFDDPMPipeline, HFDDPMScheduler, VAEPipeline, VDMContinuousScheduler, VDMPipeline, __version__
+from . import HFDDPMPipeline, VAEPipeline, VDMPipeline, __version__
 from .distributions import nats_to_bits_per_dim
 from .image_utils import images_to_tensor, model_range_to_output
-from .pipelines.auto import load_pipeline
-from .pipelines.vdm import VDM_EXACT_BOUND_STEPS, vdm_epsilon
-from .vdm.scheduler import VDM_STEP_TYPES
+from .pipelines.auto import open_pipeline, with_scheduler
+from .pipelines.vdm import VDM_EXACT_BOUND_STEPS
 
 if TYPE_CHECKING:
     import gradio
 
 GRADIO_MISSING = "the demo needs gradio: pip install 'hf_ddpm[demo]'"
-#: The schedulers of an HFDDPMPipeline's Sample and Trajectory tabs: each is built from the pipeline's scheduler
-#: config per request. A VDMPipeline's are the step types of VDMContinuousScheduler (``VDM_STEP_TYPES``).
-SCHEDULERS = {"vdm": HFDDPMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-PIPELINES = {"HFDDPMPipeline": HFDDPMPipeline, "VDMPipeline": VDMPipeline, "VAEPipeline": VAEPipeline}
 #: The longest chain the sliders offer a VDMPipeline (any n works in continuous time).
 VDM_MAX_STEPS = 1000
 #: Frames of the Trajectory tab (fewer when the chain is shorter).
@@ -66,8 +59,8 @@ DemoPipelines = HFDDPMPipeline | VDMPipeline | VAEPipeline
 
 class TrajectoryFrame(NamedTuple):
     """One recorded step of a reverse chain: the timestep t (an integer of a discrete chain, or the time in (0, 1]
-    of a continuous-time VDM), x_t and the scheduler's predicted x_0, both (H, W, C) float arrays in [0, 1] (x_t
-    clipped to the data range for display)."""
+    of a continuous-time VDM), x_t and the predicted x_0 (the pipeline's ``pred_original_sample``), both (H, W, C)
+    float arrays in [0, 1] (x_t clipped to the data range for display)."""
 
     timestep: int | float
     noisy: np.ndarray
@@ -85,37 +78,15 @@ def import_gradio() -> ModuleType:
 
 def load_for_demo(model: str, revision: str | None) -> DemoPipelines:
     """Load ``model`` (a folder written by ``save_pretrained`` or a Hub repo id ORG/NAME at ``revision``) with the
-    pipeline class its ``model_index.json`` names (one of :data:`PIPELINES`), on the GPU when there is one.
-
-    Raises ``ValueError`` for a name that is neither a folder nor a repo id, or an unknown pipeline class, and
-    ``OSError`` when the files cannot be found.
-    """
-    if not Path(model).is_dir() and "/" not in model:
-        raise ValueError(f"{model}: no such model folder (or Hub repo id ORG/NAME).")
-    pipeline = load_pipeline(model, revision=revision)
-    if type(pipeline).__name__ not in PIPELINES:
-        raise ValueError(f"{model} holds a {type(pipeline).__name__}; the demo shows {', '.join(PIPELINES)} models.")
-    return pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _network_config(pipeline: DemoPipelines) -> FrozenDict:
-    return (pipeline.vae if isinstance(pipeline, VAEPipeline) else pipeline.unet).config
-
-
-def scheduler_names(pipeline: DiffusionPipelines) -> list[str]:
-    """The scheduler choices of ``pipeline``'s Sample and Trajectory tabs, the model's own (the default) first: the
-    keys of :data:`SCHEDULERS` for an HFDDPMPipeline; for a VDMPipeline the ``VDM_STEP_TYPES`` (ancestral, ddim),
-    its scheduler's ``step_type`` first."""
-    if isinstance(pipeline, VDMPipeline):
-        own = pipeline.scheduler.config.step_type
-        return [own, *(name for name in VDM_STEP_TYPES if name != own)]
-    return list(SCHEDULERS)
+    pipeline class its ``model_index.json`` names, on the GPU when there is one
+    (:func:`hf_ddpm.pipelines.auto.open_pipeline`: a ``ValueError`` of one line when it cannot be loaded)."""
+    return open_pipeline(model, revision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def max_steps(pipeline: DiffusionPipelines) -> int:
-    """The longest reverse chain the sliders offer: T of an HFDDPMPipeline's chain, :data:`VDM_MAX_STEPS` for a
-    VDMPipeline."""
-    return VDM_MAX_STEPS if isinstance(pipeline, VDMPipeline) else pipeline.scheduler.config.num_train_timesteps
+    """The longest reverse chain the sliders offer: T of a discrete chain (its scheduler's
+    ``num_train_timesteps``), :data:`VDM_MAX_STEPS` in continuous time."""
+    return pipeline.scheduler.config.get("num_train_timesteps", VDM_MAX_STEPS)
 
 
 def display_scale(sample_size: int) -> int:
@@ -144,27 +115,6 @@ def image_grid(images: np.ndarray, scale: int) -> PIL.Image.Image:
     return _to_pil(grid, scale)
 
 
-def with_scheduler(pipeline: DiffusionPipelines, scheduler: str) -> DiffusionPipelines:
-    """A pipeline sharing ``pipeline``'s networks with a new scheduler of kind ``scheduler`` (one of
-    :func:`scheduler_names`) built from its scheduler config, so concurrent requests never share scheduler state;
-    its progress bars are configured as ``pipeline``'s. For a VDMPipeline the kind is VDMContinuousScheduler's
-    ``step_type``."""
-    names = scheduler_names(pipeline)
-    if scheduler not in names:
-        raise ValueError(f"scheduler must be one of {', '.join(names)}, got {scheduler!r}.")
-    config = pipeline.scheduler.config
-    if isinstance(pipeline, VDMPipeline):
-        copy = VDMPipeline(
-            unet=pipeline.unet,
-            noise_schedule=pipeline.noise_schedule,
-            scheduler=VDMContinuousScheduler.from_config(config, step_type=scheduler),
-        )
-    else:
-        copy = HFDDPMPipeline(unet=pipeline.unet, scheduler=SCHEDULERS[scheduler].from_config(config))
-    copy.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
-    return copy
-
-
 def sample_images(
     pipeline: DemoPipelines,
     num_images: int,
@@ -173,17 +123,17 @@ def sample_images(
     num_inference_steps: int = 100,
 ) -> np.ndarray:
     """``num_images`` samples, (N, H, W, C) floats in [0, 1], drawn with ``torch.Generator().manual_seed(seed)``.
-    ``scheduler`` (default: the first of :func:`scheduler_names`, the model's own) and ``num_inference_steps``
-    apply to the diffusion pipelines only (see :func:`with_scheduler`)."""
+    ``scheduler`` (default: the first of the pipeline's ``scheduler_choices``, the model's own) and
+    ``num_inference_steps`` apply to the pipelines that sample with a scheduler only
+    (see :func:`hf_ddpm.pipelines.auto.with_scheduler`)."""
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(pipeline, VAEPipeline):
+    if not pipeline.scheduler_choices:
         return pipeline(batch_size=num_images, generator=generator, output_type="np").images
-    sampler = with_scheduler(pipeline, scheduler or scheduler_names(pipeline)[0])
+    sampler = with_scheduler(pipeline, scheduler or next(iter(pipeline.scheduler_choices)))
     call = {"batch_size": num_images, "generator": generator, "num_inference_steps": num_inference_steps}
     return sampler(**call, output_type="np").images
 
 
-@torch.no_grad()
 def denoising_trajectory(
     pipeline: DiffusionPipelines,
     scheduler: str,
@@ -191,38 +141,25 @@ def denoising_trajectory(
     seed: int,
     num_frames: int = TRAJECTORY_FRAMES,
 ) -> list[TrajectoryFrame]:
-    """Run one reverse chain of ``num_inference_steps`` steps from x_T ~ N(0, I) (``seed``) and record x_t and the
-    predicted x_0 at ``min(num_frames, num_inference_steps)`` evenly spaced steps, the first and the last included.
+    """Run one reverse chain of ``num_inference_steps`` steps from x_T ~ N(0, I) (``seed``), the pipeline's own
+    ``__call__`` with the sampler ``scheduler``, and record x_t and the predicted x_0 (through its
+    ``callback_on_step_end``) at ``min(num_frames, steps)`` evenly spaced steps, the first and the last included."""
+    steps = []
 
-    The chain is the one the pipeline's ``__call__`` runs with the same scheduler and seed.
-    """
-    sampler = with_scheduler(pipeline, scheduler)
-    config = sampler.unet.config
-    generator = torch.Generator().manual_seed(seed)
-    shape = (1, config.in_channels, config.sample_size, config.sample_size)
-    device = sampler._execution_device
-    image = randn_tensor(shape, generator=generator, device=device, dtype=sampler.unet.dtype)
-    continuous = isinstance(sampler, VDMPipeline)
-    if continuous:
-        sampler.scheduler.set_timesteps(num_inference_steps, device=device, noise_schedule=sampler.noise_schedule)
-    else:
-        image = image * sampler.scheduler.init_noise_sigma
-        sampler.scheduler.set_timesteps(num_inference_steps)
-    timesteps = sampler.scheduler.timesteps
-    recorded = set(np.linspace(0, len(timesteps) - 1, min(num_frames, len(timesteps))).round().astype(int).tolist())
-    frames = []
-    for index, t in enumerate(timesteps):
-        if continuous:
-            model_output = vdm_epsilon(sampler.unet, image, t)
-        else:
-            model_input = sampler.scheduler.scale_model_input(image, t)
-            model_output = sampler._model_output_for(sampler.unet(model_input, t).sample, config.in_channels)
-        step = sampler.scheduler.step(model_output, t, image, generator=generator)
-        if index in recorded:
-            noisy, predicted = (model_range_to_output(x, "np")[0] for x in (image, step.pred_original_sample))
-            frames.append(TrajectoryFrame(float(t) if continuous else int(t), noisy, predicted))
-        image = step.prev_sample
-    return frames
+    def record(pipe: DiffusionPipelines, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        x_t, x_0 = (callback_kwargs[name] for name in ("sample", "pred_original_sample"))
+        steps.append(TrajectoryFrame(timestep.item(), *(model_range_to_output(x, "np")[0] for x in (x_t, x_0))))
+        return {}
+
+    with_scheduler(pipeline, scheduler)(
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=num_inference_steps,
+        output_type="np",
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"],
+    )
+    positions = np.linspace(0, len(steps) - 1, min(num_frames, len(steps))).round().astype(int)
+    return [steps[position] for position in sorted(set(positions.tolist()))]
 
 
 def to_model_image(image: PIL.Image.Image, sample_size: int, channels: int) -> np.ndarray:
@@ -309,11 +246,11 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
     Analytics are off: the app contacts nothing but its own clients.
     """
     gr = import_gradio()
-    is_vae = isinstance(pipeline, VAEPipeline)
-    config = _network_config(pipeline)
-    scale = display_scale(config.sample_size)
+    is_vae = not pipeline.scheduler_choices
+    size, channels = pipeline.image_size, pipeline.image_channels
+    scale = display_scale(size)
     name = pipeline.name_or_path or type(pipeline).__name__
-    grayscale = config.in_channels == 1  # an MNIST-like model scores digits; a colour one, colour images
+    grayscale = channels == 1  # an MNIST-like model scores digits; a colour one, colour images
     subject = "a digit" if grayscale else "an image"
 
     # A handler's ``progress=gr.Progress(track_tqdm=True)`` makes gradio show the pipeline's tqdm bars in the page.
@@ -342,20 +279,20 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
         if image is None:
             raise gr.Error(f"Draw or upload {subject} first.")
         try:
-            model_image = to_model_image(image, config.sample_size, config.in_channels)
+            model_image = to_model_image(image, size, channels)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         shown = model_image[..., None] if model_image.ndim == 2 else model_image
         return _to_pil(shown / 255.0, scale), score_image(pipeline, model_image)
 
     def chain_controls() -> list:
-        steps_max, names = max_steps(pipeline), scheduler_names(pipeline)
+        steps_max, names = max_steps(pipeline), list(pipeline.scheduler_choices)
         if isinstance(pipeline, VDMPipeline):
             steps_label = "steps n (the grid t_i = i / n of continuous time)"
             info = "ancestral: z_s ~ p(z_s | z_t); ddim: deterministic, z_s = alpha_s x_hat + sigma_s eps_hat"
         else:
             steps_label = "steps (respaced reverse chain)"
-            info = "vdm: the model's own; ddim, ddpm: diffusers' schedulers from its config"
+            info = "vdm: the model's own; ddpm, ddim, dpm: diffusers' schedulers from its config"
         return [
             gr.Slider(1, steps_max, value=min(100, steps_max), step=1, label=steps_label),
             gr.Radio(names, value=names[0], label="scheduler", info=info),
@@ -369,8 +306,7 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
             if isinstance(pipeline, VDMPipeline)
             else "denoising diffusion model"
         )
-        size = f"{config.sample_size}x{config.sample_size}, {config.in_channels} channel(s)"
-        gr.Markdown(f"# {name}\nA {kind} ({size}), served by hf_ddpm.")
+        gr.Markdown(f"# {name}\nA {kind} ({size}x{size}, {channels} channel(s)), served by hf_ddpm.")
         with gr.Tab("Sample"):
             controls = [] if is_vae else chain_controls()
             seed = gr.Number(0, precision=0, label="seed")
@@ -381,7 +317,7 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
         if not is_vae:
             with gr.Tab("Trajectory"):
                 gr.Markdown(
-                    f"One reverse chain: each frame shows x_t (left) and the scheduler's predicted x_0 "
+                    f"One reverse chain: each frame shows x_t (left) and the predicted x_0 "
                     f"(right) at {TRAJECTORY_FRAMES} evenly spaced steps."
                 )
                 controls = chain_controls()

@@ -77,6 +77,12 @@ def images_to_tensor(images: ImageInput, channels: int) -> torch.Tensor:
     return tensor
 
 
+def check_image_size(images: torch.Tensor, size: int) -> None:
+    """Raise ``ValueError`` unless ``images`` (..., H, W) are ``size`` pixels a side, the size a model was made for."""
+    if tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+
+
 def check_output_type(output_type: str) -> None:
     """Raise ``ValueError`` unless ``output_type`` is one a pipeline returns: "pil", "np" or "pt"."""
     if output_type not in OUTPUT_TYPES:

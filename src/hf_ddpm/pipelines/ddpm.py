@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..ddpm.chain import DiffusionChain
@@ -11,8 +16,18 @@ from ..ddpm.elbo import full_elbo, stratified_elbo
 from ..ddpm.scheduler import HFDDPMScheduler
 from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
-from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
+from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
+from .callbacks import StepEndCallback, callback_tensor_names, run_step_end_callback
+
+#: The samplers of an HFDDPMPipeline by name, each built from its scheduler config (``from_config``): "vdm", its own
+#: HFDDPMScheduler (named so since 0.1), first; diffusers' DDPM, DDIM and DPM-Solver++ schedulers.
+DDPM_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "vdm": HFDDPMScheduler,
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+}
 
 #: Images per network call of the exact bound on a CUDA device (timesteps batched: ``full_elbo``'s
 #: ``timesteps_per_forward``); small enough for any GPU at MNIST size (a 28x28 UNet's activations: a few GB).
@@ -47,6 +62,7 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
     default_bound_options = BoundOptions(exact=True)
+    _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
 
     def __init__(self, unet: DenoisingUNet, scheduler: HFDDPMScheduler):
         super().__init__()
@@ -69,6 +85,8 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: StepEndCallback | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""Draw images by ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t).
 
@@ -79,8 +97,16 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) floats in [0, 1], or
                 ``"pt"`` (N, C, H, W) floats in [0, 1].
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*): diffusers' step-end callback, called after each step as
+                ``callback_on_step_end(self, step_index, timestep, callback_kwargs)``; a ``"latents"`` entry in the
+                dict it returns replaces x_{t-1} (see :mod:`hf_ddpm.pipelines.callbacks`).
+            callback_on_step_end_tensor_inputs (`list[str]`): the tensors in ``callback_kwargs``, of
+                ``_callback_tensor_inputs``: ``"latents"`` (x_{t-1}, the step's result), ``"sample"`` (x_t, its
+                input) and ``"pred_original_sample"`` (the scheduler's x_0 estimate; for a scheduler that gives none,
+                such as DPM-Solver, the training chain's x_0 from the network's prediction).
         """
         check_output_type(output_type)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         config = self.unet.config
         channels = config.in_channels
         shape = (batch_size, channels, config.sample_size, config.sample_size)
@@ -88,10 +114,18 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         image = image * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(image, t)
             model_output = self._model_output_for(self.unet(model_input, t).sample, channels)
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+            step = self.scheduler.step(model_output, t, image, generator=generator)
+            if callback_on_step_end is None:
+                image = step.prev_sample
+                continue
+            pred_original = getattr(step, "pred_original_sample", None)
+            if pred_original is None and "pred_original_sample" in names:  # DPM-Solver's step gives no x_0
+                pred_original = self.train_chain.predict_original_sample(model_output[:, :channels], image, t)
+            tensors = {"latents": step.prev_sample, "sample": image, "pred_original_sample": pred_original}
+            image = run_step_end_callback(self, callback_on_step_end, index, t, tensors, names)
         image = model_range_to_output(image, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -99,9 +133,20 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
     @property
+    def scheduler_choices(self) -> dict[str, Callable[[], SchedulerMixin]]:
+        """The samplers this pipeline can be given by name (:func:`hf_ddpm.pipelines.auto.with_scheduler`), each
+        a factory of a new scheduler built from this one's config: :data:`DDPM_SCHEDULERS`, the model's own first."""
+        return {name: partial(cls.from_config, self.scheduler.config) for name, cls in DDPM_SCHEDULERS.items()}
+
+    @property
     def image_channels(self) -> int:
         """C, the channels of the images the model generates and scores."""
         return self.unet.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        """H = W, the side of the images the model generates and scores."""
+        return self.unet.config.sample_size
 
     @property
     def train_chain(self) -> DiffusionChain:
@@ -120,9 +165,7 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
 
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on the execution device, once their size is checked against the network's."""
-        size = self.unet.config.sample_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        check_image_size(images, self.unet.config.sample_size)
         return images.to(self._execution_device)
 
     def bound_terms(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..distributions import nats_to_bits_per_dim
 from ..evaluation import BatchBound, BoundMixin, BoundOptions
@@ -72,9 +75,19 @@ class VAEPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
     @property
+    def scheduler_choices(self) -> dict[str, Callable[[], SchedulerMixin]]:
+        """None: a VAE samples in one decoder pass, with no scheduler to choose."""
+        return {}
+
+    @property
     def image_channels(self) -> int:
         """C, the channels of the images the model generates and scores."""
         return self.vae.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        """H = W, the side of the images the model generates and scores."""
+        return self.vae.config.sample_size
 
     @torch.no_grad()
     def bound_terms(

@@ -3,15 +3,19 @@ images; :class:`VDMModel`, the network and the noise schedule as the one module 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..distributions import nats_to_bits_per_dim
 from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
-from ..image_utils import ImageInput, check_output_type, images_to_tensor, model_range_to_output
+from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
 from ..vdm.elbo import (
     VDMEpsilonModel,
@@ -25,7 +29,8 @@ from ..vdm.elbo import (
     vdm_loss_terms,
 )
 from ..vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, DeferredGradientScale, NoiseSchedule
-from ..vdm.scheduler import VDMContinuousScheduler
+from ..vdm.scheduler import VDM_STEP_TYPES, VDMContinuousScheduler
+from .callbacks import StepEndCallback, callback_tensor_names, run_step_end_callback
 
 #: T of the discrete-time bound that ``BoundOptions(exact=True)`` computes (one network evaluation per step).
 VDM_EXACT_BOUND_STEPS = 1000
@@ -128,6 +133,7 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "noise_schedule->unet"
     default_bound_options = BoundOptions(exact=True)
+    _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
 
     def __init__(self, unet: DenoisingUNet, noise_schedule: NoiseSchedule, scheduler: VDMContinuousScheduler):
         super().__init__()
@@ -141,6 +147,8 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         num_inference_steps: int = 100,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: StepEndCallback | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""Draw images: z_1 ~ N(0, I), then n steps z_t -> z_s, s = t - 1/n, of the scheduler (ancestral:
         z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t, t))), the last of which returns x_hat clipped to [-1, 1].
@@ -152,21 +160,42 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (N, H, W, C) floats in [0, 1], or
                 ``"pt"`` (N, C, H, W) floats in [0, 1].
             return_dict (`bool`): return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*): diffusers' step-end callback, called after each step as
+                ``callback_on_step_end(self, step_index, t, callback_kwargs)``; a ``"latents"`` entry in the dict it
+                returns replaces z_s (see :mod:`hf_ddpm.pipelines.callbacks`).
+            callback_on_step_end_tensor_inputs (`list[str]`): the tensors in ``callback_kwargs``, of
+                ``_callback_tensor_inputs``: ``"latents"`` (z_s, the step's result), ``"sample"`` (z_t, its input)
+                and ``"pred_original_sample"`` (the scheduler's x_hat(z_t, t)).
         """
         check_output_type(output_type)
+        names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         config = self.unet.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         device = self._execution_device
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device, noise_schedule=self.noise_schedule)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_output = vdm_epsilon(self.unet, image, t)
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+            step = self.scheduler.step(model_output, t, image, generator=generator)
+            if callback_on_step_end is None:
+                image = step.prev_sample
+                continue
+            tensors = {"latents": step.prev_sample, "sample": image, "pred_original_sample": step.pred_original_sample}
+            image = run_step_end_callback(self, callback_on_step_end, index, t, tensors, names)
         image = model_range_to_output(image, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    @property
+    def scheduler_choices(self) -> dict[str, Callable[[], VDMContinuousScheduler]]:
+        """The samplers this pipeline can be given by name (:func:`hf_ddpm.pipelines.auto.with_scheduler`): the
+        step types of :class:`VDMContinuousScheduler` (``VDM_STEP_TYPES``), each a factory of a new scheduler with
+        this one's config, its own step type first."""
+        config = self.scheduler.config
+        kinds = [config.step_type, *(kind for kind in VDM_STEP_TYPES if kind != config.step_type)]
+        return {kind: partial(VDMContinuousScheduler.from_config, config, step_type=kind) for kind in kinds}
 
     @property
     def image_channels(self) -> int:
@@ -184,10 +213,13 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
 
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` in float64 on the execution device, once their size is checked against the network's."""
-        size = self.unet.config.sample_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"Images must be {size}x{size}, got {tuple(images.shape[-2:])}.")
+        check_image_size(images, self.unet.config.sample_size)
         return images.to(device=self._execution_device, dtype=torch.float64)
+
+    @property
+    def image_size(self) -> int:
+        """H = W, the side of the images the model generates and scores."""
+        return self.unet.config.sample_size
 
     @torch.no_grad()
     def bound_terms(
