@@ -16,13 +16,16 @@ import math
 import pytest
 import torch
 
+from helpers import on_grid, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
 from hf_ddpm.ddpm.chain import DiffusionChain
 from hf_ddpm.distributions import gaussian_log_density, sum_over_pixels
+from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.probability_flow import (
     EIGHT_BIT_BIN_WIDTH,
     InterpolatedGamma,
     dequantized_bits_per_dim,
     dormand_prince,
+    epsilon_from_prediction,
     exact_divergence,
     fixed_step_dormand_prince,
     gamma_rate_by_autograd,
@@ -260,3 +263,67 @@ def test_ode_log_likelihood_refuses_bad_options_before_solving():
     ]:
         with pytest.raises(ValueError, match=message):
             ode_log_likelihood(x, model, gamma, rate, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the pipelines
+def test_epsilon_from_prediction_inverts_each_target():
+    gamma = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
+    alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in alpha_sigma(gamma))
+    generator = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn((3, *SHAPE), generator=generator, dtype=torch.float64) for _ in range(2))
+    x_t = alpha * x + sigma * eps
+    for prediction_type, target in [("epsilon", eps), ("sample", x), ("v_prediction", alpha * eps - sigma * x)]:
+        torch.testing.assert_close(epsilon_from_prediction(target, x_t, gamma, prediction_type), eps)
+
+
+def test_the_ddpm_pipelines_flow_is_its_training_chain_at_the_knots():
+    pipeline = tiny_ddpm_pipeline()
+    flow = pipeline.probability_flow()
+    abar = torch.from_numpy(pipeline.train_chain.train_alphas_cumprod)
+    steps = len(abar)
+    knots = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    torch.testing.assert_close(flow.gamma(knots), torch.log((1 - abar) / abar))
+    assert flow.earliest_time == 1 / steps
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in (0, 4, steps - 1):
+            times = torch.full((2,), (i + 1) / steps, dtype=torch.float64)
+            expected = pipeline.unet(x, torch.full((2,), i)).sample[:, :1]
+            torch.testing.assert_close(flow.eps_model(x.double(), times).float(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_ddpm_pipeline, tiny_vdm_pipeline], ids=["ddpm", "vdm"])
+def test_evaluate_bound_with_the_ode_estimator_is_the_dequantized_ode_likelihood(make):
+    pipeline = make()
+    images = on_grid(2, 1, 8, 8)
+    options = BoundOptions(estimator="ode", ode_rtol=1e-3, ode_atol=1e-3, hutchinson_probes=2)
+    result = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(5))
+    # the same draws, by hand: one dequantization per image, then the probes
+    generator = torch.Generator().manual_seed(5)
+    flow = pipeline.probability_flow()
+    y = uniform_dequantize(images, generator)
+    out = ode_log_likelihood(
+        y,
+        flow.eps_model,
+        flow.gamma,
+        flow.gamma_rate,
+        t_min=flow.earliest_time,
+        probes=2,
+        rtol=1e-3,
+        atol=1e-3,
+        generator=generator,
+    )
+    torch.testing.assert_close(result.per_image, dequantized_bits_per_dim(out.log_likelihood, 64))
+    torch.testing.assert_close(result.per_image_terms["dequantization"], torch.full((2,), math.log2(127.5)).double())
+    summary = result.to_dict()
+    assert summary["ode_nfe"] == out.nfe and "probability-flow ODE" in summary["estimator"]
+
+
+def test_the_ode_estimator_refuses_what_it_cannot_do_before_solving():
+    images = on_grid(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="needs a diffusion pipeline .* got VAEPipeline"):
+        evaluate_bound(tiny_vae_pipeline(), images, BoundOptions(estimator="ode"))
+    with pytest.raises(ValueError, match=r"ode_t_min=0.0 is outside \[0.1, 1\)"):
+        evaluate_bound(tiny_ddpm_pipeline(), images, BoundOptions(estimator="ode", ode_t_min=0.0))
+    with pytest.raises(ValueError, match="hutchinson_probe='normal' is not one of rademacher, gaussian"):
+        evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="ode", hutchinson_probe="normal"))

@@ -53,6 +53,7 @@ ODEFunction = Callable[[float, torch.Tensor], torch.Tensor]
 PROBE_KINDS = ("rademacher", "gaussian")
 DIVERGENCE_METHODS = ("hutchinson", "exact")
 SOLVER_METHODS = ("dopri5", "fixed")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 #: Width of one bin of 8-bit data on the grid k / 127.5 - 1 (k = 0..255): 2 / 255.
 EIGHT_BIT_BIN_WIDTH = 2.0 / 255.0
 
@@ -404,6 +405,11 @@ class InterpolatedGamma:
         latent x_k of the maths, t = 1 is x_T (where the bound's prior term sits) and the network is conditioned on
         the timestep t T - 1. Defined on [1/T, 1]: below x_1 the chain has no noise level to interpolate."""
         abar = np.asarray(alphas_cumprod, dtype=np.float64)
+        if not ((abar > 0) & (abar < 1)).all():
+            raise ValueError(
+                "The probability-flow ODE needs 0 < abar_t < 1 at every step (a finite log-SNR); a zero-terminal-SNR "
+                "chain (abar_T = 0) has none at t = 1."
+            )
         steps = len(abar)
         return cls(np.arange(1, steps + 1) / steps, np.log1p(-abar) - np.log(abar))
 
@@ -437,6 +443,45 @@ class InterpolatedGamma:
         """gamma'(t) = ((6s^2 - 6s) (g_i - g_{i+1}) + (3s^2 - 4s + 1) h d_i + (3s^2 - 2s) h d_{i+1}) / h."""
         s, width, g0, g1, m0, m1 = self._knots(t)
         return ((6 * s**2 - 6 * s) * (g0 - g1) + (3 * s**2 - 4 * s + 1) * m0 + (3 * s**2 - 2 * s) * m1) / width
+
+
+def epsilon_from_prediction(
+    prediction: torch.Tensor, x_t: torch.Tensor, gamma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The eps-model's output from a network that predicts another target at x_t = alpha_t x + sigma_t eps, with
+    alpha_t^2 = sigmoid(-gamma), sigma_t^2 = sigmoid(gamma) and ``gamma`` (B,):
+
+    epsilon: eps_hat = prediction;  sample (x_hat): eps_hat = (x_t - alpha_t x_hat) / sigma_t;
+    v_prediction (v = alpha_t eps - sigma_t x): eps_hat = sigma_t x_t + alpha_t v.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Unknown prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}.")
+    if prediction_type == "epsilon":
+        return prediction
+    alpha = _image_shaped(torch.sigmoid(-gamma).sqrt(), x_t)
+    sigma = _image_shaped(torch.sigmoid(gamma).sqrt(), x_t)
+    if prediction_type == "sample":
+        return (x_t - alpha * prediction) / sigma
+    return sigma * x_t + alpha * prediction
+
+
+@dataclass(frozen=True)
+class ProbabilityFlow:
+    """What :func:`ode_log_likelihood` needs of a model, as a pipeline's ``probability_flow()`` gives it.
+
+    Attributes:
+        gamma: gamma(t) = -log SNR(t) on [earliest_time, 1].
+        gamma_rate: gamma'(t), or None for autograd.
+        eps_model: eps_hat(x_t, t), t of shape (B,), in the dtype of x_t.
+        earliest_time: the smallest t_min the model defines (0 for the VDM, 1/T for a discrete chain).
+        device: where the model runs; the points are moved there.
+    """
+
+    gamma: GammaFunction
+    gamma_rate: GammaFunction | None
+    eps_model: EpsilonModel
+    earliest_time: float
+    device: torch.device
 
 
 def uniform_dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..evaluation import BatchBound, BoundOptions, evaluate_bound
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_output_type, model_range_to_output
 from ..models.unet import DenoisingUNet
+from ..probability_flow import ProbabilityFlow
 from ..vdm.elbo import (
     VDMLossTerms,
     clipped_estimate_model,
@@ -234,3 +235,25 @@ class VDMPipeline(HFDDPMRegistrationMixin, DiffusionPipeline):
         )
         terms = bound.per_image_terms
         return VDMLossTerms(prior=terms["prior"], diffusion=terms["diffusion"], reconstruction=terms["reconstruction"])
+
+    def probability_flow(self) -> ProbabilityFlow:
+        r"""The model for the probability-flow ODE's log-likelihood (``evaluate_bound`` with
+        ``BoundOptions(estimator="ode")``, :func:`hf_ddpm.probability_flow.ode_log_likelihood`): the noise schedule's
+        gamma(t) and its closed-form (or, learned, autograd) derivative, eps_hat = unet(z_t, 1000 t)
+        (:func:`vdm_epsilon`), on t in [0, 1]. The ODE integrates the unclipped model.
+        """
+        schedule, unet = self.noise_schedule, self.unet
+
+        def gamma_rate(t: torch.Tensor) -> torch.Tensor:
+            return schedule.gamma_and_derivative(t)[1]
+
+        def eps_model(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return vdm_epsilon(unet, z_t, t)
+
+        return ProbabilityFlow(
+            gamma=schedule.gamma,
+            gamma_rate=gamma_rate,
+            eps_model=eps_model,
+            earliest_time=0.0,
+            device=self._execution_device,
+        )
