@@ -11,12 +11,23 @@ t_min, with the exact marginal p_1 as the prior) is log N(x; alpha_{t_min} mu, v
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from helpers import on_grid, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
+from helpers import on_grid, randomized, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
+from hf_ddpm import (
+    DenoisingUNet,
+    HFDDPMPipeline,
+    HFDDPMScheduler,
+    NoiseSchedule,
+    VDMContinuousScheduler,
+    VDMPipeline,
+)
+from hf_ddpm.cli import main
+from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.ddpm.chain import DiffusionChain
 from hf_ddpm.distributions import gaussian_log_density, sum_over_pixels
 from hf_ddpm.evaluation import BoundOptions, evaluate_bound
@@ -35,7 +46,6 @@ from hf_ddpm.probability_flow import (
     standard_normal_log_density,
     uniform_dequantize,
 )
-from hf_ddpm.vdm.noise_schedule import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -263,6 +273,10 @@ def test_ode_log_likelihood_refuses_bad_options_before_solving():
     ]:
         with pytest.raises(ValueError, match=message):
             ode_log_likelihood(x, model, gamma, rate, **kwargs)
+    with pytest.raises(
+        ValueError, match=r"eps_model returned shape \(1, 2, 2, 3\) for points of shape \(1, 1, 2, 3\)"
+    ):
+        ode_log_likelihood(x, lambda x_t, t: torch.cat([x_t, x_t], dim=1), gamma, rate)
 
 
 # ---------------------------------------------------------------------------------------------- the pipelines
@@ -327,3 +341,35 @@ def test_the_ode_estimator_refuses_what_it_cannot_do_before_solving():
         evaluate_bound(tiny_ddpm_pipeline(), images, BoundOptions(estimator="ode", ode_t_min=0.0))
     with pytest.raises(ValueError, match="hutchinson_probe='normal' is not one of rademacher, gaussian"):
         evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="ode", hutchinson_probe="normal"))
+
+
+def saved_tiny_28x28(kind: str, folder):
+    """A 28x28 DDPM (T = 20, a learned variance) or VDM (linear schedule) with a tiny random network, saved."""
+    torch.manual_seed(0)
+    network = DenoisingUNet(block_out_channels=(8, 16), attention_resolutions=(), learn_variance=kind == "ddpm")
+    unet = randomized(network, 0)
+    if kind == "ddpm":
+        pipeline = HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=20))
+    else:
+        schedule = NoiseSchedule("linear", gamma_min=-6.0, gamma_max=6.0)
+        pipeline = VDMPipeline(unet=unet, noise_schedule=schedule, scheduler=VDMContinuousScheduler())
+    pipeline.save_pretrained(folder)
+    return type(pipeline)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "vdm"])
+def test_cli_evaluate_with_the_ode_estimator_writes_the_librarys_numbers(kind, tmp_path):
+    pipeline_class = saved_tiny_28x28(kind, tmp_path / kind)
+    out = tmp_path / "ode.json"
+    ode_flags = ["--estimator", "ode", "--ode_rtol", "1e-3", "--ode_atol", "1e-3", "--hutchinson_probes", "2"]
+    argv = ["evaluate", str(tmp_path / kind), "--data", "embedded", "--max_images", "2", "--seed", "3", "--json"]
+    assert main([*argv, str(out), *ode_flags]) == 0
+    result = json.loads(out.read_text())
+    pipeline = pipeline_class.from_pretrained(tmp_path / kind)
+    images = ImageTensorDataset(load_images(None, split="test", max_images=2).images)[:]
+    options = BoundOptions(estimator="ode", ode_rtol=1e-3, ode_atol=1e-3, hutchinson_probes=2)
+    expected = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(3)).to_dict()
+    assert set(result) - {"model", "data"} == set(expected) and result["estimator"] == expected["estimator"]
+    for key in ("bits_per_dim", "standard_error", "ode_nfe"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert set(result["terms"]) == {"dequantization", "prior", "flow"}

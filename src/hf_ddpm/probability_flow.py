@@ -347,6 +347,11 @@ def ode_log_likelihood(
         with torch.enable_grad():
             leaf = y[:, :-1].reshape(-1, *shape).detach().requires_grad_(True)
             eps_hat = eps_model(leaf, times)
+            if eps_hat.shape != leaf.shape:
+                raise ValueError(
+                    f"eps_model returned shape {tuple(eps_hat.shape)} for points of shape {tuple(leaf.shape)}: it "
+                    "must predict the noise of each point (of a learned-variance network, keep the first C channels)."
+                )
             if probe is None:
                 eps_divergence = exact_divergence(eps_hat, leaf)
             else:
