@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from helpers import on_grid, randomized, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
+from helpers import bound_of, on_grid, randomized, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
 from hf_ddpm import (
     DenoisingUNet,
     HFDDPMPipeline,
     HFDDPMScheduler,
+    NLLResult,
     NoiseSchedule,
+    TrainingReport,
     VDMContinuousScheduler,
     VDMPipeline,
+    render_model_card,
 )
 from hf_ddpm.cli import main
 from hf_ddpm.data import ImageTensorDataset, load_images
@@ -373,3 +377,20 @@ def test_cli_evaluate_with_the_ode_estimator_writes_the_librarys_numbers(kind, t
     for key in ("bits_per_dim", "standard_error", "ode_nfe"):
         assert result[key] == pytest.approx(expected[key], rel=1e-9), key
     assert set(result["terms"]) == {"dequantization", "prior", "flow"}
+
+
+def test_the_card_of_an_ode_result_names_the_estimator_for_its_bits_per_dim():
+    bound = bound_of(
+        {"flow": -7.1, "prior": 1.2, "dequantization": math.log2(127.5)}, standard_error=0.01, estimator="ODE words"
+    )
+    bound.per_image_nfe = torch.tensor([98.0, 110.0], dtype=torch.float64)
+    report = TrainingReport.for_pipeline(
+        tiny_vdm_pipeline(), "org/vdm-mnist", nll=NLLResult(bound, "ylecun/mnist", "MNIST", "test")
+    )
+    card = render_model_card(report)
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", card.text, flags=re.M))
+    assert float(rows["NLL, probability-flow ODE (bits/dim)"]) == pytest.approx(bound.bits_per_dim, abs=5e-5)
+    assert rows["ODE function evaluations per batch"] == "104" and "NLL bound (bits/dim)" not in rows
+    assert "ODE words" in card.text and "upper bound on the discrete -log2 P(x) / D" in card.text
+    names = {result.metric_type: result.metric_name for result in card.data.eval_results}
+    assert names["nll"] == "NLL (bits/dim, probability-flow ODE)"
