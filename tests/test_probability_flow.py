@@ -343,6 +343,8 @@ def test_the_ode_estimator_refuses_what_it_cannot_do_before_solving():
         evaluate_bound(tiny_vae_pipeline(), images, BoundOptions(estimator="ode"))
     with pytest.raises(ValueError, match=r"ode_t_min=0.0 is outside \[0.1, 1\)"):
         evaluate_bound(tiny_ddpm_pipeline(), images, BoundOptions(estimator="ode", ode_t_min=0.0))
+    with pytest.raises(ValueError, match="estimator='flow' is not one of bound, ode"):
+        evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="flow"))
     with pytest.raises(ValueError, match="hutchinson_probe='normal' is not one of rademacher, gaussian"):
         evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="ode", hutchinson_probe="normal"))
 

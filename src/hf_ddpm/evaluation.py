@@ -5,6 +5,8 @@ per-image bound in bits/dim and its terms, the estimator in words, and (for VAEs
 bound. The pipelines' ``elbo``, ``training/train.py``, the ``hf_ddpm evaluate`` command and every benchmark call
 it. A pipeline takes part by implementing ``bound_terms(images, options, generator) -> BatchBound`` for one batch
 (its model's equations live in the model's own modules); this module only batches, concatenates and summarises.
+With ``BoundOptions(estimator="ode")`` a diffusion pipeline gives its ``probability_flow()`` instead, and
+:func:`probability_flow_terms` computes the ODE's NLL of the dequantized images (:mod:`hf_ddpm.probability_flow`).
 
 Each per-image value is an unbiased estimate of that image's bound (exact when every term is computed), so the
 standard error of the mean over N images, sd / sqrt(N), covers both the spread of the images and the randomness
@@ -184,6 +186,8 @@ def evaluate_bound(
     if len(x) == 0:
         raise ValueError("No images given: the bound of an empty set is undefined.")
     batches = x.split(batch_size)
+    if options.estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={options.estimator!r} is not one of {', '.join(ESTIMATORS)}.")
     if options.estimator == "ode":
         flow = checked_probability_flow(pipeline, options)
         parts = [probability_flow_terms(flow, batch, options, generator) for batch in (progress or iter)(batches)]
@@ -197,7 +201,7 @@ def evaluate_bound(
         per_image_iwae=None if iwae[0] is None else torch.cat([v.double().cpu() for v in iwae]),
         per_image_nfe=None
         if parts[0].nfe is None
-        else torch.cat([torch.full((len(b),), float(p.nfe)) for p, b in zip(parts, batches)]),
+        else torch.cat([torch.full((len(b),), float(p.nfe), dtype=torch.float64) for p, b in zip(parts, batches)]),
     )
 
 
