@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from helpers import bound_of, on_grid, randomized, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
+from helpers import REPO, bound_of, on_grid, randomized, tiny_ddpm_pipeline, tiny_vae_pipeline, tiny_vdm_pipeline
 from hf_ddpm import (
     DenoisingUNet,
     HFDDPMPipeline,
@@ -50,6 +50,7 @@ from hf_ddpm.probability_flow import (
     standard_normal_log_density,
     uniform_dequantize,
 )
+from olah_server import run_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -396,3 +397,28 @@ def test_the_card_of_an_ode_result_names_the_estimator_for_its_bits_per_dim():
     assert "ODE words" in card.text and "upper bound on the discrete -log2 P(x) / D" in card.text
     names = {result.metric_type: result.metric_name for result in card.data.eval_results}
     assert names["nll"] == "NLL (bits/dim, probability-flow ODE)"
+
+
+def test_cli_evaluate_with_the_ode_estimator_by_hub_id(hub, pushed, tmp_path):
+    flags = ["--estimator", "ode", "--ode_rtol", "1e-3", "--ode_atol", "1e-3", "--json", "ode.json"]
+    argv = [
+        "evaluate",
+        REPO,
+        "--revision",
+        "main",
+        "--data",
+        "embedded",
+        "--max_images",
+        "2",
+        "--device",
+        "cpu",
+        *flags,
+    ]
+    code = f"import sys\nfrom hf_ddpm.cli import main\nsys.exit(main({argv!r}))\n"
+    run_python(code, {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(pushed.hf_home)}, cwd=tmp_path)
+    result = json.loads((tmp_path / "ode.json").read_text())
+    images = ImageTensorDataset(load_images(None, split="test", max_images=2, resolution=8, channels=1).images)[:]
+    options = BoundOptions(estimator="ode", ode_rtol=1e-3, ode_atol=1e-3)
+    expected = evaluate_bound(pushed.second, images, options, generator=torch.Generator().manual_seed(0))
+    assert result["bits_per_dim"] == pytest.approx(expected.bits_per_dim, rel=1e-9)
+    assert result["estimator"] == expected.estimator and result["model"] == REPO

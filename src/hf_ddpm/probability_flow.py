@@ -14,8 +14,9 @@ whose probability flow dx/dt = f(t) x - 1/2 g^2(t) score(x, t), with the model's
 
     dx/dt = 1/2 gamma'(t) sigma_t (eps_hat(x, t) - sigma_t x)                         (:func:`probability_flow_drift`)
 
-and has the same marginals p_t as the model's SDE. The change of variables along it gives, for a point x taken as
-the state at t_min and x_1 its image at t = 1,
+which, with the true score in place of the model's, moves the forward process's marginals p_t along exactly. With
+the model's, it defines the model's own densities p_t, and the change of variables along it gives, for a point x
+taken as the state at t_min and x_1 its image at t = 1,
 
     log p_{t_min}(x) = log p_1(x_1) + int_{t_min}^1 div_x drift(x_t, t) dt,           (:func:`ode_log_likelihood`)
     div_x drift = 1/2 gamma'(t) sigma_t (div_x eps_hat(x, t) - sigma_t D)           (:func:`drift_divergence`)
