@@ -17,6 +17,7 @@ LAYERS = {
     "hf_ddpm.vae": 2,
     "hf_ddpm.ddpm": 3,
     "hf_ddpm.vdm": 3,
+    "hf_ddpm.probability_flow": 3,
     "hf_ddpm.models": 4,
     "hf_ddpm.evaluation": 5,
     "hf_ddpm.hub.naming": 6,

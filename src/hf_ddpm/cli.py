@@ -3,6 +3,7 @@
 examples:
   hf_ddpm evaluate ddpm-mnist --data embedded --split test     # NLL bound in bits/dim on the MNIST test digits
   hf_ddpm evaluate org/ddpm-mnist --data embedded --exact      # the exact bound (all T terms), from the Hub
+  hf_ddpm evaluate ddpm-mnist --data embedded --estimator ode  # the probability-flow ODE's NLL (dequantized)
   hf_ddpm sample ddpm-mnist --num_images 64 --steps 100 --out grid.png
   hf_ddpm demo ddpm-mnist                                      # a Gradio app on 127.0.0.1:7860
 
@@ -26,10 +27,11 @@ from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
 from .demo import add_demo_arguments, run_demo
-from .evaluation import BoundOptions, evaluate_bound
+from .evaluation import ESTIMATORS, BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
 from .pipelines.auto import open_pipeline, with_scheduler
 from .pipelines.ddpm import DDPM_SCHEDULERS
+from .probability_flow import DIVERGENCE_METHODS, PROBE_KINDS, SOLVER_METHODS
 from .training_utils import image_grid
 from .vdm.scheduler import VDM_STEP_TYPES
 
@@ -99,6 +101,15 @@ def evaluate(args: argparse.Namespace) -> dict:
         elbo_samples=args.elbo_samples,
         iwae_samples=args.iwae_samples,
         clip_denoised=not args.no_clip_denoised,
+        estimator=args.estimator,
+        ode_divergence=args.ode_divergence,
+        hutchinson_probes=args.hutchinson_probes,
+        hutchinson_probe=args.hutchinson_probe,
+        ode_method=args.ode_method,
+        ode_rtol=args.ode_rtol,
+        ode_atol=args.ode_atol,
+        ode_steps=args.ode_steps,
+        ode_t_min=args.ode_t_min,
     )
     pipeline.set_progress_bar_config(disable=True)
     bound = evaluate_bound(
@@ -253,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--elbo_samples", type=int, default=1, help="VAE: Monte-Carlo samples of z for the ELBO"
     )
     evaluate_parser.add_argument("--iwae_samples", type=int, default=64, help="VAE: K of the IWAE bound")
+    evaluate_parser.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="bound",
+        help="'bound': the variational bound; 'ode' (DDPM, VDM): the probability-flow ODE's log-likelihood of "
+        "uniformly dequantized images, a bound on the discrete NLL of the ODE's model",
+    )
+    evaluate_parser.add_argument(
+        "--ode_divergence", choices=DIVERGENCE_METHODS, default="hutchinson", help="ODE: the drift's divergence"
+    )
+    evaluate_parser.add_argument("--hutchinson_probes", type=int, default=1, help="ODE: Hutchinson probes per image")
+    evaluate_parser.add_argument("--hutchinson_probe", choices=PROBE_KINDS, default="rademacher", help="ODE: probes")
+    evaluate_parser.add_argument(
+        "--ode_method", choices=SOLVER_METHODS, default="dopri5", help="ODE: adaptive Dormand-Prince or fixed steps"
+    )
+    evaluate_parser.add_argument("--ode_rtol", type=float, default=1e-5, help="ODE: relative tolerance (dopri5)")
+    evaluate_parser.add_argument("--ode_atol", type=float, default=1e-5, help="ODE: absolute tolerance (dopri5)")
+    evaluate_parser.add_argument("--ode_steps", type=int, default=100, help="ODE: steps of --ode_method fixed")
+    evaluate_parser.add_argument(
+        "--ode_t_min",
+        type=float,
+        default=None,
+        help="ODE: start time (default: the model's earliest, the VDM's 0, a DDPM's 1/T)",
+    )
     sample_parser = commands.choices["sample"]
     sample_parser.add_argument("--num_images", type=int, default=64, help="how many images to draw")
     sample_parser.add_argument(

@@ -9,6 +9,8 @@ the ``hf_ddpm evaluate`` command and every benchmark call it. A pipeline takes p
 own modules); this module only batches, concatenates and summarises. A diffusion pipeline also splits its bound
 along its time axis, ``bound_by_time(images, ...) -> BoundByTime`` (:func:`has_time_axis`), which
 :func:`hf_ddpm.plots.plot_bound_by_time` draws.
+With ``BoundOptions(estimator="ode")`` a diffusion pipeline gives its ``probability_flow()`` instead, and
+:func:`probability_flow_terms` computes the ODE's NLL of the dequantized images (:mod:`hf_ddpm.probability_flow`).
 
 Each per-image value is an unbiased estimate of that image's bound (exact when every term is computed), so the
 standard error of the mean over N images, sd / sqrt(N), covers both the spread of the images and the randomness
@@ -24,7 +26,21 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
+from .distributions import nats_to_bits_per_dim
 from .image_utils import ImageInput, images_to_tensor
+from .probability_flow import (
+    DIVERGENCE_METHODS,
+    PROBE_KINDS,
+    SOLVER_METHODS,
+    ProbabilityFlow,
+    dequantized_bits_per_dim,
+    ode_log_likelihood,
+    uniform_dequantize,
+)
+
+#: What :func:`evaluate_bound` computes: ``bound`` (each model's variational bound) or ``ode`` (a diffusion model's
+#: probability-flow ODE log-likelihood of uniformly dequantized images).
+ESTIMATORS = ("bound", "ode")
 
 
 @dataclass(frozen=True)
@@ -49,16 +65,27 @@ class BoundOptions:
     elbo_samples: int = 1
     iwae_samples: int = 64
     clip_denoised: bool = True
+    # the probability-flow ODE (estimator="ode"; diffusion models): see probability_flow_terms
+    estimator: str = "bound"
+    ode_divergence: str = "hutchinson"
+    hutchinson_probes: int = 1
+    hutchinson_probe: str = "rademacher"
+    ode_method: str = "dopri5"
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_steps: int = 100
+    ode_t_min: float | None = None
 
 
 @dataclass
 class BatchBound:
     """A pipeline's bound on one batch: per-image terms in bits/dim (they add up to the bound), the estimator in
-    words, and optionally the per-image importance-weighted bound."""
+    words, optionally the per-image importance-weighted bound, and for the ODE its function evaluations."""
 
     terms: dict[str, torch.Tensor]
     estimator: str
     iwae: torch.Tensor | None = None
+    nfe: int | None = None
 
 
 class SupportsBound(Protocol):
@@ -88,11 +115,13 @@ class BoundResult:
             (diffusion: ``prior``, ``denoising``, ``reconstruction``; VAE: ``reconstruction``, ``kl``).
         estimator: how it was computed, in words (shown in the model card and the CLI).
         per_image_iwae: (N,) the importance-weighted bound of each image (VAEs), or None.
+        per_image_nfe: (N,) the ODE's function evaluations for each image's batch (``estimator="ode"``), or None.
     """
 
     per_image_terms: dict[str, torch.Tensor]
     estimator: str
     per_image_iwae: torch.Tensor | None = field(default=None)
+    per_image_nfe: torch.Tensor | None = field(default=None)
 
     @property
     def per_image(self) -> torch.Tensor:
@@ -130,7 +159,8 @@ class BoundResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as JSON-able values: ``bits_per_dim``, ``standard_error``, ``terms``, ``estimator``,
-        ``num_images`` and, for VAEs, ``iwae_bits_per_dim`` and ``iwae_standard_error``."""
+        ``num_images`` and, for VAEs, ``iwae_bits_per_dim`` and ``iwae_standard_error``; for the ODE ``ode_nfe``,
+        the mean function evaluations per batch."""
         summary = {
             "bits_per_dim": self.bits_per_dim,
             "standard_error": self.standard_error,
@@ -141,6 +171,8 @@ class BoundResult:
         if self.per_image_iwae is not None:
             summary["iwae_bits_per_dim"] = self.iwae_bits_per_dim
             summary["iwae_standard_error"] = self.iwae_standard_error
+        if self.per_image_nfe is not None:
+            summary["ode_nfe"] = mean_and_standard_error(self.per_image_nfe)[0]
         return summary
 
 
@@ -169,13 +201,22 @@ def evaluate_bound(
     if len(x) == 0:
         raise ValueError("No images given: the bound of an empty set is undefined.")
     batches = x.split(batch_size)
-    parts = [pipeline.bound_terms(batch, options, generator) for batch in (progress or iter)(batches)]
+    if options.estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={options.estimator!r} is not one of {', '.join(ESTIMATORS)}.")
+    if options.estimator == "ode":
+        flow = checked_probability_flow(pipeline, options)
+        parts = [probability_flow_terms(flow, batch, options, generator) for batch in (progress or iter)(batches)]
+    else:
+        parts = [pipeline.bound_terms(batch, options, generator) for batch in (progress or iter)(batches)]
     names = parts[0].terms
     iwae = [part.iwae for part in parts]
     return BoundResult(
         per_image_terms={name: torch.cat([p.terms[name].double().cpu() for p in parts]) for name in names},
         estimator=parts[0].estimator,
         per_image_iwae=None if iwae[0] is None else torch.cat([v.double().cpu() for v in iwae]),
+        per_image_nfe=None
+        if parts[0].nfe is None
+        else torch.cat([torch.full((len(b),), float(p.nfe), dtype=torch.float64) for p, b in zip(parts, batches)]),
     )
 
 
@@ -240,3 +281,95 @@ class BoundByTime(NamedTuple):
 def has_time_axis(pipeline: Any) -> bool:
     """Whether ``pipeline`` splits its bound in time (has ``bound_by_time``): a DDPM or a VDM, not a VAE."""
     return callable(getattr(pipeline, "bound_by_time", None))
+
+
+def checked_probability_flow(pipeline: Any, options: BoundOptions) -> ProbabilityFlow:
+    """``pipeline.probability_flow()``, after checking the ODE options, each error in one line before any work."""
+    if not hasattr(pipeline, "probability_flow"):
+        raise ValueError(
+            f"estimator='ode' needs a diffusion pipeline (HFDDPMPipeline or VDMPipeline), got "
+            f"{type(pipeline).__name__}: use estimator='bound'."
+        )
+    for name, value, choices in (
+        ("ode_divergence", options.ode_divergence, DIVERGENCE_METHODS),
+        ("hutchinson_probe", options.hutchinson_probe, PROBE_KINDS),
+        ("ode_method", options.ode_method, SOLVER_METHODS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+    if options.hutchinson_probes < 1 or options.ode_steps < 1:
+        raise ValueError(
+            f"hutchinson_probes and ode_steps must be at least 1, got {options.hutchinson_probes} and "
+            f"{options.ode_steps}."
+        )
+    if not (options.ode_rtol > 0 and options.ode_atol > 0):
+        raise ValueError(f"ode_rtol and ode_atol must be positive, got {options.ode_rtol} and {options.ode_atol}.")
+    flow = pipeline.probability_flow()
+    t_min = options.ode_t_min
+    if t_min is not None and not flow.earliest_time <= t_min < 1.0:
+        raise ValueError(
+            f"ode_t_min={t_min} is outside [{flow.earliest_time:g}, 1) where this model's ODE is defined "
+            "(a DDPM's starts at 1/T, its first latent)."
+        )
+    return flow
+
+
+def probability_flow_terms(
+    flow: ProbabilityFlow, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None
+) -> BatchBound:
+    """The probability-flow ODE's negative log-likelihood of one batch of 8-bit images, per image in bits/dim, as
+    terms that add up to it: ``dequantization`` + ``prior`` + ``flow`` with
+
+        y = x + u, u ~ U(bin of x), one draw per image    (:func:`~hf_ddpm.probability_flow.uniform_dequantize`),
+        -log P(x) <= E_u[-log p(y)] - D log(2/255)        (:func:`~hf_ddpm.probability_flow.dequantized_bits_per_dim`),
+        -log p(y) = -log N(y_1; 0, I) - int_{t_min}^1 div drift dt
+                                                          (:func:`~hf_ddpm.probability_flow.ode_log_likelihood`),
+
+        dequantization = log2(255/2) = 6.9944 bits/dim, prior = -log N(y_1; 0, I) / (D ln 2),
+        flow = -(the mean over the K probes of the divergence integral) / (D ln 2).
+
+    Each image's value is an unbiased estimate (one u, K probes; exact in the probes with the exact trace) of an upper
+    bound on the discrete NLL of the model "y_1 ~ N(0, I), the ODE back to t_min, y rounded to its bin", to the
+    solver's tolerance; the standard error over images covers u and the probes. Solved in float64 (float32 on MPS).
+    """
+    dtype = torch.float32 if flow.device.type == "mps" else torch.float64
+    x = images.to(device=flow.device, dtype=dtype)
+    y = uniform_dequantize(x, generator)
+    t_min = flow.earliest_time if options.ode_t_min is None else options.ode_t_min
+    out = ode_log_likelihood(
+        y,
+        flow.eps_model,
+        flow.gamma,
+        flow.gamma_rate,
+        t_min=t_min,
+        divergence=options.ode_divergence,
+        probes=options.hutchinson_probes,
+        probe_kind=options.hutchinson_probe,
+        method=options.ode_method,
+        rtol=options.ode_rtol,
+        atol=options.ode_atol,
+        num_steps=options.ode_steps,
+        generator=generator,
+    )
+    num_dims = x[0].numel()
+    zeros = torch.zeros(len(x), dtype=dtype, device=x.device)
+    terms = {
+        "dequantization": dequantized_bits_per_dim(zeros, num_dims),
+        "prior": nats_to_bits_per_dim(-out.prior_log_density, num_dims),
+        "flow": nats_to_bits_per_dim(-out.divergence_integral.mean(dim=1), num_dims),
+    }
+    if options.ode_divergence == "exact":
+        divergence = "exact divergence"
+    else:
+        k = options.hutchinson_probes
+        divergence = f"Hutchinson-Skilling divergence, {k} {options.hutchinson_probe} probe{'s' if k > 1 else ''}"
+    if options.ode_method == "dopri5":
+        solver = f"adaptive Dormand-Prince, rtol={options.ode_rtol:g}, atol={options.ode_atol:g}"
+    else:
+        solver = f"{options.ode_steps} fixed Dormand-Prince steps"
+    estimator = (
+        f"probability-flow ODE log-likelihood of uniformly dequantized 8-bit data (t_min={t_min:g}, N(0, I) prior, "
+        f"{divergence}, {solver}): an unbiased estimate of an upper bound on the discrete NLL of the ODE's model "
+        "(unclipped)"
+    )
+    return BatchBound(terms=terms, estimator=estimator, nfe=out.nfe)

@@ -183,6 +183,7 @@ def _card_data(report: TrainingReport) -> ModelCardData:
     eval_results = None
     if report.nll is not None:
         nll = report.nll
+        estimator = ", probability-flow ODE" if nll.bound.per_image_nfe is not None else ""
         eval_results = [
             EvalResult(
                 task_type=TASK,
@@ -190,7 +191,7 @@ def _card_data(report: TrainingReport) -> ModelCardData:
                 dataset_name=nll.dataset_name,
                 dataset_split=nll.split,
                 metric_type="nll",
-                metric_name="NLL (bits/dim)",
+                metric_name=f"NLL (bits/dim{estimator})",
                 metric_value=nll.bound.bits_per_dim,
             ),
             EvalResult(
@@ -199,7 +200,7 @@ def _card_data(report: TrainingReport) -> ModelCardData:
                 dataset_name=nll.dataset_name,
                 dataset_split=nll.split,
                 metric_type="nll_standard_error",
-                metric_name="NLL standard error (bits/dim)",
+                metric_name=f"NLL standard error (bits/dim{estimator})",
                 metric_value=nll.bound.standard_error,
             ),
         ]

@@ -18,6 +18,7 @@ from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMix
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
+from ..probability_flow import InterpolatedGamma, ProbabilityFlow, epsilon_from_prediction
 from .callbacks import StepEndCallback, callback_tensor_names, run_step_end_callback
 
 #: The samplers of an HFDDPMPipeline by name, each built from its scheduler config (``from_config``): "vdm", its own
@@ -243,3 +244,29 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             f"mean of {x.shape[0]} images"
         )
         return BoundByTime(torch.as_tensor(chain.timesteps, dtype=torch.long), terms, label)
+
+    def probability_flow(self) -> ProbabilityFlow:
+        r"""The model in continuous time, for the probability-flow ODE's log-likelihood (``evaluate_bound`` with
+        ``BoundOptions(estimator="ode")``, :func:`hf_ddpm.probability_flow.ode_log_likelihood`).
+
+        gamma(t) = -log SNR interpolates the training chain's log((1 - abar_i) / abar_i) at t = (i + 1) / T
+        (:meth:`~hf_ddpm.probability_flow.InterpolatedGamma.from_alphas_cumprod`: t = k / T is the latent x_k, t = 1
+        is x_T), on [1/T, 1]; the network is called at the float timestep t T - 1 (the integer timesteps it was
+        trained on, in between them elsewhere), and its prediction (the first C channels; a learned variance is not
+        used) is turned into eps_hat for the model's prediction type. The ODE integrates the unclipped model.
+        """
+        chain = self.train_chain
+        gamma = InterpolatedGamma.from_alphas_cumprod(chain.train_alphas_cumprod)
+        steps, channels = chain.num_train_timesteps, self.image_channels
+
+        def eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            prediction = self.unet(x_t.to(self.unet.dtype), t * steps - 1.0).sample[:, :channels].to(x_t.dtype)
+            return epsilon_from_prediction(prediction, x_t, gamma(t), chain.prediction_type)
+
+        return ProbabilityFlow(
+            gamma=gamma,
+            gamma_rate=gamma.derivative,
+            eps_model=eps_model,
+            earliest_time=1.0 / steps,
+            device=self._execution_device,
+        )

@@ -17,6 +17,7 @@ from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMix
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
+from ..probability_flow import ProbabilityFlow
 from ..vdm.elbo import (
     VDMEpsilonModel,
     VDMLossTerms,
@@ -315,3 +316,25 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             f"+ prior {prior:.2e}; mean of {x.shape[0]} images"
         )
         return BoundByTime(times, density, label)
+
+    def probability_flow(self) -> ProbabilityFlow:
+        r"""The model for the probability-flow ODE's log-likelihood (``evaluate_bound`` with
+        ``BoundOptions(estimator="ode")``, :func:`hf_ddpm.probability_flow.ode_log_likelihood`): the noise schedule's
+        gamma(t) and its closed-form (or, learned, autograd) derivative, eps_hat = unet(z_t, 1000 t)
+        (:func:`vdm_epsilon`), on t in [0, 1]. The ODE integrates the unclipped model.
+        """
+        schedule, unet = self.noise_schedule, self.unet
+
+        def gamma_rate(t: torch.Tensor) -> torch.Tensor:
+            return schedule.gamma_and_derivative(t)[1]
+
+        def eps_model(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return vdm_epsilon(unet, z_t, t)
+
+        return ProbabilityFlow(
+            gamma=schedule.gamma,
+            gamma_rate=gamma_rate,
+            eps_model=eps_model,
+            earliest_time=0.0,
+            device=self._execution_device,
+        )
