@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,6 +127,28 @@ STEP_CONFIGURATIONS = {
 }
 
 
+def recipe_step(
+    model: torch.nn.Module,
+    forward: torch.nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    ema: Any,
+    images: torch.Tensor,
+    max_grad_norm: float,
+    autocast: torch.autocast,
+) -> None:
+    """One step of train.py's recipe: the objective's loss through ``forward`` (the model, compiled, or graphed) under
+    ``autocast``, backward, gradient clipping, AdamW, the objective's feedback, EMA."""
+    with autocast:
+        out = objective.loss(forward, images)
+    out.loss.mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    objective.observe(out.feedback)
+    ema.step(model.parameters())
+
+
 def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, repeats: int) -> dict:
     """Seconds per step of train.py's default recipe (hybrid loss at sampled timesteps, in the precision that
     ``--mixed_precision auto`` resolves to here, backward, gradient clipping, AdamW, EMA) on random images, and this
@@ -146,15 +169,10 @@ def default_step_seconds(threads: int, fast_cpu_math: bool, batch_size: int, rep
     images = torch.rand(batch_size, data_args.channels, data_args.resolution, data_args.resolution) * 2 - 1
     bf16 = resolve_mixed_precision("auto") == "bf16"
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = objective.loss(model, images)
-        out.loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.observe(out.feedback)
-        ema.step(model.parameters())
+        recipe_step(model, model, objective, optimizer, ema, images, train_args.max_grad_norm, autocast)
 
     for _ in range(5):  # warm-up, and the optimizer's and EMA's state past their first steps
         step()
@@ -232,14 +250,7 @@ def cuda_step_row(images: np.ndarray, batch_size: int, forward_kind: str, steps:
         forward = forward()
 
     def step() -> None:
-        with autocast:
-            out = objective.loss(forward, next(batches))
-        out.loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.observe(out.feedback)
-        ema.step(model.parameters())
+        recipe_step(model, forward, objective, optimizer, ema, next(batches), train_args.max_grad_norm, autocast)
 
     start = time.perf_counter()
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
