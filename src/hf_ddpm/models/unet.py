@@ -130,6 +130,7 @@ class SelfAttention(nn.Module):
             self.qkv(self.norm(x))
             .reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
             .transpose(-1, -2)
+            .contiguous()  # positions-major q, k, v: the fused (flash) kernel; strided ones fall back to the math path
             .unbind(1)
         )
         attended = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
