@@ -165,3 +165,11 @@ def test_a_non_finite_bound_is_an_error_saying_what_was_not_written():
         "nothing was written."
     )
     require_finite_bound(BoundResult({"prior": torch.ones(2)}, "exact"), "unused")
+
+
+def test_num_train_timesteps_beyond_its_bound_is_refused_before_any_work(tmp_path, capsys):
+    argv = ["--output_dir", str(tmp_path / "out"), *TINY_TRAIN, "--num_train_timesteps", "1000000000"]
+    assert one_line_error(capsys, argv) == (
+        "error: --num_train_timesteps must be <= 100,000 (T diffusion steps), got 1,000,000,000."
+    )
+    assert not (tmp_path / "out").exists()

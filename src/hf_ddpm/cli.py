@@ -33,7 +33,7 @@ from .pipelines.auto import load_pipeline as load_any_pipeline
 from .pipelines.ddpm import HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
-from .training_utils import image_grid
+from .training_utils import image_grid, require_finite_bound
 
 SCHEDULERS = {"vdm": HFDDPMScheduler, "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -182,6 +182,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         generator=generator,
         progress=lambda batches: tqdm(batches, desc="bound", leave=False),
     )
+    require_finite_bound(bound, "no result was written")
     result = {"model": args.model, "data": data.source, **bound.to_dict()}
     return add_sample_quality(result, pipeline, images, args, generator)
 

@@ -36,7 +36,7 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
 
 from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .ddpm.elbo import LOSS_TYPES
-from .ddpm.schedules import BETA_SCHEDULES
+from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .models.unet import coarsest_level_attention, default_unet_layout
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
@@ -87,7 +87,11 @@ class ModelArguments:
         default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}.", "aliases": ["--ddpm_beta_schedule"]}
     )
     num_train_timesteps: int = field(
-        default=1000, metadata={"help": "T, the number of diffusion steps.", "aliases": ["--ddpm_num_steps"]}
+        default=1000,
+        metadata={
+            "help": f"T, the number of diffusion steps, 2 to {MAX_TRAIN_TIMESTEPS:,}.",
+            "aliases": ["--ddpm_num_steps"],
+        },
     )
     timestep_sampler: str = field(
         default="auto",
@@ -490,6 +494,10 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         T = model_args.num_train_timesteps
         if T < 2:
             raise SystemExit(f"--num_train_timesteps must be >= 2 (T diffusion steps), got {T}.")
+        if T > MAX_TRAIN_TIMESTEPS:
+            raise SystemExit(
+                f"--num_train_timesteps must be <= {MAX_TRAIN_TIMESTEPS:,} (T diffusion steps), got {T:,}."
+            )
         if not 1 <= train_args.sample_steps <= T:
             raise SystemExit(
                 f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}."

@@ -22,6 +22,8 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
+from .hub.loading import count_nonfinite
+
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
 
@@ -156,16 +158,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf))
-
-
-def count_nonfinite(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
-    """(how many elements are NaN or +-inf, how many elements there are) in all of ``tensors`` together."""
-    bad = total = 0
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            bad += int((~torch.isfinite(tensor)).sum())
-        total += tensor.numel()
-    return bad, total
 
 
 def count_nonfinite_checkpoint_weights(checkpoint: Path) -> tuple[int, int]:
