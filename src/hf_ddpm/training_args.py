@@ -39,6 +39,7 @@ from .ddpm.elbo import LOSS_TYPES
 from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .models.unet import coarsest_level_attention, default_unet_layout
+from .training_utils import release_run_locks
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
 
 MODELS = ("ddpm", "vae", "vdm")
@@ -594,6 +595,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
             raise
         message = f"could not write a checkpoint or weights file: {str(error).splitlines()[0]}; is the disk full?"
         failure, code = error, 1
+    finally:
+        release_run_locks()  # the output folder's lock, on every way out of main
     if debug:
         traceback.print_exception(failure)
     print(f"error: {message}", file=sys.stderr)

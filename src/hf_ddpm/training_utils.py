@@ -6,11 +6,15 @@ Nothing here knows the model kind (that is :mod:`hf_ddpm.objectives`).
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,9 @@ CHECKPOINT_ARGS = "training_args.json"
 PIPELINE_PREFIX = "pipeline-"  # train.py --save_pipeline_steps: output_dir/pipeline-STEP
 #: :class:`FiniteGuard` reads its on-device flag every this many optimizer steps, besides before every save.
 FINITE_CHECK_STEPS = 50
+#: The lock file of the run training in an output_dir (:func:`acquire_run_lock`): its pid, host and start time.
+RUN_LOCK = "train.lock"
+_held_run_locks: dict[Path, int] = {}  # output_dir (resolved) -> the open, flock-ed lock file of this process
 #: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
 RUN_OUTPUTS = (
     "training_args.json",
@@ -66,6 +73,72 @@ def checkpoint_step(path: Path) -> int | None:
     """STEP of a ``checkpoint-STEP`` folder, None for any other name."""
     suffix = path.name[len(CHECKPOINT_PREFIX) :]
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def acquire_run_lock(output_dir: Path) -> str | None:
+    """Make this process the one run training in ``output_dir`` (which must exist): an exclusive ``flock`` on
+    ``output_dir/train.lock``, which holds its pid, host and start time, kept until :func:`release_run_locks` (or
+    the process's end, when the kernel drops it). A lock held by a live process is refused with ``ValueError`` in
+    one line naming it; the lock of a process that died (killed, crashed) is no longer held and is taken over, and
+    the sentence returned says whose it was (None when there was none). Taking the lock again in the process that
+    holds it replaces its hold (a script run twice in one interpreter)."""
+    path = Path(output_dir) / RUN_LOCK
+    key = path.parent.resolve()
+    if key in _held_run_locks:
+        release_run_lock(key)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise ValueError(
+                f"--output_dir {output_dir} is in use by another training run ({describe_lock_holder(holder)}, lock "
+                f"file {path}); wait for it to end or choose another --output_dir."
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    previous = os.read(fd, 4096).decode("utf-8", "replace")
+    holder = {"pid": os.getpid(), "host": socket.gethostname()}
+    holder["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    _held_run_locks[key] = fd
+    if previous.strip():
+        return f"took over the lock of a run that is no longer running ({describe_lock_holder(previous)})"
+    return None
+
+
+def describe_lock_holder(text: str) -> str:
+    """'pid 123 on host h, started 2026-01-01T00:00:00+00:00' from a :data:`RUN_LOCK` file's text."""
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no details"
+
+
+def release_run_lock(output_dir: Path) -> None:
+    """Remove and release the run lock this process holds on ``output_dir`` (:func:`acquire_run_lock`)."""
+    key = Path(output_dir).resolve()
+    fd = _held_run_locks.pop(key)
+    (key / RUN_LOCK).unlink(missing_ok=True)  # while still locked, so no other run holds the removed file
+    os.close(fd)
+
+
+def release_run_locks() -> None:
+    """Release every run lock this process holds (:func:`release_run_lock`); also run at the interpreter's exit."""
+    for key in list(_held_run_locks):
+        release_run_lock(key)
+
+
+atexit.register(release_run_locks)
 
 
 def save_checkpoint(
@@ -374,15 +447,19 @@ def prepare_output_dir(
     resume: str | None,
 ) -> tuple[Path | None, list[str]]:
     """Make ``output_dir`` ready for a run and find the checkpoint to resume, before any work starts. On the main
-    process: refuse a folder of another model (unless ``overwrite``, which removes the old run's outputs), create
-    it, remove half-written checkpoints. Then, everywhere: the checkpoint of ``resume`` (None for a new run),
-    refused if it is of another model. Returns (checkpoint, what ``overwrite`` removed); raises ``ValueError``."""
+    process: create it and take its run lock first (:func:`acquire_run_lock`), refuse a folder of another model
+    (unless ``overwrite``, which removes the old run's outputs), remove half-written checkpoints. Then,
+    everywhere: the checkpoint of ``resume`` (None for a new run), refused if it is of another model. Returns
+    (checkpoint, what ``overwrite`` removed); raises ``ValueError``."""
     removed: list[str] = []
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        took_over = acquire_run_lock(output_dir)  # first: nothing below may touch another run's files
+        if took_over:
+            logger.warning(f"--output_dir {output_dir}: {took_over}.")
         check_output_dir(output_dir, arguments, keys, overwrite)
         if overwrite:
             removed = clear_output_dir(output_dir, logging_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
     accelerator.wait_for_everyone()
     resume_path = resolve_resume_path(resume, output_dir)
