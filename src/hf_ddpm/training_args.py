@@ -38,6 +38,7 @@ from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .ddpm.elbo import LOSS_TYPES
 from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
+from .hub.push import check_repo_id
 from .models.unet import coarsest_level_attention, default_unet_layout
 from .training_utils import release_run_locks
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
@@ -393,6 +394,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
+    check_push_settings(train_args)
     for flag in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -562,6 +564,21 @@ def resolved_arguments(*arguments) -> dict:
     for name in SECRET_FIELDS:
         values.pop(name, None)
     return values
+
+
+def check_push_settings(train_args: TrainingArguments) -> None:
+    """Refuse, before training starts, push settings that could only fail (or do nothing) after it: an invalid
+    ``--hub_model_id`` (huggingface_hub's validator; without a push it still names the model card), and
+    ``--hub_private_repo`` or ``--push_checkpoints`` without ``--push_to_hub``."""
+    if train_args.hub_model_id is not None:
+        try:
+            check_repo_id(train_args.hub_model_id, "--hub_model_id")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if not train_args.push_to_hub:
+        given = [flag for flag in ("hub_private_repo", "push_checkpoints") if getattr(train_args, flag)]
+        if given:
+            raise SystemExit(f"--{given[0]} applies to a push: add --push_to_hub --hub_model_id ORG/NAME, or drop it.")
 
 
 def model_keys() -> list[str]:

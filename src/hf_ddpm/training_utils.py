@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 from .hub.loading import count_nonfinite
+from .hub.registration import make_readable
 
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
@@ -166,6 +167,7 @@ def save_checkpoint(
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        make_readable(staging, [p.name for p in staging.glob("*.safetensors")])  # 0644, as any file written
         if arguments is not None:
             (staging / CHECKPOINT_ARGS).write_text(json.dumps(arguments, indent=2, default=str))
         if final.exists():
