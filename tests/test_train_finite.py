@@ -173,3 +173,19 @@ def test_num_train_timesteps_beyond_its_bound_is_refused_before_any_work(tmp_pat
         "error: --num_train_timesteps must be <= 100,000 (T diffusion steps), got 1,000,000,000."
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_write_that_fails_in_torch_names_the_folder_in_words(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240")
+
+    monkeypatch.setattr(torch, "save", full_disk)  # accelerate writes optimizer.bin with torch.save
+    argv = ["--output_dir", str(out), *TINY_TRAIN, "--max_train_steps", "1"]
+    assert training_args.run_cli(train.main, argv) == 1
+    assert re.findall(r"error: .*", capsys.readouterr().err) == [
+        f"error: could not write {out / 'checkpoint-1.tmp'}: a file write failed part-way, most likely a full disk; "
+        "the previous checkpoint is kept; free space or choose another --output_dir."
+    ]
+    assert list_checkpoints(out) == []

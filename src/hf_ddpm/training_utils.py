@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -164,7 +165,13 @@ def save_checkpoint(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+    except (OSError, RuntimeError) as error:
+        failure = checkpoint_write_error(staging, error)
+        if failure is None:
+            raise
+        raise failure from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         make_readable(staging, [p.name for p in staging.glob("*.safetensors")])  # 0644, as any file written
@@ -178,6 +185,19 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_write_error(staging: Path, error: OSError | RuntimeError) -> OSError | None:
+    """The error to raise when saving a checkpoint into ``staging`` failed with ``error``: an ``OSError`` whose
+    filename is the file or folder being written and whose message says in words what failed, without torch's
+    internals (a full disk reaches torch's writer as ``[enforce fail at inline_container.cc:...] unexpected pos``).
+    None for a ``RuntimeError`` that is not a failed write."""
+    kept = "the previous checkpoint is kept"
+    if isinstance(error, OSError):
+        return OSError(error.errno, f"{error.strerror or error}; {kept}", error.filename or str(staging))
+    if "PytorchStreamWriter" in str(error) or "unexpected pos" in str(error) or "file write failed" in str(error):
+        return OSError(errno.EIO, f"a file write failed part-way, most likely a full disk; {kept}", str(staging))
+    return None
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:
