@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 
@@ -14,13 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_ddpm_pipeline
-from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
+from helpers import TINY_TRAIN, tiny_ddpm_pipeline
+from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler, training_args
 from hf_ddpm.cli import main
 from hf_ddpm.ddpm.schedules import MAX_TRAIN_TIMESTEPS, cosine_betas
 from hf_ddpm.models import unet as unet_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+import train  # noqa: E402  (importable through helpers)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,9 @@ def copy_with(saved, tmp_path, component: str, file: str, **changes):
 
 def one_line(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if "Loading pipeline components" not in line]
-    assert len(lines) == 1, lines
+    err = capsys.readouterr().err
+    lines = re.findall(r"hf_ddpm: error: .*", err)  # after the progress bars of loading and of the bound
+    assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
@@ -136,3 +140,32 @@ def test_the_vectorised_cosine_schedule_is_the_closed_form_and_fast():
     started = time.perf_counter()
     HFDDPMScheduler(num_train_timesteps=MAX_TRAIN_TIMESTEPS, beta_schedule="cosine")
     assert time.perf_counter() - started < 5  # 24 ms measured on a 2-core machine; the Python loop took seconds
+
+
+def test_train_refuses_a_network_config_too_large_for_memory_naming_the_flag(saved, tmp_path, capsys):
+    config = json.loads((saved / "unet" / "config.json").read_text())
+    config.update(sample_size=28, learn_variance=True, out_channels=None, block_out_channels=[100000, 200000])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = ["--output_dir", str(tmp_path / "out"), *TINY_TRAIN, "--model_config_name_or_path", str(tmp_path)]
+    assert training_args.run_cli(train.main, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: --model_config_name_or_path {tmp_path}: DenoisingUNet config (sample_size 28, block_out_channels "
+        "[100000, 200000]) needs at least 5,400.5 GB in float32 (1,350,000,000,000 parameters and 117,600,000 "
+        "activation values at batch 1), more than the"
+    )
+
+
+def test_evaluate_refuses_a_non_finite_bound_of_finite_weights_and_writes_nothing(tmp_path, capsys):
+    pipeline = tiny_ddpm_pipeline()
+    with torch.no_grad():
+        for parameter in pipeline.unet.parameters():
+            parameter.fill_(1e30)  # finite weights whose outputs overflow
+    pipeline.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", str(tmp_path / "model"), "--data", "embedded", "--max_images", "2", "--json"]
+    line = one_line(capsys, [*argv, str(tmp_path / "r.json"), "--timesteps_per_image", "2"])
+    assert line == (
+        "hf_ddpm: error: the bound is nan bits/dim (2 of 2 images' bounds are NaN or inf): the model's outputs are "
+        "not finite; no result was written."
+    )
+    assert not (tmp_path / "r.json").exists()
