@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_TRAIN  # first: it makes training/train.py importable
+from helpers import REPO_ROOT, TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import training_args
 from hf_ddpm.evaluation import BoundResult
 from hf_ddpm.training_utils import (
@@ -175,17 +178,38 @@ def test_num_train_timesteps_beyond_its_bound_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_write_that_fails_in_torch_names_the_folder_in_words(tmp_path, capsys, monkeypatch):
+def limit_file_size(limit: int = 100_000) -> None:
+    """In a child process: writing a file past ``limit`` bytes fails with EFBIG, as a full disk fails a write."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_checkpoint_write_that_fails_names_the_folder_in_words(tmp_path):
     out = tmp_path / "run"
-
-    def full_disk(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240")
-
-    monkeypatch.setattr(torch, "save", full_disk)  # accelerate writes optimizer.bin with torch.save
-    argv = ["--output_dir", str(out), *TINY_TRAIN, "--max_train_steps", "1"]
-    assert training_args.run_cli(train.main, argv) == 1
-    assert re.findall(r"error: .*", capsys.readouterr().err) == [
-        f"error: could not write {out / 'checkpoint-1.tmp'}: a file write failed part-way, most likely a full disk; "
-        "the previous checkpoint is kept; free space or choose another --output_dir."
+    argv = [sys.executable, str(REPO_ROOT / "training" / "train.py"), "--output_dir", str(out), *TINY_TRAIN]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(
+        [*argv, "--max_train_steps", "1"], env=env, capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.findall(r"error: .*", result.stderr) == [
+        f"error: could not write {out / 'checkpoint-1.tmp'}: File too large; the previous checkpoint is kept; free "
+        "space or choose another --output_dir."
     ]
     assert list_checkpoints(out) == []
+
+
+def test_save_pretrained_that_fails_to_write_names_the_folder_in_words(tmp_path):
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); from helpers import tiny_ddpm_pipeline\n"
+        "from test_train_finite import limit_file_size\n"
+        "pipeline = tiny_ddpm_pipeline(); limit_file_size(10_000)\n"
+        f"try:\n    pipeline.save_pretrained({str(tmp_path / 'saved')!r})\n"
+        "except OSError as error:\n    print(error.filename, '|', error.strerror)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{tmp_path / 'saved'} | File too large", result.stderr

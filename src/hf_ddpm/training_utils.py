@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import errno
 import fcntl
 import json
 import logging
@@ -28,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 from .hub.loading import count_nonfinite
-from .hub.registration import make_readable
+from .hub.registration import make_readable, write_failure
 
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
@@ -167,11 +166,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(staging))
-    except (OSError, RuntimeError) as error:
-        failure = checkpoint_write_error(staging, error)
+    except Exception as error:  # safetensors, torch and the OS each say "disk full" their own way
+        failure = write_failure(error, staging)
         if failure is None:
             raise
-        raise failure from error
+        raise OSError(
+            failure.errno, f"{failure.strerror}; the previous checkpoint is kept", failure.filename
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         make_readable(staging, [p.name for p in staging.glob("*.safetensors")])  # 0644, as any file written
@@ -185,19 +186,6 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def checkpoint_write_error(staging: Path, error: OSError | RuntimeError) -> OSError | None:
-    """The error to raise when saving a checkpoint into ``staging`` failed with ``error``: an ``OSError`` whose
-    filename is the file or folder being written and whose message says in words what failed, without torch's
-    internals (a full disk reaches torch's writer as ``[enforce fail at inline_container.cc:...] unexpected pos``).
-    None for a ``RuntimeError`` that is not a failed write."""
-    kept = "the previous checkpoint is kept"
-    if isinstance(error, OSError):
-        return OSError(error.errno, f"{error.strerror or error}; {kept}", error.filename or str(staging))
-    if "PytorchStreamWriter" in str(error) or "unexpected pos" in str(error) or "file write failed" in str(error):
-        return OSError(errno.EIO, f"a file write failed part-way, most likely a full disk; {kept}", str(staging))
-    return None
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:

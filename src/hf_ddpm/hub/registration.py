@@ -13,8 +13,10 @@ imports it when called, and says what to install when it is missing.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,23 @@ def make_readable(folder: Path, files: Iterable[str]) -> None:
         wanted = mode | (0o666 & ~umask)
         if wanted != mode:
             path.chmod(wanted)
+
+
+def write_failure(error: BaseException, path: str | Path) -> OSError | None:
+    """``error``, raised while writing ``path`` (a weights file or a folder of them), as an ``OSError`` naming
+    ``path`` (unless it names its own file) and saying in words what failed, without the writers' internals:
+    safetensors reports a full disk as ``SafetensorError('... I/O error: No space left on device (os error 28)')``,
+    torch as ``RuntimeError('[enforce fail at inline_container.cc:...] unexpected pos ...')``. None when ``error``
+    is not a failed write."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), error.filename or str(path))
+    text = str(error)
+    code = re.search(r"os error (\d+)", text)
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    if "PytorchStreamWriter" in text or "unexpected pos" in text or "file write failed" in text:
+        return OSError(errno.EIO, "a file write failed part-way, most likely a full disk", str(path))
+    return None
 
 
 class HFDDPMRegistrationMixin:
@@ -105,8 +124,15 @@ class HFDDPMRegistrationMixin:
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, with the weight files readable by others as any written file is (0644
-        under umask 022; :func:`make_readable`)."""
-        super().save_pretrained(save_directory, **kwargs)
+        under umask 022; :func:`make_readable`) and a failed write as an ``OSError`` naming the folder
+        (:func:`write_failure`)."""
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        except Exception as error:
+            failure = write_failure(error, save_directory)
+            if failure is None:
+                raise
+            raise failure from error
         folder = Path(save_directory)
         make_readable(folder, [p.relative_to(folder) for p in folder.rglob("*.safetensors")])
 
