@@ -1,5 +1,6 @@
 """The generic parts of a training run, kept out of ``training/train.py`` so they are tested here: checkpoints that
-survive a kill, resuming, the output folder's guard, EMA weights, sample grids, precision and hardware.
+survive a kill, resuming, the output folder's guard and its one-run lock, the check that nothing non-finite is
+saved (:class:`FiniteGuard`), EMA weights, sample grids, precision and hardware.
 
 Nothing here knows the model kind (that is :mod:`hf_ddpm.objectives`).
 """
