@@ -213,3 +213,34 @@ def test_save_pretrained_that_fails_to_write_names_the_folder_in_words(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.stdout.strip() == f"{tmp_path / 'saved'} | File too large", result.stderr
+
+
+def test_the_guard_reads_nothing_back_between_its_checks(tmp_path, monkeypatch):
+    """observe() only queues device work: no tensor is turned into a Python value (which would wait for the device)
+    except at a check."""
+    weights = [torch.ones(4), torch.zeros(2, 2)]
+    guard = FiniteGuard(tmp_path, every=10)
+
+    def read_back(*args):
+        raise AssertionError("a tensor was read back to the host")
+
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    for step in range(1, 10):
+        guard.observe(weights, None, step)
+    with pytest.raises(AssertionError, match="read back"):
+        guard.observe(weights, None, 10)  # the check every 10 steps reads the flag
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_guard_adds_no_cuda_synchronisation_per_step(tmp_path):
+    weights = [torch.ones(1000, device="cuda"), torch.zeros(30, 30, device="cuda")]
+    guard = FiniteGuard(tmp_path, every=100)
+    guard.observe(weights, None, 1)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for step in range(2, 10):
+            guard.observe(weights, None, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    guard.check(9)  # reads the flag: all finite
