@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -84,6 +83,8 @@ def acquire_run_lock(output_dir: Path) -> str | None:
     one line naming it; the lock of a process that died (killed, crashed) is no longer held and is taken over, and
     the sentence returned says whose it was (None when there was none). Taking the lock again in the process that
     holds it replaces its hold (a script run twice in one interpreter)."""
+    import fcntl  # POSIX only: imported here, so the CLI (which uses this module's grids) imports everywhere
+
     path = Path(output_dir) / RUN_LOCK
     key = path.parent.resolve()
     if key in _held_run_locks:
