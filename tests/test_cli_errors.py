@@ -216,3 +216,18 @@ def test_help_shows_defaults_and_choices_and_no_development_markup(capsys, argv)
         assert "(default: 256)" in text and "(default: 100)" in text
     if argv[0] == "demo":
         assert "(default: 7860)" in text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ode_rtol", "1e-3"], "--ode_rtol applies only to --estimator ode; drop it."),
+        (["--estimator", "ode", "--exact"], "--exact applies only to the bound (--estimator bound); drop it."),
+        (["--estimator", "ode", "--timesteps_per_image", "4"], "--timesteps_per_image applies only to the bound"),
+    ],
+)
+def test_evaluate_refuses_the_flags_of_the_other_estimator_before_the_data(
+    tiny_model, tmp_path, capsys, flags, message
+):
+    absent = str(tmp_path / "no_such_data")  # refused before the data is looked at
+    assert message in one_line(capsys, ["evaluate", str(tiny_model), "--data", absent, *flags])

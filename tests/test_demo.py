@@ -409,6 +409,7 @@ def test_demo_arguments_reach_launch(model_dirs: dict[str, Path], monkeypatch: p
         "port": 7860,
         "share": False,
         "export_space": None,
+        "overwrite": False,
     }
     launched = []
     monkeypatch.setattr(gradio.Blocks, "launch", lambda app, **options: launched.append((app, options)))

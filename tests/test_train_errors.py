@@ -13,6 +13,7 @@ import pytest
 
 from helpers import TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import training_args
+from hf_ddpm.training_utils import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 import train  # noqa: E402  (importable through helpers)
@@ -114,7 +115,7 @@ def test_overwrite_output_dir_starts_over_so_latest_cannot_pick_the_old_run(tmp_
     assert (out / "checkpoint-4").is_dir()
     (out / "notes.txt").write_text("mine")
     run(out, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
     assert json.loads((out / "training_args.json").read_text())["num_train_timesteps"] == 50
@@ -160,7 +161,7 @@ def test_the_log_is_appended_on_resume_without_duplicate_steps_and_a_finished_ru
         f"checkpoint-4 is at step 4 >= --max_train_steps 4 and its outputs are in {out}: the run is finished, nothing "
         "to do (raise --max_train_steps to train further)."
     ]
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
     assert json.loads((out / "eval_results.json").read_text())["steps"] == 4
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
@@ -196,4 +197,4 @@ def test_a_full_disk_names_the_path_and_the_cause_and_keeps_the_checkpoint(tmp_p
         f"error: could not write {out / 'unet' / 'diffusion_pytorch_model.safetensors'}: No space left on device; "
         "free space or choose another --output_dir."
     )
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]

@@ -50,6 +50,7 @@ from hf_ddpm.training_args import (
 )
 from hf_ddpm.training_utils import (
     PIPELINE_PREFIX,
+    FiniteGuard,
     TrainLog,
     checkpoint_step,
     ema_weights,
@@ -57,10 +58,11 @@ from hf_ddpm.training_utils import (
     flush_denormals,
     hardware_description,
     has_accelerator_device,
-    list_checkpoints,
     log_sample_grid,
+    nonfinite_stop_message,
     prepare_output_dir,
     read_train_log,
+    require_finite_bound,
     resolve_mixed_precision,
     sample_grid,
     save_checkpoint,
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(objective)
+    finite_guard = FiniteGuard(output_dir)  # weights and EMA weights finite before every save
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
@@ -270,14 +273,10 @@ def main(argv: list[str] | None = None) -> Path:
                 loss = out.loss.mean()
                 nonfinite |= ~torch.isfinite(loss.detach())
                 if read_back and accelerator.gather(nonfinite[None]).any():
-                    last = list_checkpoints(output_dir)
                     n = train_args.logging_steps
                     earlier = f" (or up to {n - 1} steps before: --logging_steps {n})" if n > 1 else ""
-                    raise SystemExit(
-                        f"The loss became {loss.item()} at step {global_step}{earlier} (epoch {epoch}); stopping. "
-                        f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint was saved yet)'}. "
-                        "Try a lower --learning_rate or --max_grad_norm, or --mixed_precision no."
-                    )
+                    what = f"The loss became {loss.item()} at step {global_step}{earlier} (epoch {epoch})"
+                    raise SystemExit(nonfinite_stop_message(what, output_dir))
                 accelerator.backward(loss)
                 grad_norm = (
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -293,6 +292,7 @@ def main(argv: list[str] | None = None) -> Path:
             if ema is not None:
                 ema.step(unwrapped.parameters())
             global_step += 1
+            finite_guard.observe(unwrapped.parameters(), ema, global_step)
             progress.update(1)
             if global_step % train_args.logging_steps == 0 or global_step == max_train_steps:
                 train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)
@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> Path:
                     train_log.append({"step": global_step, **logs})
             if global_step % train_args.checkpointing_steps == 0 or global_step == max_train_steps:
                 limit = train_args.checkpoints_total_limit
+                finite_guard.check(global_step)
                 saved = save_checkpoint(accelerator, output_dir, global_step, limit, arguments)
                 logger.info(f"Saved checkpoint {saved}")
                 if train_args.push_to_hub and train_args.push_checkpoints and accelerator.is_main_process:
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> Path:
                 and global_step % train_args.save_pipeline_steps == 0
                 and accelerator.is_main_process
             ):
+                finite_guard.check(global_step)
                 with ema_weights(ema, unwrapped):
                     objective.pipeline(unwrapped).save_pretrained(output_dir / f"{PIPELINE_PREFIX}{global_step}")
             if (
@@ -365,11 +367,13 @@ def main(argv: list[str] | None = None) -> Path:
     train_seconds = time.time() - start_time
 
     # ---- outputs: the EMA weights as a pipeline, the NLL, samples, plots, the card; then the Hub
+    finite_guard.check(global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
             pipeline = objective.pipeline(unwrapped)
             bound = evaluate(objective, unwrapped, held_out_images, train_args)
+            require_finite_bound(bound, "no pipeline, model card or eval_results.json was written")
             grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
             # the whole run's log (a resumed run's earlier steps too), and where the bound goes in time (diffusions)
             plots = {LOSS_CURVE_PATH: plot_loss_curve(read_train_log(output_dir / "train_log.jsonl"))}

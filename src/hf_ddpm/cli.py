@@ -30,13 +30,42 @@ from .demo import add_demo_arguments, run_demo
 from .evaluation import ESTIMATORS, BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
 from .pipelines.auto import open_pipeline, with_scheduler
-from .pipelines.ddpm import DDPM_SCHEDULERS
+from .pipelines.ddpm import DDPM_SCHEDULERS, HFDDPMPipeline
+from .pipelines.vae import VAEPipeline
+from .pipelines.vdm import VDMPipeline
 from .probability_flow import DIVERGENCE_METHODS, PROBE_KINDS, SOLVER_METHODS
-from .training_utils import image_grid
+from .training_utils import image_grid, require_finite_bound
 from .vdm.scheduler import VDM_STEP_TYPES
 
 #: Every --scheduler name: an HFDDPMPipeline's samplers and a VDMPipeline's step types (each pipeline takes its own).
 SCHEDULER_NAMES = list(dict.fromkeys([*DDPM_SCHEDULERS, *VDM_STEP_TYPES]))
+
+#: command -> model kind -> the flags that do nothing for it (refused when given: :func:`check_flags_apply`).
+INAPPLICABLE_FLAGS = {
+    "evaluate": {
+        VAEPipeline: ("exact", "steps", "no_clip_denoised", "timesteps_per_image", "estimator"),
+        HFDDPMPipeline: ("elbo_samples", "iwae_samples"),
+        VDMPipeline: ("elbo_samples", "iwae_samples"),
+    },
+    "sample": {VAEPipeline: ("scheduler", "steps")},
+}
+#: evaluate's flags of the probability-flow ODE (--estimator ode) and of the variational bound only.
+ODE_ONLY_FLAGS = frozenset(
+    {
+        "ode_divergence",
+        "hutchinson_probes",
+        "hutchinson_probe",
+        "ode_method",
+        "ode_rtol",
+        "ode_atol",
+        "ode_steps",
+        "ode_t_min",
+    }
+)
+BOUND_ONLY_FLAGS = frozenset({"exact", "timesteps_per_image", "no_clip_denoised"})
+#: The fewest times per image of a VDM's estimated bound: its standard error needs two draws
+#: (:func:`hf_ddpm.vdm.elbo.continuous_time_bound_estimate`).
+VDM_MIN_TIMESTEPS_PER_IMAGE = 2
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -76,6 +105,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.json:
         check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)
+    check_flags_apply(args, pipeline)
     try:
         shape = (pipeline.image_channels, pipeline.image_size, pipeline.image_size)
         if args.num_samples and shape != MNIST_SHAPE:
@@ -120,6 +150,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         generator=generator,
         progress=lambda batches: tqdm(batches, desc="bound", leave=False),
     )
+    require_finite_bound(bound, "no result was written")
     result = {"model": args.model, "data": data.source, **bound.to_dict()}
     return add_sample_quality(result, pipeline, images, args, generator)
 
@@ -144,6 +175,36 @@ def add_sample_quality(
             "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)",
         }
     return result
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The names of the ``--flags`` written on the command line ``argv`` (``--steps 5`` and ``--steps=5`` alike),
+    as opposed to those left at their defaults."""
+    return {word[2:].split("=", 1)[0] for word in argv if word.startswith("--")}
+
+
+def check_flags_apply(args: argparse.Namespace, pipeline: object) -> None:
+    """Refuse (UsageError), after loading the model and before any data or work, a flag given on the command line
+    (``args.given``) that does nothing for this model kind (:data:`INAPPLICABLE_FLAGS`), ``--timesteps_per_image``
+    with ``--exact`` (which sums every step), and a VDM's ``--timesteps_per_image`` below
+    :data:`VDM_MIN_TIMESTEPS_PER_IMAGE`."""
+    kind = type(pipeline)
+    for flag in INAPPLICABLE_FLAGS[args.command].get(kind, ()):
+        if flag in args.given:
+            raise UsageError(f"--{flag} does not apply to {args.model}, a {kind.__name__}; drop it.")
+    if args.command != "evaluate":
+        return
+    ode = args.estimator == "ode"
+    for flag in sorted(args.given & (BOUND_ONLY_FLAGS if ode else ODE_ONLY_FLAGS)):
+        needs = "the bound (--estimator bound)" if ode else "--estimator ode"
+        raise UsageError(f"--{flag} applies only to {needs}; drop it.")
+    if args.exact and "timesteps_per_image" in args.given:
+        raise UsageError("--timesteps_per_image does not apply with --exact, which sums every timestep; drop one.")
+    if kind is VDMPipeline and not args.exact and args.timesteps_per_image < VDM_MIN_TIMESTEPS_PER_IMAGE:
+        raise UsageError(
+            f"--timesteps_per_image must be >= {VDM_MIN_TIMESTEPS_PER_IMAGE} for a VDMPipeline (the standard error of "
+            f"its estimated bound needs two draws per image), got {args.timesteps_per_image}."
+        )
 
 
 def check_counts(args: argparse.Namespace, *minimums: tuple[str, int]) -> None:
@@ -179,11 +240,23 @@ def sample(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if is_image_file(out):
         check_writable_file(out, "--out")
+        existing = [out] if out.exists() else []
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file without an image suffix; give a .png/.jpg grid or a folder.")
     else:
         check_writable_file(out / "00000.png", "--out")
+        existing = [
+            out / f"{index:05d}.png" for index in range(args.num_images) if (out / f"{index:05d}.png").exists()
+        ]
+    if existing and not args.overwrite:
+        names = ", ".join(p.name for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise UsageError(
+            f"--out {out}: {names} already exist(s); pass --overwrite to replace, or choose another --out."
+        )
     pipeline = load_pipeline(args.model, args.revision, args.device)
+    check_flags_apply(args, pipeline)
     call = sampling_call(pipeline, args)
     if args.scheduler != "vdm":  # vdm: the model's own sampler, as saved
         try:
@@ -300,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument(
         "--out", default="samples.png", help="a grid image (.png, .jpg, ...), or a folder for one PNG per image"
     )
+    sample_parser.add_argument("--overwrite", action="store_true", help="replace images already at --out")
     demo_help = "a Gradio app to sample, watch the denoising and score digits (needs pip install 'hf_ddpm[demo]')"
     add_demo_arguments(
         commands.add_parser(
@@ -332,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    args.given = flags_given(argv)
     if args.command == "demo":
         return run_demo(args)
     if args.command == "sample":

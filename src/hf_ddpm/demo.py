@@ -30,6 +30,7 @@ import torch
 
 from . import HFDDPMPipeline, VAEPipeline, VDMPipeline, __version__
 from .distributions import nats_to_bits_per_dim
+from .hub.push import check_repo_id
 from .image_utils import images_to_tensor, model_range_to_output
 from .pipelines.auto import open_pipeline, with_scheduler
 from .pipelines.vdm import VDM_EXACT_BOUND_STEPS
@@ -359,26 +360,20 @@ def build_demo(pipeline: DemoPipelines) -> gradio.Blocks:
     return demo
 
 
-SPACE_APP = '''"""Gradio Space for the hf_ddpm model {model}."""
+SPACE_APP = '''"""Gradio Space for an hf_ddpm model (MODEL below)."""
 
 from hf_ddpm.demo import build_demo, load_for_demo
 
-demo = build_demo(load_for_demo({model!r}, revision={revision!r}))
+MODEL = {model}
+REVISION = {revision}
+
+demo = build_demo(load_for_demo(MODEL, revision=REVISION))
 
 if __name__ == "__main__":
     demo.launch()
 '''
 
-SPACE_README = """---
-title: {title}
-sdk: gradio
-sdk_version: {gradio_version}
-app_file: app.py
-models:
-  - {model}
-pinned: false
----
-
+SPACE_README_BODY = """
 # {title}
 
 Samples, the denoising trajectory and the bits/dim of a drawn digit for [{model}](https://huggingface.co/{model}),
@@ -386,23 +381,51 @@ served with hf_ddpm's demo (`hf_ddpm demo {model}`).
 """
 
 
-def export_space(model: str, directory: Path, revision: str | None = None) -> list[Path]:
+def space_files(model: str, revision: str | None, gradio_version: str) -> dict[str, str]:
+    """The text of a Space's ``app.py``, ``requirements.txt`` and ``README.md`` for the Hub model ``model``; every
+    value a user gave is encoded for where it goes: Python literals (``repr``) in app.py, YAML by
+    ``yaml.safe_dump`` in the README's front matter."""
+    import yaml
+
+    title = model.split("/")[-1]
+    front = {
+        "title": title,
+        "sdk": "gradio",
+        "sdk_version": gradio_version,
+        "app_file": "app.py",
+        "models": [model],
+        "pinned": False,
+    }
+    return {
+        "app.py": SPACE_APP.format(model=repr(model), revision=repr(revision)),
+        "requirements.txt": f"hf_ddpm=={__version__}\ngradio=={gradio_version}\ntorch\n",
+        "README.md": f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
+        + SPACE_README_BODY.format(title=title, model=model),
+    }
+
+
+def export_space(model: str, directory: Path, revision: str | None = None, overwrite: bool = False) -> list[Path]:
     """Write a Hugging Face Space for the Hub model ``model`` into ``directory``: ``app.py`` (loads the model with
     hf_ddpm and launches :func:`build_demo`), ``requirements.txt`` (hf_ddpm, gradio, torch) and ``README.md``
-    with the Spaces front matter (sdk: gradio, app_file: app.py). Returns the paths written.
+    with the Spaces front matter (sdk: gradio, app_file: app.py), as :func:`space_files` encodes them. Returns the
+    paths written.
 
-    Raises ``ValueError`` for a local folder: a Space can only load a model from the Hub.
+    Raises ``ValueError`` for a local folder (a Space can only load a model from the Hub), a ``model`` that is not
+    a valid repo id, and, unless ``overwrite``, a ``directory`` that already has any of the three files.
     """
     gr = import_gradio()
     if Path(model).is_dir() or "/" not in model:
         raise ValueError(f"{model}: a Space loads its model from the Hub: pass a repo id ORG/NAME (push it first).")
+    check_repo_id(model, "the model")  # first: nothing invalid reaches the files
     directory = Path(directory)
+    files = space_files(model, revision, gr.__version__)
+    existing = [name for name in files if (directory / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--export_space {directory} already has {', '.join(existing)}; pass --overwrite to replace them, or "
+            "choose another folder."
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    files = {
-        "app.py": SPACE_APP.format(model=model, revision=revision),
-        "requirements.txt": f"hf_ddpm=={__version__}\ngradio=={gr.__version__}\ntorch\n",
-        "README.md": SPACE_README.format(title=model.split("/")[-1], model=model, gradio_version=gr.__version__),
-    }
     paths = []
     for filename, text in files.items():
         path = directory / filename
@@ -425,6 +448,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write a Space (app.py, requirements.txt, README.md) for the Hub model into DIR and exit",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --export_space: replace the files already in DIR"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -433,7 +459,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         import_gradio()
         if args.export_space:
-            for path in export_space(args.model, Path(args.export_space), revision=args.revision):
+            space = Path(args.export_space)
+            for path in export_space(args.model, space, revision=args.revision, overwrite=args.overwrite):
                 print(f"wrote {path}")
             return 0
         demo = build_demo(load_for_demo(args.model, args.revision))

@@ -36,9 +36,11 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
 
 from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .ddpm.elbo import LOSS_TYPES
-from .ddpm.schedules import BETA_SCHEDULES
+from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
+from .hub.push import check_repo_id
 from .models.unet import coarsest_level_attention, default_unet_layout
+from .training_utils import release_run_locks
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
 
 MODELS = ("ddpm", "vae", "vdm")
@@ -87,7 +89,11 @@ class ModelArguments:
         default="cosine", metadata={"help": f"{' | '.join(BETA_SCHEDULES)}.", "aliases": ["--ddpm_beta_schedule"]}
     )
     num_train_timesteps: int = field(
-        default=1000, metadata={"help": "T, the number of diffusion steps.", "aliases": ["--ddpm_num_steps"]}
+        default=1000,
+        metadata={
+            "help": f"T, the number of diffusion steps, 2 to {MAX_TRAIN_TIMESTEPS:,}.",
+            "aliases": ["--ddpm_num_steps"],
+        },
     )
     timestep_sampler: str = field(
         default="auto",
@@ -435,6 +441,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         raise SystemExit("--compile and --cuda_graphs both replace the training forward: choose one.")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
+    check_push_settings(train_args)
     for flag in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -538,6 +545,10 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         T = model_args.num_train_timesteps
         if T < 2:
             raise SystemExit(f"--num_train_timesteps must be >= 2 (T diffusion steps), got {T}.")
+        if T > MAX_TRAIN_TIMESTEPS:
+            raise SystemExit(
+                f"--num_train_timesteps must be <= {MAX_TRAIN_TIMESTEPS:,} (T diffusion steps), got {T:,}."
+            )
         if not 1 <= train_args.sample_steps <= T:
             raise SystemExit(
                 f"--sample_steps must be in [1, {T}] (--num_train_timesteps), got {train_args.sample_steps}."
@@ -603,6 +614,21 @@ def resolved_arguments(*arguments) -> dict:
     return values
 
 
+def check_push_settings(train_args: TrainingArguments) -> None:
+    """Refuse, before training starts, push settings that could only fail (or do nothing) after it: an invalid
+    ``--hub_model_id`` (huggingface_hub's validator; without a push it still names the model card), and
+    ``--hub_private_repo`` or ``--push_checkpoints`` without ``--push_to_hub``."""
+    if train_args.hub_model_id is not None:
+        try:
+            check_repo_id(train_args.hub_model_id, "--hub_model_id")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if not train_args.push_to_hub:
+        given = [flag for flag in ("hub_private_repo", "push_checkpoints") if getattr(train_args, flag)]
+        if given:
+            raise SystemExit(f"--{given[0]} applies to a push: add --push_to_hub --hub_model_id ORG/NAME, or drop it.")
+
+
 def model_keys() -> list[str]:
     """The arguments that define the model (another value is another model): every :class:`ModelArguments` field,
     and the image size and channels."""
@@ -634,6 +660,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
             raise
         message = f"could not write a checkpoint or weights file: {str(error).splitlines()[0]}; is the disk full?"
         failure, code = error, 1
+    finally:
+        release_run_locks()  # the output folder's lock, on every way out of main
     if debug:
         traceback.print_exception(failure)
     print(f"error: {message}", file=sys.stderr)

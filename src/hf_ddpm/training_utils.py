@@ -1,15 +1,20 @@
 """The generic parts of a training run, kept out of ``training/train.py`` so they are tested here: checkpoints that
-survive a kill, resuming, the output folder's guard, EMA weights, sample grids, precision and hardware.
+survive a kill, resuming, the output folder's guard and its one-run lock, the check that nothing non-finite is
+saved (:class:`FiniteGuard`), EMA weights, sample grids, precision and hardware.
 
 Nothing here knows the model kind (that is :mod:`hf_ddpm.objectives`).
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,14 +26,25 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
+from .hub.loading import count_nonfinite
+from .hub.registration import make_readable, write_failure
 from .models.unet import DenoisingUNetOutput
 
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
 
+    from .evaluation import BoundResult
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_ARGS = "training_args.json"
 PIPELINE_PREFIX = "pipeline-"  # train.py --save_pipeline_steps: output_dir/pipeline-STEP
+#: :class:`FiniteGuard` reads its on-device flag every this many optimizer steps, besides before every save.
+FINITE_CHECK_STEPS = 50
+#: The lock file of the run training in an output_dir (:func:`acquire_run_lock`): its pid, host and start time.
+RUN_LOCK = "train.lock"
+_held_run_locks: dict[Path, int] = {}  # output_dir (resolved) -> the open, flock-ed lock file of this process
 #: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
 RUN_OUTPUTS = (
     "training_args.json",
@@ -60,6 +76,74 @@ def checkpoint_step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
+def acquire_run_lock(output_dir: Path) -> str | None:
+    """Make this process the one run training in ``output_dir`` (which must exist): an exclusive ``flock`` on
+    ``output_dir/train.lock``, which holds its pid, host and start time, kept until :func:`release_run_locks` (or
+    the process's end, when the kernel drops it). A lock held by a live process is refused with ``ValueError`` in
+    one line naming it; the lock of a process that died (killed, crashed) is no longer held and is taken over, and
+    the sentence returned says whose it was (None when there was none). Taking the lock again in the process that
+    holds it replaces its hold (a script run twice in one interpreter)."""
+    import fcntl  # POSIX only: imported here, so the CLI (which uses this module's grids) imports everywhere
+
+    path = Path(output_dir) / RUN_LOCK
+    key = path.parent.resolve()
+    if key in _held_run_locks:
+        release_run_lock(key)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise ValueError(
+                f"--output_dir {output_dir} is in use by another training run ({describe_lock_holder(holder)}, lock "
+                f"file {path}); wait for it to end or choose another --output_dir."
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    previous = os.read(fd, 4096).decode("utf-8", "replace")
+    holder = {"pid": os.getpid(), "host": socket.gethostname()}
+    holder["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    _held_run_locks[key] = fd
+    if previous.strip():
+        return f"took over the lock of a run that is no longer running ({describe_lock_holder(previous)})"
+    return None
+
+
+def describe_lock_holder(text: str) -> str:
+    """'pid 123 on host h, started 2026-01-01T00:00:00+00:00' from a :data:`RUN_LOCK` file's text."""
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no details"
+
+
+def release_run_lock(output_dir: Path) -> None:
+    """Remove and release the run lock this process holds on ``output_dir`` (:func:`acquire_run_lock`)."""
+    key = Path(output_dir).resolve()
+    fd = _held_run_locks.pop(key)
+    (key / RUN_LOCK).unlink(missing_ok=True)  # while still locked, so no other run holds the removed file
+    os.close(fd)
+
+
+def release_run_locks() -> None:
+    """Release every run lock this process holds (:func:`release_run_lock`); also run at the interpreter's exit."""
+    for key in list(_held_run_locks):
+        release_run_lock(key)
+
+
+atexit.register(release_run_locks)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -82,9 +166,18 @@ def save_checkpoint(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+    except Exception as error:  # safetensors, torch and the OS each say "disk full" their own way
+        failure = write_failure(error, staging)
+        if failure is None:
+            raise
+        raise OSError(
+            failure.errno, f"{failure.strerror}; the previous checkpoint is kept", failure.filename
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        make_readable(staging, [p.name for p in staging.glob("*.safetensors")])  # 0644, as any file written
         if arguments is not None:
             (staging / CHECKPOINT_ARGS).write_text(json.dumps(arguments, indent=2, default=str))
         if final.exists():
@@ -109,8 +202,19 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        latest, skipped = latest_finite_checkpoint(output_dir)
+        if skipped and latest is None:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: every checkpoint in {output_dir} "
+                f"({', '.join(p.name for p in skipped)}) has NaN or inf weights; start a new run with "
+                "--overwrite_output_dir and a lower --learning_rate."
+            )
+        if skipped:
+            logger.warning(
+                f"--resume_from_checkpoint latest: skipped {', '.join(p.name for p in skipped)} (NaN or inf "
+                f"weights); resuming from {latest.name}, the latest checkpoint whose weights are all finite."
+            )
+        return latest
     path = Path(resume)
     if not path.is_dir() and (output_dir / resume).is_dir():
         path = output_dir / resume
@@ -119,7 +223,117 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
         raise ValueError(
             f"--resume_from_checkpoint {resume}: no checkpoint folder there. Use 'latest' or one of {names}."
         )
+    bad, total = count_nonfinite_checkpoint_weights(path)
+    if bad:
+        latest, _ = latest_finite_checkpoint(path.parent)
+        instead = f"resume from {latest.name}" if latest is not None else "start a new run"
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: {bad:,} of its {total:,} weights are NaN or inf; {instead} with a "
+            "lower --learning_rate."
+        )
     return path
+
+
+# ---------------------------------------------------------------------------------------------- finite weights
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor, on the tensors' device and not read back: True when no element of any tensor is NaN
+    or +-inf. max_i |x_i| (the infinity norm of all of them, torch's foreach kernels) is finite iff every x_i is:
+    NaN propagates through the maximum, and a finite maximum bounds every |x_i|."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf))
+
+
+def count_nonfinite_checkpoint_weights(checkpoint: Path) -> tuple[int, int]:
+    """(non-finite values, all values) of the weights a checkpoint holds, read from its files: the model's
+    (``model*.safetensors``, as accelerate saves it) and the EMA's (the ``custom_checkpoint_*.pkl`` whose state
+    has ``shadow_params``), so whether a checkpoint can be resumed is known, not assumed."""
+    from safetensors.torch import load_file
+
+    tensors: list[torch.Tensor] = []
+    for weights in sorted(checkpoint.glob("model*.safetensors")):
+        tensors += load_file(weights).values()
+    for custom in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(custom, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "shadow_params" in state:
+            tensors += state["shadow_params"]
+    return count_nonfinite(tensors)
+
+
+def latest_finite_checkpoint(output_dir: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest checkpoint in ``output_dir`` whose weights are all finite, read and checked; None if there is
+    none) and the newer checkpoints passed over because theirs are not, newest first."""
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        if count_nonfinite_checkpoint_weights(checkpoint)[0] == 0:
+            return checkpoint, skipped
+        skipped.append(checkpoint)
+    return None, skipped
+
+
+def nonfinite_stop_message(what: str, output_dir: Path) -> str:
+    """The one line a run that went non-finite stops with: ``what`` happened, the last checkpoint whose weights
+    are finite (read from disk) and how to go on from it."""
+    latest, skipped = latest_finite_checkpoint(output_dir)
+    passed = f" (passing over {', '.join(p.name for p in skipped)}: NaN or inf)" if skipped else ""
+    remedy = "a lower --learning_rate or --max_grad_norm, or --mixed_precision no"
+    if latest is None:
+        go_on = f"No checkpoint with finite weights was saved{passed}: start again with {remedy}"
+    else:
+        go_on = (
+            f"The last checkpoint with finite weights is {latest}{passed}: resume from it "
+            f"(--resume_from_checkpoint {latest.name}) with {remedy}"
+        )
+    return f"{what}; stopping, nothing non-finite saved. {go_on}."
+
+
+class FiniteGuard:
+    """Stops a run whose weights or EMA weights became NaN or inf, before they are saved.
+
+    :meth:`observe` after every optimizer step folds "all finite" into a flag that stays on the device (no host
+    synchronisation per step) and remembers the first step that was not; :meth:`check` reads it: train.py calls it
+    before every checkpoint, pipeline and final save, and :meth:`observe` itself every ``every`` steps. A run that
+    went non-finite raises ``SystemExit`` with one line naming that step and the last checkpoint whose weights are
+    finite (:func:`nonfinite_stop_message`).
+    """
+
+    def __init__(self, output_dir: Path, every: int = FINITE_CHECK_STEPS):
+        self.output_dir, self.every = Path(output_dir), every
+        self._finite: torch.Tensor | None = None  # bool, on the device
+        self._first_bad_step: torch.Tensor | None = None  # int64, on the device; -1 while all finite
+
+    def observe(self, parameters: Iterable[torch.Tensor], ema: EMAModel | None, step: int) -> None:
+        """Fold the finiteness of ``parameters`` and the EMA's weights after optimizer step ``step`` into the flag."""
+        finite = all_finite([*parameters, *(ema.shadow_params if ema is not None else [])])
+        if self._finite is None:
+            self._finite = torch.ones((), dtype=torch.bool, device=finite.device)
+            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=finite.device)
+        self._first_bad_step = torch.where(self._finite & ~finite, step, self._first_bad_step)
+        self._finite = self._finite & finite
+        if step % self.every == 0:
+            self.check(step)
+
+    def check(self, step: int) -> None:
+        """Raise ``SystemExit`` (one line) if the weights were NaN or inf after any step observed up to ``step``."""
+        if self._finite is None or bool(self._finite):
+            return
+        first = int(self._first_bad_step)
+        found = f" (found at step {step})" if step != first else ""
+        raise SystemExit(
+            nonfinite_stop_message(f"The weights became NaN or inf at step {first}{found}", self.output_dir)
+        )
+
+
+def require_finite_bound(bound: BoundResult, consequence: str) -> None:
+    """Raise ``ValueError`` (one line) when the bound is NaN or inf, saying how many images' bounds are and what
+    was therefore not done (``consequence``): a non-finite result is never reported or saved as one."""
+    bad, total = count_nonfinite([bound.per_image])
+    if bad or not math.isfinite(bound.bits_per_dim):
+        raise ValueError(
+            f"the bound is {bound.bits_per_dim} bits/dim ({bad} of {total} images' bounds are NaN or inf): the "
+            f"model's outputs are not finite; {consequence}."
+        )
 
 
 def check_output_dir(output_dir: Path, arguments: dict[str, Any], keys: Iterable[str], overwrite: bool) -> None:
@@ -245,15 +459,19 @@ def prepare_output_dir(
     resume: str | None,
 ) -> tuple[Path | None, list[str]]:
     """Make ``output_dir`` ready for a run and find the checkpoint to resume, before any work starts. On the main
-    process: refuse a folder of another model (unless ``overwrite``, which removes the old run's outputs), create
-    it, remove half-written checkpoints. Then, everywhere: the checkpoint of ``resume`` (None for a new run),
-    refused if it is of another model. Returns (checkpoint, what ``overwrite`` removed); raises ``ValueError``."""
+    process: create it and take its run lock first (:func:`acquire_run_lock`), refuse a folder of another model
+    (unless ``overwrite``, which removes the old run's outputs), remove half-written checkpoints. Then,
+    everywhere: the checkpoint of ``resume`` (None for a new run), refused if it is of another model. Returns
+    (checkpoint, what ``overwrite`` removed); raises ``ValueError``."""
     removed: list[str] = []
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        took_over = acquire_run_lock(output_dir)  # first: nothing below may touch another run's files
+        if took_over:
+            logger.warning(f"--output_dir {output_dir}: {took_over}.")
         check_output_dir(output_dir, arguments, keys, overwrite)
         if overwrite:
             removed = clear_output_dir(output_dir, logging_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)
     accelerator.wait_for_everyone()
     resume_path = resolve_resume_path(resume, output_dir)

@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chain import DiffusionChain, check_choice
-from .schedules import betas_from_config
+from .schedules import betas_from_config, check_num_train_timesteps
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -91,6 +91,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_num_train_timesteps(num_train_timesteps)
         if num_train_timesteps < 2:
             raise ValueError(
                 f"num_train_timesteps must be at least 2 (got {num_train_timesteps}): the decoder p(x_0 | x_1) "

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub import get_cached_repo_tree, resolve_revision, snapshot_download
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
@@ -67,6 +68,27 @@ def refuse_pickle_weights(files: Iterable[str], components: Iterable[str], sourc
             f"{source} holds pickle weights ({', '.join(pickles)}). hf_ddpm loads safetensors only, because loading "
             "a pickle can run arbitrary code. Load that pipeline once where you trust it, save it again with "
             "save_pretrained(...) (safetensors is the default) and push the result."
+        )
+
+
+def count_nonfinite(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """(how many elements are NaN or +-inf, how many elements there are) in all of ``tensors`` together."""
+    bad = total = 0
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            bad += int((~torch.isfinite(tensor)).sum())
+        total += tensor.numel()
+    return bad, total
+
+
+def refuse_nonfinite_weights(model: torch.nn.Module, source: str) -> None:
+    """Raise ``ValueError`` (one line) if any weight or buffer of ``model`` (loaded from ``source``) is NaN or
+    +-inf: such a model samples black images and reports a NaN bound, so it is refused before any use."""
+    bad, total = count_nonfinite(model.state_dict().values())
+    if bad:
+        raise ValueError(
+            f"{source}: {bad:,} of its {total:,} weights are NaN or inf (a training run that diverged); load a "
+            "checkpoint saved before that, or retrain with a lower learning rate."
         )
 
 
@@ -179,4 +201,6 @@ def load_package_components(
         is_model = issubclass(component_class, ModelMixin)
         options = {**_model_options(kwargs, name), "use_safetensors": True} if is_model else {}
         components[name] = component_class.from_pretrained(folder, subfolder=name, **options)
+        if is_model:
+            refuse_nonfinite_weights(components[name], str(folder / name))
     return components

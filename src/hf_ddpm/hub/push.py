@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ge
 from .card import SAMPLE_GRID_PATH, TrainingReport, hide_local_paths, redact_secrets, render_model_card
 from .loading import MODEL_INDEX
 from .naming import PACKAGE
+from .registration import make_readable
 from .remote_code import REMOTE_CODE_FILENAME, remote_code_files
 
 TRAINING_ARGS_PATH = "training_args.json"
@@ -87,7 +87,7 @@ def save_pipeline_repo(
         arguments = json.dumps(redact_secrets(training_args), indent=2, default=str)
         (folder / TRAINING_ARGS_PATH).write_text(arguments, encoding="utf-8")
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    _make_readable(folder, files)
+    make_readable(folder, files)
     return files
 
 
@@ -102,20 +102,6 @@ def record_remote_pipeline_class(folder: Path, class_name: str) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _make_readable(folder: Path, files: list[str]) -> None:
-    """Give every written file the mode a plain write would (0644 under the usual umask 022): safetensors writes
-    its weight files 0600 (diffusers' save_pretrained keeps that mode), so another user could not load a shared
-    model folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in files:
-        path = folder / name
-        mode = path.stat().st_mode & 0o777
-        wanted = mode | (0o666 & ~umask)
-        if wanted != mode:
-            path.chmod(wanted)
-
-
 def _refuse_files_with_secret(folder: Path, files: list[str], secret: str | None) -> None:
     if not secret:
         return
@@ -125,6 +111,18 @@ def _refuse_files_with_secret(folder: Path, files: list[str], secret: str | None
             f"Refusing to push: {', '.join(leaking)} contain(s) the Hub token. Remove it from what you pass "
             "(card text, training arguments) and push again; nothing was uploaded."
         )
+
+
+def check_repo_id(repo_id: str, flag: str) -> None:
+    """Raise ``ValueError`` (one line) unless ``repo_id`` is a valid Hub repo id by huggingface_hub's own validator
+    (NAME or ORG/NAME of letters, digits, '-', '_' and '.'; such an id cannot break out of the code or text it is
+    written into). ``flag`` names where it came from in the message."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{flag} {repo_id!r} is not a Hub repo id ORG/NAME: {error}") from None
 
 
 def _commit_message(pipeline: Any, prefix: str) -> str:

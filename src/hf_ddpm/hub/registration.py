@@ -13,7 +13,11 @@ imports it when called, and says what to install when it is missing.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,37 @@ LOADING_BASE_CLASSES = {
 
 #: ``from_pretrained`` options that say where the files come from (see :mod:`hf_ddpm.hub.loading`).
 HUB_OPTIONS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def make_readable(folder: Path, files: Iterable[str]) -> None:
+    """Give the ``files`` (relative to ``folder``) the mode a plain write would (0644 under the usual umask 022):
+    safetensors writes its weight files 0600 (diffusers' save_pretrained and accelerate's save_state keep that
+    mode), so another user could not load a shared model folder or checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:
+        path = Path(folder) / name
+        mode = path.stat().st_mode & 0o777
+        wanted = mode | (0o666 & ~umask)
+        if wanted != mode:
+            path.chmod(wanted)
+
+
+def write_failure(error: BaseException, path: str | Path) -> OSError | None:
+    """``error``, raised while writing ``path`` (a weights file or a folder of them), as an ``OSError`` naming
+    ``path`` (unless it names its own file) and saying in words what failed, without the writers' internals:
+    safetensors reports a full disk as ``SafetensorError('... I/O error: No space left on device (os error 28)')``,
+    torch as ``RuntimeError('[enforce fail at inline_container.cc:...] unexpected pos ...')``. None when ``error``
+    is not a failed write."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), error.filename or str(path))
+    text = str(error)
+    code = re.search(r"os error (\d+)", text)
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    if "PytorchStreamWriter" in text or "unexpected pos" in text or "file write failed" in text:
+        return OSError(errno.EIO, "a file write failed part-way, most likely a full disk", str(path))
+    return None
 
 
 class HFDDPMRegistrationMixin:
@@ -86,6 +121,20 @@ class HFDDPMRegistrationMixin:
         pipeline = super().from_pretrained(folder, **components, **kwargs)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))  # the repo id, as diffusers does
         return pipeline
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, with the weight files readable by others as any written file is (0644
+        under umask 022; :func:`make_readable`) and a failed write as an ``OSError`` naming the folder
+        (:func:`write_failure`)."""
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        except Exception as error:
+            failure = write_failure(error, save_directory)
+            if failure is None:
+                raise
+            raise failure from error
+        folder = Path(save_directory)
+        make_readable(folder, [p.relative_to(folder) for p in folder.rglob("*.safetensors")])
 
     @classmethod
     def load_config(cls, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,8 @@ quarter of the usual upsample-then-convolve at the fine resolution.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +61,92 @@ def coarsest_level_attention(resolution: int, levels: int) -> tuple[int]:
     """``attention_resolutions`` with self-attention at the coarsest of ``levels`` levels only: the feature-map size
     ``resolution / 2^(levels - 1)`` (the rule of :func:`default_unet_layout`, for any widths)."""
     return (resolution // 2 ** (max(levels, 1) - 1),)
+
+
+def available_memory_bytes() -> int | None:
+    """The memory this machine can still give a process, in bytes: ``MemAvailable`` of /proc/meminfo (Linux), else
+    the free physical pages (``os.sysconf``); None where neither can be read."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def unet_size_lower_bounds(
+    sample_size: int, block_out_channels: Sequence[int], layers_per_block: int
+) -> tuple[int, int]:
+    """(parameters, activation values of one image), lower bounds of a :class:`DenoisingUNet` from its config alone,
+    before anything is allocated. With L = ``layers_per_block``, c_l the width and s_l = sample_size / 2^l the size
+    of level l:
+
+    parameters >= sum_l (2 L + 1) 9 c_l^2 (the second 3x3 convolution, c_l -> c_l, of each residual block: L on the
+    down path and L + 1 on the up path of each level);
+    activations >= sum_l L c_l s_l^2 (the feature maps the down path keeps for the up path's skip connections).
+    """
+    parameters = sum((2 * layers_per_block + 1) * 9 * width**2 for width in block_out_channels)
+    activations = sum(
+        layers_per_block * width * (sample_size // 2**level) ** 2 for level, width in enumerate(block_out_channels)
+    )
+    return parameters, activations
+
+
+def check_unet_config(
+    sample_size: object,
+    in_channels: object,
+    block_out_channels: object,
+    layers_per_block: object,
+    attention_resolutions: object,
+    attention_heads: object,
+    dropout: object,
+    norm_num_groups: object,
+    fourier_features: object,
+) -> None:
+    """Refuse, in one line (``ValueError``), a :class:`DenoisingUNet` config of wrong types or ranges (a hand-edited
+    or hostile config.json), and one whose weights and activations at batch 1 (float32,
+    :func:`unet_size_lower_bounds`) would not fit in the memory available (:func:`available_memory_bytes`), before
+    anything is allocated."""
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    counts = {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "layers_per_block": layers_per_block,
+        "attention_heads": attention_heads,
+        "norm_num_groups": norm_num_groups,
+    }
+    for name, value in counts.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(f"DenoisingUNet config: {name} must be an integer >= 1, got {value!r}.")
+    sequences = {
+        "block_out_channels": (block_out_channels, 1),
+        "attention_resolutions": (attention_resolutions, 1),
+        "fourier_features": (fourier_features, 0),
+    }
+    for name, (values, minimum) in sequences.items():
+        valid = isinstance(values, Sequence) and not isinstance(values, str)
+        if not valid or not all(is_int(v) and v >= minimum for v in values):
+            raise ValueError(f"DenoisingUNet config: {name} must be a list of integers >= {minimum}, got {values!r}.")
+    if not block_out_channels:
+        raise ValueError("DenoisingUNet config: block_out_channels must name at least one level, got [].")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"DenoisingUNet config: dropout must be a number in [0, 1), got {dropout!r}.")
+    parameters, activations = unet_size_lower_bounds(sample_size, block_out_channels, layers_per_block)
+    needed, available = 4 * (parameters + activations), available_memory_bytes()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"DenoisingUNet config (sample_size {sample_size}, block_out_channels {list(block_out_channels)}) needs "
+            f"at least {needed / 1e9:,.1f} GB in float32 ({parameters:,} parameters and {activations:,} activation "
+            f"values at batch 1), more than the {available / 1e9:,.1f} GB of memory available: use fewer or narrower "
+            "levels or smaller images, or a machine with more memory."
+        )
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -172,6 +260,17 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         fourier_features: Sequence[int] = (),
     ):
         super().__init__()
+        check_unet_config(
+            sample_size,
+            in_channels,
+            block_out_channels,
+            layers_per_block,
+            attention_resolutions,
+            attention_heads,
+            dropout,
+            norm_num_groups,
+            fourier_features,
+        )
         levels = len(block_out_channels)
         if sample_size % (2 ** (levels - 1)):
             raise ValueError(
