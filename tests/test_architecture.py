@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,29 @@ def test_the_package_has_no_import_cycle():
 def test_the_vae_imports_no_diffusion_code():
     for path in (SOURCE / "vae").rglob("*.py"):
         assert not {t for t in package_imports(path) if t.startswith(("hf_ddpm.vdm", "hf_ddpm.models"))}, path
+
+
+def test_the_ddpm_and_the_vdm_import_neither_each_other_nor_a_network():
+    for package, other in (("ddpm", "hf_ddpm.vdm"), ("vdm", "hf_ddpm.ddpm")):
+        for path in (SOURCE / package).rglob("*.py"):
+            imported = package_imports(path)
+            assert not {t for t in imported if t.startswith((other, "hf_ddpm.models"))}, path
+
+
+def imports_train_script(path: Path) -> bool:
+    """Whether a file imports ``train`` (training/train.py) or puts training/ on sys.path to do so."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name == "train" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module == "train" and not node.level:
+            return True
+    return re.search(r"sys\.path\.(insert|append)\([^)]*training", text) is not None
+
+
+@pytest.mark.parametrize("folder", ["src", "benchmarks"])
+def test_nothing_in_the_library_or_the_benchmarks_imports_training_train_py(folder):
+    """train.py imports everything and nothing imports it (tests may run it: they are its users)."""
+    files = sorted((SOURCE.parents[1] / folder).rglob("*.py"))
+    assert files and not [str(p) for p in files if imports_train_script(p)]
