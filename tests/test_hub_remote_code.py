@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,26 @@ def test_modules_that_cannot_share_one_file_are_rejected(tmp_path, monkeypatch, 
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RemoteCodeError, match=message):
         bundle_source([f"{name}.b"], package=name)
+
+
+def test_private_helpers_of_one_name_in_two_modules_each_keep_their_own(tmp_path, monkeypatch):
+    """Two modules' ``_scale`` (bound differently) are renamed apart in the bundle, uses and all, while an attribute
+    ````box._scale``, a string and a comment of that name are left alone; a private name another module imports keeps
+    its name."""
+    name = "bundlepkg_private"
+    a_source = "_scale = 2\n_shared = 10\n\ndef double(x):\n    # _scale here is a comment\n    return x * _scale\n"
+    b_source = (
+        "from .a import _shared, double\n\n\ndef _scale(x):\n    return x + 1\n\n\n"
+        "def shifted(x, box):\n    return _scale(double(x)) + _shared, box._scale, '_scale'\n"
+    )
+    _fake_package(tmp_path, name, {"a": a_source, "b": b_source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bundle = bundle_source([f"{name}.b"], package=name)
+    namespace: dict = {}
+    exec(compile(bundle, "bundle.py", "exec"), namespace)
+    assert namespace["double"](3) == 6
+    assert namespace["shifted"](3, types.SimpleNamespace(_scale="attribute")) == (17, "attribute", "_scale")
+    assert "_shared" in namespace and "_scale" not in namespace  # kept (imported) / renamed apart in both modules
 
 
 # ============================================================================================ stock diffusers

@@ -12,8 +12,9 @@ where the copies go.
 
 The rules that make a module bundleable, checked here with an error that names the module and line: import from
 hf_ddpm only at module level, only names (``from ..ddpm.elbo import full_elbo``, not ``from .. import vdm``), without
-renaming them; no two bundled modules may bind one top-level name to different things; and together they define
-at most one pipeline class.
+renaming them; no two bundled modules may bind one public top-level name to different things (private ones,
+``_name``, are renamed apart in the bundle: each module keeps its own helpers); and together they define at most
+one pipeline class.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import io
+import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +157,55 @@ def _bindings(parsed: _ParsedModule) -> dict[str, str]:
     return names
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _renamed(parsed: _ParsedModule, names: set[str]) -> _ParsedModule:
+    """``parsed`` with every use of its top-level private ``names`` renamed ``_<module path>__<name>`` (names read
+    as tokens: attributes ``x._name``, strings and comments are left alone; a keyword argument or class attribute
+    spelt like such a name would be renamed too, so modules keep those names apart), so that two modules' private
+    helpers of one name can share the bundle's one namespace."""
+    prefix = "_" + parsed.name.replace(".", "_") + "_"
+    lines = parsed.source.splitlines(keepends=True)
+    tokens = list(tokenize.generate_tokens(io.StringIO(parsed.source).readline))
+    edits = [
+        token.start
+        for previous, token in zip([None, *tokens], tokens)
+        if token.type == tokenize.NAME
+        and token.string in names
+        and not (previous is not None and previous.type == tokenize.OP and previous.string == ".")
+    ]
+    for row, column in reversed(edits):
+        line = lines[row - 1]
+        lines[row - 1] = line[:column] + prefix + line[column:]
+    source = "".join(lines)
+    return _ParsedModule(parsed.name, source, ast.parse(source), parsed.removed_lines, parsed.dependencies)
+
+
+def _with_private_names_apart(modules: list[_ParsedModule], package: str) -> list[_ParsedModule]:
+    """The modules with the private top-level names that two of them bind differently renamed in each module
+    (:func:`_renamed`), except where another bundled module imports the name (it must keep it)."""
+    bindings = [_bindings(parsed) for parsed in modules]
+    imported = {
+        (source, alias.name)
+        for parsed in modules
+        for node in parsed.tree.body
+        if isinstance(node, ast.ImportFrom) and (source := _package_source(node, parsed.name, package)) is not None
+        for alias in node.names
+    }
+    statements: dict[str, set[str]] = {}
+    for names in bindings:
+        for name, statement in names.items():
+            statements.setdefault(name, set()).add(statement)
+    clashing = {name for name, found in statements.items() if len(found) > 1 and _is_private(name)}
+    result = []
+    for parsed, names in zip(modules, bindings):
+        rename = {name for name in clashing & set(names) if (parsed.name, name) not in imported}
+        result.append(_renamed(parsed, rename) if rename else parsed)
+    return result
+
+
 def _check_no_collisions(modules: list[_ParsedModule]) -> None:
     """Raise if two modules bind one top-level name differently (in one file, the later would replace the earlier)."""
     seen: dict[str, tuple[str, str]] = {}
@@ -162,8 +214,8 @@ def _check_no_collisions(modules: list[_ParsedModule]) -> None:
             first_module, first_statement = seen.setdefault(name, (parsed.name, statement))
             if first_statement != statement:
                 raise RemoteCodeError(
-                    f"{name!r} is bound differently in {first_module} and {parsed.name}; rename one (private helpers "
-                    "too) so the modules can share the one file of the remote code."
+                    f"{name!r} is bound differently in {first_module} and {parsed.name}; rename one so the modules "
+                    "can share the one file of the remote code (private names are kept apart by the bundler)."
                 )
 
 
@@ -199,7 +251,7 @@ def bundle_source(modules: Iterable[str], package: str = PACKAGE) -> str:
     (a UNet that no longer recognises its own blocks). The file therefore ends by restoring the names of an earlier
     execution of the same file (same content hash), so each name keeps one definition per process.
     """
-    ordered = _in_dependency_order(modules, package)
+    ordered = _with_private_names_apart(_in_dependency_order(modules, package), package)
     _check_no_collisions(ordered)
     _check_one_pipeline(ordered)
     body = "".join(

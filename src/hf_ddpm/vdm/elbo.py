@@ -84,7 +84,7 @@ class VDMBoundEstimate:
     standard_error: torch.Tensor
 
 
-def _vdm_per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) values shaped (B, 1, ..., 1) to broadcast against ``like`` of shape (B, ...)."""
     return values.reshape([-1] + [1] * (like.dim() - 1))
 
@@ -99,7 +99,7 @@ def _vdm_uniform(
 
 def _vdm_noised(gamma: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """z_t = alpha_t x + sigma_t eps for per-image gamma(t) of shape (B,)."""
-    alpha, sigma = alpha_sigma_from_gamma(_vdm_per_image(gamma, x))
+    alpha, sigma = alpha_sigma_from_gamma(_per_image(gamma, x))
     return alpha * x + sigma * noise
 
 
@@ -115,7 +115,7 @@ def clipped_estimate_model(schedule: NoiseSchedule, model_fn: VDMEpsilonModel) -
     """
 
     def clipped_model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        gamma = _vdm_per_image(schedule(t.to(z_t.dtype)).expand(z_t.shape[0]), z_t)
+        gamma = _per_image(schedule(t.to(z_t.dtype)).expand(z_t.shape[0]), z_t)
         return epsilon_of_clipped_estimate(z_t, model_fn(z_t, t), gamma)
 
     return clipped_model_fn
