@@ -315,9 +315,13 @@ def test_a_train_py_run_writes_a_vdm_pipeline_that_loads_samples_and_the_cli_rea
     sample_args = ["sample", str(out), "--num_images", "2", "--steps", "3", "--device", "cpu", "--out", str(grid)]
     assert cli_main(sample_args) == 0
     assert grid.is_file()
-    assert cli_main([*sample_args, "--scheduler", "ddim"]) == 0  # the VDM's DDIM steps, as the demo offers them
+    first = grid.read_bytes()
+    # the VDM's DDIM steps, as the demo offers them; the grid is replaced only when asked
+    assert cli_main([*sample_args, "--scheduler", "ddim", "--overwrite"]) == 0
+    assert grid.read_bytes() != first
     capsys.readouterr()
-    assert cli_main(["sample", str(out), "--scheduler", "dpm", "--device", "cpu", "--out", str(grid)]) == 2
+    dpm = ["sample", str(out), "--scheduler", "dpm", "--device", "cpu", "--out", str(tmp_path / "dpm.png")]
+    assert cli_main(dpm) == 2
     assert (
         capsys.readouterr().err.splitlines()[-1]
         == "hf_ddpm: error: --scheduler must be one of ancestral, ddim, got 'dpm'."

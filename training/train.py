@@ -49,6 +49,7 @@ from hf_ddpm.training_args import (
     run_cli,
 )
 from hf_ddpm.training_utils import (
+    FINITE_CHECK_STEPS,
     PIPELINE_PREFIX,
     FiniteGuard,
     TrainLog,
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> Path:
         for clean in epoch_batches:
             step = global_step + 1  # the optimizer step this batch belongs to
             # the host reads the device back only where it logs or writes something: no wait per step elsewhere
-            read_back = any(step % n == 0 for n in (train_args.logging_steps, train_args.checkpointing_steps))
-            read_back |= step >= max_train_steps or step % train_args.eval_steps == 0
-            read_back |= bool(train_args.save_pipeline_steps) and step % (train_args.save_pipeline_steps or 1) == 0
+            every = (train_args.checkpointing_steps, train_args.eval_steps, train_args.save_pipeline_steps or 0)
+            saves = step >= max_train_steps or any(n and step % n == 0 for n in every)
+            read_back = saves or step % train_args.logging_steps == 0
             with accelerator.accumulate(model):
                 out = objective.loss(train_model, clean)
                 loss = out.loss.mean()
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> Path:
             if ema is not None:
                 ema.step(unwrapped.parameters())
             global_step += 1
-            finite_guard.observe(unwrapped.parameters(), ema, global_step)
+            if saves or global_step % FINITE_CHECK_STEPS == 0:  # non-finite weights stay so: no need for every step
+                finite_guard.observe(unwrapped.parameters(), ema, global_step)
             progress.update(1)
             if global_step % train_args.logging_steps == 0 or global_step == max_train_steps:
                 train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)

@@ -291,11 +291,12 @@ def nonfinite_stop_message(what: str, output_dir: Path) -> str:
 class FiniteGuard:
     """Stops a run whose weights or EMA weights became NaN or inf, before they are saved.
 
-    :meth:`observe` after every optimizer step folds "all finite" into a flag that stays on the device (no host
-    synchronisation per step) and remembers the first step that was not; :meth:`check` reads it: train.py calls it
-    before every checkpoint, pipeline and final save, and :meth:`observe` itself every ``every`` steps. A run that
-    went non-finite raises ``SystemExit`` with one line naming that step and the last checkpoint whose weights are
-    finite (:func:`nonfinite_stop_message`).
+    :meth:`observe` after an optimizer step folds "all finite" into a flag that stays on the device (no host
+    synchronisation) and remembers the first observed step that was not; :meth:`check` reads it: train.py observes
+    the steps it saves at and every ``every``-th step (weights that went NaN or inf stay so, and the infinity norm
+    costs 5 ms a step for the default network on 2 CPU cores), checks before every checkpoint, pipeline and final
+    save, and :meth:`observe` itself checks every ``every`` steps. A run that went non-finite raises ``SystemExit``
+    with one line naming that step and the last checkpoint whose weights are finite (:func:`nonfinite_stop_message`).
     """
 
     def __init__(self, output_dir: Path, every: int = FINITE_CHECK_STEPS):
