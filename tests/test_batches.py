@@ -61,8 +61,11 @@ def test_batches_are_the_images_in_model_range_and_flips_are_per_image():
     for batch, plain_batch in zip(flipped, plain.epoch(0)):
         for image, original in zip(batch, plain_batch):
             assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
+    assert np.array_equal(images, numbered_images(64))  # the source is never modified
 
 
 def test_too_few_images_for_one_global_batch_is_one_line():
     with pytest.raises(ValueError, match=r"^10 training images are fewer than one global batch \(4 x 3 processes\)"):
         ShuffledBatches(numbered_images(10), 4, "cpu", 0, num_processes=3)
+    with pytest.raises(ValueError, match=r"^ShuffledBatches needs uint8 images \(N, C, H, W\), got "):
+        ShuffledBatches(numbered_images(10)[0], 4, "cpu", 0)

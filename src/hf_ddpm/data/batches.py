@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..image_utils import uint8_to_model_range
+from .images import check_uint8_images
 
 
 class ShuffledBatches:
@@ -41,8 +42,7 @@ class ShuffledBatches:
         num_processes: int = 1,
         random_flip: bool = False,
     ):
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"ShuffledBatches needs uint8 images (N, C, H, W), got {type(images).__name__}.")
+        check_uint8_images(images, "ShuffledBatches")
         if len(images) < batch_size * num_processes:
             raise ValueError(
                 f"{len(images)} training images are fewer than one global batch ({batch_size} x {num_processes} "

@@ -192,26 +192,25 @@ def split_holdout(data: ImageData, num_holdout: int, seed: int = 0) -> tuple[Ima
     return data.subset(kept, data.source), data.subset(held, f"{data.source}, {num_holdout} held out (seed {seed})")
 
 
-class ImageTensorDataset(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) images -> float32 tensors in [-1, 1] (x = k/127.5 - 1), optional random horizontal flip.
+def check_uint8_images(images: np.ndarray, user: str) -> None:
+    """Raise ``ValueError`` naming ``user`` unless ``images`` is a uint8 array (N, C, H, W)."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{user} needs uint8 images (N, C, H, W), got {describe_array(images)}.")
 
-    ``dataset[i]`` is one image (C, H, W); ``dataset[a:b]`` (or an index array) is a batch (n, C, H, W), each image
-    flipped independently. Flips draw from torch's global generator (seeded per DataLoader worker).
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) images -> float32 tensors in [-1, 1] (x = k/127.5 - 1).
+
+    ``dataset[i]`` is one image (C, H, W); ``dataset[a:b]`` (or an index array) is a batch (n, C, H, W). Training
+    draws its shuffled (and optionally flipped) batches from :class:`hf_ddpm.data.ShuffledBatches` instead.
     """
 
-    def __init__(self, images: np.ndarray, random_flip: bool = False):
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"ImageTensorDataset needs uint8 images (N, C, H, W), got {describe_array(images)}.")
+    def __init__(self, images: np.ndarray):
+        check_uint8_images(images, "ImageTensorDataset")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int | slice | np.ndarray) -> torch.Tensor:
-        image = uint8_to_model_range(self.images[index])
-        if self.random_flip:
-            batch = image if image.dim() == 4 else image[None]  # a view: flipping rows of it flips ``image``
-            flip = torch.rand(len(batch)) < 0.5
-            batch[flip] = batch[flip].flip(-1)
-        return image
+        return uint8_to_model_range(self.images[index])
