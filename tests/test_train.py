@@ -173,23 +173,42 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(tmp_pat
     assert json.loads((out / "eval_results.json").read_text())["steps"] == 6
 
 
-def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def diverge_from_call(monkeypatch, first: int, last: int) -> None:
+    """Make the training loss NaN at the loss calls first..last (1-based), one call per optimizer step here."""
     real_loss = objectives.training_loss  # what DiffusionObjective.loss calls
     calls = {"n": 0}
 
     def loss_that_diverges(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if first <= calls["n"] <= last:
             out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(objectives, "training_loss", loss_that_diverges)
+
+
+def test_an_update_with_nan_gradients_is_skipped_and_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    diverge_from_call(monkeypatch, 3, 3)
+    out = run(tmp_path / "nan", "--max_train_steps", "5", "--checkpointing_steps", "2")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["skipped_updates"] for entry in log] == [0, 0, 1, 1, 1]
+    assert json.loads((out / "eval_results.json").read_text())["skipped_updates"] == 1
+    assert all(torch.isfinite(w).all() for w in weights(out).values())
+
+
+def test_ten_skipped_updates_in_a_row_stop_the_run_naming_the_steps_and_the_last_checkpoint(tmp_path, monkeypatch):
+    diverge_from_call(monkeypatch, 3, 10**9)
     out = tmp_path / "nan"
-    with pytest.raises(SystemExit, match=r"loss became nan at step 2 .*checkpoint-2"):
-        run(out, "--max_train_steps", "5", "--checkpointing_steps", "2")
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
-    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as error:
+        run(out, "--max_train_steps", "50", "--checkpointing_steps", "2")
+    assert str(error.value) == (
+        "The gradients were NaN or inf at every step from 3 to 12 (10 updates skipped in a row, 10 in all); stopping, "
+        f"nothing non-finite saved. The last checkpoint with finite weights is {out / 'checkpoint-10'}: resume from it "
+        "(--resume_from_checkpoint checkpoint-10) with a lower --learning_rate or --max_grad_norm, or "
+        "--mixed_precision no."
+    )
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-8", "checkpoint-10"]  # stopped before saving 12
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Train hf_ddpm's diffusion model (--model ddpm, vdm or vae) with Accelerate, from one CPU process to many GPUs.
 
-    accelerate launch training/train.py                      # the default recipe on the 60,000 MNIST digits
+    accelerate launch training/train.py                      # the 60,000 MNIST digits: 15 minutes on a CPU
+                                                             # (--train_minutes), 2,000 steps on a GPU
     accelerate launch training/train.py --config run.yaml    # any flag below, from a YAML or JSON file
     accelerate launch --config_file training/configs/cpu_2proc.yaml training/train.py --max_train_steps 100
 
-Read it top to bottom: arguments -> data -> model + objective -> the accelerate loop (checkpoints, EMA, logging) ->
+Read it top to bottom: arguments -> data -> model + objective -> how long (--max_train_steps, or the steps that fit in
+--train_minutes, measured by hf_ddpm.training_budget) -> the accelerate loop (checkpoints, EMA, logging) ->
 outputs (pipeline, sample grid, NLL, model card) -> push to the Hub. The flags, and every check made of them before
 work starts, are hf_ddpm.training_args (``python training/train.py --help`` lists them); what a model kind does (its
 loss, pipeline and bound) comes from hf_ddpm.objectives; what any run needs (checkpoints, grids, precision, the
@@ -18,6 +20,7 @@ writes files, logs and pushes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -33,25 +37,25 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hf_ddpm.data import ImageData, ImageTensorDataset, ShuffledBatches, load_images, split_holdout
+from hf_ddpm.data import ImageTensorDataset, ShuffledBatches, load_training_data
 from hf_ddpm.evaluation import BoundResult, evaluate_bound, has_time_axis
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
-from hf_ddpm.objectives import Objective, build_model_and_objective, read_logs
+from hf_ddpm.objectives import ObjectiveOutput, build_model_and_objective, read_logs
 from hf_ddpm.plots import BOUND_BY_TIME_PATH, LOSS_CURVE_PATH, plot_bound_by_time, plot_loss_curve
 from hf_ddpm.training_args import (
-    DataArguments,
-    TrainingArguments,
     describe_network_layout,
     model_keys,
     parse_arguments,
     resolved_arguments,
     run_cli,
 )
+from hf_ddpm.training_budget import budgeted_steps, measure_step_budget
 from hf_ddpm.training_utils import (
     FINITE_CHECK_STEPS,
     PIPELINE_PREFIX,
     FiniteGuard,
+    SkippedUpdates,
     TrainLog,
     checkpoint_step,
     ema_weights,
@@ -60,7 +64,6 @@ from hf_ddpm.training_utils import (
     hardware_description,
     has_accelerator_device,
     log_sample_grid,
-    nonfinite_stop_message,
     prepare_output_dir,
     read_train_log,
     require_finite_bound,
@@ -72,48 +75,6 @@ from hf_ddpm.training_utils import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-
-
-# ================================================================================================ data
-def load_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
-    """(training images, held-out images, a sentence saying where the held-out set comes from). The held-out set is
-    ``--eval_data``, else the official test split of the embedded MNIST when training on it, else images held out
-    at random from the training data."""
-    common = dict(channels=data_args.channels, resolution=data_args.resolution, center_crop=data_args.center_crop)
-    source = data_args.dataset_name or data_args.train_data_dir
-    train = load_images(
-        source,
-        split="train",
-        dataset_config=data_args.dataset_config,
-        image_column=data_args.image_column,
-        max_images=data_args.max_train_images,
-        cache_dir=data_args.cache_dir,
-        **common,
-    )
-    if data_args.eval_data is not None or source is None:
-        held_out = load_images(
-            data_args.eval_data, split=data_args.eval_split, max_images=data_args.num_eval_images, **common
-        )
-        return train, held_out, f"the first {len(held_out.images)} images of {held_out.source}"
-    train, held_out = split_holdout(train, data_args.num_eval_images)
-    return train, held_out, f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"
-
-
-def evaluate(
-    objective: Objective, model: torch.nn.Module, images: torch.Tensor, train_args: TrainingArguments
-) -> BoundResult:
-    """The bound of the model being trained on the held-out images (the same seed every time, so successive
-    evaluations differ only by the model)."""
-    model.eval()
-    bound = evaluate_bound(
-        objective.pipeline(model),
-        images,
-        objective.bound_options,
-        batch_size=train_args.eval_batch_size,
-        generator=torch.Generator().manual_seed(train_args.seed),
-    )
-    model.train()
-    return bound
 
 
 # ================================================================================================ main
@@ -149,6 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(str(error)) from None
     if removed:
         logger.info(f"--overwrite_output_dir: removed the old run's {', '.join(removed)} from {output_dir}.")
+    if resume_path is not None and not (train_args.max_train_steps or train_args.num_epochs):
+        train_args.max_train_steps = budgeted_steps(resume_path)  # the steps the budgeted run chose, kept
     if resume_path is not None and finished_run(resume_path, output_dir, train_args.max_train_steps):
         message = (
             f"{resume_path.name} is at step {checkpoint_step(resume_path)} >= --max_train_steps "
@@ -163,7 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
 
     # ---- data: the training images on the training device, shuffled there (no DataLoader); each process its share
-    train_data, held_out, held_out_description = load_data(data_args)
+    train_data, held_out, held_out_description = load_training_data(data_args)
     try:
         batches = ShuffledBatches(
             train_data.images,
@@ -189,16 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
         eps=train_args.adam_epsilon,
         fused=True,  # one kernel for all parameters (CPU and CUDA): 4.5x faster than the foreach step on CPU
     )
-    updates_per_epoch = math.ceil(len(batches) / train_args.gradient_accumulation_steps)
-    max_train_steps = train_args.max_train_steps or train_args.num_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        train_args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)  # evaluated, sampled and saved eagerly
     size = (train_args.train_batch_size, data_args.channels, data_args.resolution, data_args.resolution)
     train_model, step_kind = training_forward(model, train_args, model_args.model, accelerator, size)
@@ -216,6 +170,76 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(objective)
     finite_guard = FiniteGuard(output_dir)  # weights and EMA weights finite before every save
+    skipped = SkippedUpdates(output_dir, accelerator.device)  # updates with NaN or inf gradients: not applied
+
+    def train_step(clean: torch.Tensor) -> tuple[ObjectiveOutput, torch.Tensor, torch.Tensor | None]:
+        """One forward and backward; every --gradient_accumulation_steps, the clipped update and the EMA's."""
+        with accelerator.accumulate(model):
+            out = objective.loss(train_model, clean)
+            loss = out.loss.mean()
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                skipped.before_step(optimizer, grad_norm, scaled=accelerator.scaler is not None)
+            optimizer.step()
+            optimizer.zero_grad()
+        objective.observe(accelerator.gather(out.feedback))
+        if accelerator.sync_gradients and ema is not None:
+            ema.step(unwrapped.parameters())
+        return out, loss, grad_norm
+
+    def held_out_bound() -> BoundResult:
+        """The bound of the weights in ``unwrapped`` on the held-out images (the same seed each time)."""
+        unwrapped.eval()
+        generator = torch.Generator().manual_seed(train_args.seed)
+        pipeline, options, batch_size = (
+            objective.pipeline(unwrapped),
+            objective.bound_options,
+            train_args.eval_batch_size,
+        )
+        bound = evaluate_bound(pipeline, held_out_images, options, batch_size=batch_size, generator=generator)
+        unwrapped.train()
+        return bound
+
+    def evaluate_mid_run() -> tuple[BoundResult, PIL.Image.Image | None]:
+        """The held-out bound of the EMA weights, and a sample grid where a tracker shows it."""
+        with ema_weights(ema, unwrapped):
+            bound = held_out_bound()
+            grid = None
+            if train_args.logger != "none":  # what a tracker shows
+                pipeline, kwargs = objective.pipeline(unwrapped), objective.sampling_kwargs
+                grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **kwargs)
+        return bound, grid
+
+    # ---- how long: --max_train_steps, else --num_epochs, else the steps that fit in --train_minutes (measured here)
+    start_time = time.time()  # the budget's clock
+    updates_per_epoch = math.ceil(len(batches) / train_args.gradient_accumulation_steps)
+    max_train_steps = train_args.max_train_steps or (train_args.num_epochs or 0) * updates_per_epoch
+    if not max_train_steps:
+        cycle = itertools.chain.from_iterable(batches.epoch(e) for e in itertools.count())
+        budget = measure_step_budget(
+            train_args.train_minutes,
+            lambda _: [train_step(next(cycle)) for _ in range(train_args.gradient_accumulation_steps)],
+            [s for s in (model, optimizer, ema, objective, skipped) if s is not None],
+            start_time,
+            evaluation=evaluate_mid_run if accelerator.is_main_process else (lambda: None),
+            eval_steps=train_args.eval_steps,
+            agree=lambda x: accelerator.gather(torch.tensor([x], device=accelerator.device)).max().item(),
+            synchronize=torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None),
+            rng_devices=[accelerator.device] if accelerator.device.type == "cuda" else [],
+        )
+        max_train_steps = budget.steps
+        logger.info(budget.describe())
+    arguments["max_train_steps"] = max_train_steps  # in training_args.json and every checkpoint's: resumable
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        train_args.lr_scheduler,
+        optimizer=optimizer.optimizer,
+        num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
@@ -254,11 +278,10 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
-    start_time, start_step = time.time(), global_step
+    start_step = global_step
     train_log = None
     if accelerator.is_main_process:  # appended and flushed step by step; a resume drops the steps after its checkpoint
         train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # any loss since the last read-back
     last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # a finished run trains no step
     for epoch in range(first_epoch, last_epoch):
         epoch_batches = batches.epoch(epoch, start=skip_batches)
@@ -268,50 +291,33 @@ def main(argv: list[str] | None = None) -> Path:
             # the host reads the device back only where it logs or writes something: no wait per step elsewhere
             every = (train_args.checkpointing_steps, train_args.eval_steps, train_args.save_pipeline_steps or 0)
             saves = step >= max_train_steps or any(n and step % n == 0 for n in every)
-            read_back = saves or step % train_args.logging_steps == 0
-            with accelerator.accumulate(model):
-                out = objective.loss(train_model, clean)
-                loss = out.loss.mean()
-                nonfinite |= ~torch.isfinite(loss.detach())
-                if read_back and accelerator.gather(nonfinite[None]).any():
-                    n = train_args.logging_steps
-                    earlier = f" (or up to {n - 1} steps before: --logging_steps {n})" if n > 1 else ""
-                    what = f"The loss became {loss.item()} at step {global_step}{earlier} (epoch {epoch})"
-                    raise SystemExit(nonfinite_stop_message(what, output_dir))
-                accelerator.backward(loss)
-                grad_norm = (
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                    if accelerator.sync_gradients
-                    else None
-                )
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            objective.observe(accelerator.gather(out.feedback))
+            out, loss, grad_norm = train_step(clean)
+            lr_scheduler.step()
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(unwrapped.parameters())
             global_step += 1
+            if saves or global_step % train_args.logging_steps == 0:
+                skipped_updates = skipped.check(global_step)  # stops after 10 skipped in a row
             if saves or global_step % FINITE_CHECK_STEPS == 0:  # non-finite weights stay so: no need for every step
                 finite_guard.observe(unwrapped.parameters(), ema, global_step)
             progress.update(1)
             if global_step % train_args.logging_steps == 0 or global_step == max_train_steps:
-                train_seconds = time.time() - start_time  # of this run (a resumed run starts again at 0)
+                train_seconds = time.time() - start_time  # of this run, calibration included (a resume: from 0)
                 images_per_second = (global_step - start_step) * global_batch / train_seconds
                 # the mean over processes, the gradient norm and the objective's numbers in one read-back
                 values = read_logs({"loss": accelerator.reduce(loss.detach(), "mean"), "grad_norm": grad_norm})
                 logs = {
-                    "loss": values["loss"],
+                    "loss": values.get("loss"),  # None where NaN: a skipped update
                     "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": values["grad_norm"],
+                    "grad_norm": values.get("grad_norm"),
                     "images_per_second": images_per_second,
                     "train_seconds": train_seconds,
+                    "skipped_updates": skipped_updates,
                 }
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
                 logs.update(read_logs(out.logs))
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_second:.0f}")
+                progress.set_postfix(loss=logs["loss"], img_s=round(images_per_second))
                 accelerator.log(logs, step=global_step)
                 if train_log is not None:
                     train_log.append({"step": global_step, **logs})
@@ -343,16 +349,9 @@ def main(argv: list[str] | None = None) -> Path:
                 and global_step < max_train_steps
                 and accelerator.is_main_process
             ):
-                with ema_weights(ema, unwrapped):
-                    bound = evaluate(objective, unwrapped, held_out_images, train_args)
-                    if accelerator.trackers:
-                        grid = sample_grid(
-                            objective.pipeline(unwrapped),
-                            train_args.num_sample_images,
-                            train_args.seed,
-                            **objective.sampling_kwargs,
-                        )
-                        log_sample_grid(accelerator, grid, global_step)
+                bound, grid = evaluate_mid_run()
+                if grid is not None:
+                    log_sample_grid(accelerator, grid, global_step)
                 accelerator.log(
                     {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error},
                     step=global_step,
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         with ema_weights(ema, unwrapped):
             pipeline = objective.pipeline(unwrapped)
-            bound = evaluate(objective, unwrapped, held_out_images, train_args)
+            bound = held_out_bound()
             require_finite_bound(bound, "no pipeline, model card or eval_results.json was written")
             grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
             # the whole run's log (a resumed run's earlier steps too), and where the bound goes in time (diffusions)
@@ -394,6 +393,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "steps": global_step,
                 "images_seen": global_step * global_batch,
                 "train_seconds_this_run": train_seconds,
+                "skipped_updates": int(skipped.total),
                 "mixed_precision": mixed_precision,
                 "num_processes": accelerator.num_processes,
                 "threads_per_process": threads,

@@ -209,8 +209,19 @@ class TrainingArguments:
     )
     train_batch_size: int = field(default=32, metadata={"help": "Images per process per forward pass."})
     eval_batch_size: int = field(default=256)
-    num_epochs: int = field(default=1000, metadata={"help": "Upper bound; --max_train_steps usually ends the run."})
-    max_train_steps: int | None = field(default=4000, metadata={"help": "Optimizer steps (overrides num_epochs)."})
+    train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train for this many wall-clock minutes on this machine (the cpu recipe: 15): the steps that fit "
+            "are chosen from a calibration of this run's own step, logged, and given back by --max_train_steps N."
+        },
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps (overrides --num_epochs and --train_minutes)."}
+    )
+    num_epochs: int | None = field(
+        default=None, metadata={"help": "Passes over the data (overrides --train_minutes)."}
+    )
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
     lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers get_scheduler name."})
@@ -286,9 +297,12 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 #: model on 8x the images at a batch that keeps a GPU busy, its step replayed as CUDA graphs (torch.compile costs
 #: more than the whole job there), reading the loss back every 100 steps only.
 RECIPES = {
-    "cpu": {"train_batch_size": 32, "max_train_steps": 4000, "compile": False, "logging_steps": 1},
+    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "compile": False, "logging_steps": 1},
     "gpu": {"train_batch_size": 512, "max_train_steps": 2000, "cuda_graphs": True, "logging_steps": 100},
 }
+
+#: How long a run is: the first of these that is set decides (--max_train_steps, else --num_epochs, else the budget).
+RUN_LENGTH_FIELDS = ("max_train_steps", "num_epochs", "train_minutes")
 
 
 def resolve_recipe(requested: str) -> str:
@@ -324,7 +338,12 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         recipe = argv[argv.index("--recipe") + 1]
     if recipe not in ("auto", *RECIPES):
         raise SystemExit(f"--recipe must be one of auto, {', '.join(RECIPES)}, got {recipe!r}.")
-    parser.set_defaults(**{**RECIPES[resolve_recipe(recipe)], **values})
+    defaults = dict(RECIPES[resolve_recipe(recipe)])
+    if any(
+        key in values or f"--{key}" in argv for key in RUN_LENGTH_FIELDS
+    ):  # the user's length replaces the recipe's
+        defaults = {key: value for key, value in defaults.items() if key not in RUN_LENGTH_FIELDS}
+    parser.set_defaults(**{**defaults, **values})
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)[
         :3
     ]  # [3]: the --config namespace
@@ -505,7 +524,6 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
     at_least_one = {
         "--num_sample_images": train_args.num_sample_images,
         "--eval_batch_size": train_args.eval_batch_size,
-        "--num_epochs": train_args.num_epochs,
         "--layers_per_block": model_args.layers_per_block,
     }
     if model_args.model == "vae":
@@ -528,11 +546,17 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
             raise SystemExit(f"{flag} must be >= 1, got {value}.")
     optional = {
         "--max_train_steps": train_args.max_train_steps,
+        "--num_epochs": train_args.num_epochs,
         "--checkpoints_total_limit": train_args.checkpoints_total_limit,
     }
     for flag, value in optional.items():
         if value is not None and value < 1:
             raise SystemExit(f"{flag} must be >= 1 or unset, got {value}")
+    if all(getattr(train_args, key) is None for key in RUN_LENGTH_FIELDS):
+        raise SystemExit("Say how long to train: --train_minutes M, --max_train_steps N or --num_epochs E.")
+    minutes = train_args.train_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise SystemExit(f"--train_minutes must be a finite number > 0 or unset, got {minutes}.")
     if data_args.max_train_images is not None and data_args.max_train_images < 1:
         raise SystemExit(f"--max_train_images must be >= 1 or unset, got {data_args.max_train_images}")
     if min(model_args.block_out_channels, default=0) < 1:

@@ -42,6 +42,8 @@ CHECKPOINT_ARGS = "training_args.json"
 PIPELINE_PREFIX = "pipeline-"  # train.py --save_pipeline_steps: output_dir/pipeline-STEP
 #: :class:`FiniteGuard` reads its on-device flag every this many optimizer steps, besides before every save.
 FINITE_CHECK_STEPS = 50
+#: :class:`SkippedUpdates` stops a run once this many optimizer updates in a row had NaN or inf gradients.
+MAX_SKIPPED_UPDATES_IN_A_ROW = 10
 #: The lock file of the run training in an output_dir (:func:`acquire_run_lock`): its pid, host and start time.
 RUN_LOCK = "train.lock"
 _held_run_locks: dict[Path, int] = {}  # output_dir (resolved) -> the open, flock-ed lock file of this process
@@ -324,6 +326,50 @@ class FiniteGuard:
         raise SystemExit(
             nonfinite_stop_message(f"The weights became NaN or inf at step {first}{found}", self.output_dir)
         )
+
+
+class SkippedUpdates:
+    """Skips the optimizer updates whose gradients are NaN or inf, on the device, and stops a run that does nothing
+    else.
+
+    :meth:`before_step` (between gradient clipping and ``optimizer.step()``) hands the fused AdamW a ``found_inf``
+    flag, as ``torch.amp.GradScaler`` does: where the gradients' norm is not finite, the kernel leaves the weights,
+    the moments and the step count as they were. The counts (all skipped updates, and those in a row) stay on the
+    device; :meth:`check` reads them where train.py reads its logs back and raises ``SystemExit`` (one line, naming
+    the steps and the last checkpoint with finite weights) once ``limit`` updates in a row were skipped: the run has
+    stopped learning. With a ``GradScaler`` (fp16), the scaler skips and this class only counts.
+    """
+
+    def __init__(self, output_dir: Path, device: torch.device, limit: int = MAX_SKIPPED_UPDATES_IN_A_ROW):
+        self.output_dir, self.limit = Path(output_dir), limit
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+
+    def before_step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, scaled: bool = False) -> None:
+        """Count the update of ``grad_norm`` as skipped if it is NaN or inf, and (without a scaler: ``scaled`` False)
+        tell ``optimizer`` (fused AdamW, or accelerate's wrapper of it) to skip it."""
+        nonfinite = ~torch.isfinite(grad_norm.detach())
+        self.total += nonfinite
+        self.in_a_row = (self.in_a_row + 1) * nonfinite
+        if not scaled:
+            getattr(optimizer, "optimizer", optimizer).found_inf = nonfinite.float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total.clone(), "in_a_row": self.in_a_row.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.total, self.in_a_row = state["total"].clone(), state["in_a_row"].clone()
+
+    def check(self, step: int) -> int:
+        """The updates skipped so far (read back); raises ``SystemExit`` when the last ``limit`` or more were."""
+        total, in_a_row = int(self.total), int(self.in_a_row)
+        if in_a_row >= self.limit:
+            what = (
+                f"The gradients were NaN or inf at every step from {step - in_a_row + 1} to {step} ({in_a_row} "
+                f"updates skipped in a row, {total} in all)"
+            )
+            raise SystemExit(nonfinite_stop_message(what, self.output_dir))
+        return total
 
 
 def require_finite_bound(bound: BoundResult, consequence: str) -> None:

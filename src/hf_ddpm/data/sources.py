@@ -34,6 +34,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -48,7 +49,11 @@ from .images import (
     convert_arrays,
     convert_image,
     decode_image,
+    split_holdout,
 )
+
+if TYPE_CHECKING:
+    from ..training_args import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -421,3 +426,27 @@ def load_images(
     if len(data.images) == 0:
         raise ValueError(f"{data.source} holds no images: nothing to train on.")
     return dataclasses.replace(data, images=convert_arrays(data.images, options))
+
+
+def load_training_data(data_args: DataArguments) -> tuple[ImageData, ImageData, str]:
+    """(training images, held-out images, a sentence saying where the held-out set comes from). The held-out set is
+    ``--eval_data``, else the official test split of the embedded MNIST when training on it, else images held out
+    at random from the training data (train.py's data; ``data_args`` are its flags)."""
+    common = dict(channels=data_args.channels, resolution=data_args.resolution, center_crop=data_args.center_crop)
+    source = data_args.dataset_name or data_args.train_data_dir
+    train = load_images(
+        source,
+        split="train",
+        dataset_config=data_args.dataset_config,
+        image_column=data_args.image_column,
+        max_images=data_args.max_train_images,
+        cache_dir=data_args.cache_dir,
+        **common,
+    )
+    if data_args.eval_data is not None or source is None:
+        held_out = load_images(
+            data_args.eval_data, split=data_args.eval_split, max_images=data_args.num_eval_images, **common
+        )
+        return train, held_out, f"the first {len(held_out.images)} images of {held_out.source}"
+    train, held_out = split_holdout(train, data_args.num_eval_images)
+    return train, held_out, f"{len(held_out.images)} images held out at random from {train.source} (not trained on)"

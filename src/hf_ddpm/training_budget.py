@@ -1,0 +1,186 @@
+"""Training for a budget of wall-clock minutes: the optimizer steps that fit, from a calibration of the run's own step.
+
+``--train_minutes M`` (the CPU recipe's default, 15) makes train.py measure its own training step on this machine,
+in its own process, before training: it runs a few steps on the run's real model, optimizer, EMA and objective, times
+them, and then puts every piece of state back (weights, optimizer and EMA state, the objective's history, the random
+number generators), so the run that follows is exactly the run ``--max_train_steps N`` gives for the ``N`` chosen.
+The learning-rate schedule (warm-up and cosine decay) and the EMA's warm-up are laid out over those ``N`` steps.
+The budget counts from the start of the calibration to the end of the last optimizer step: the calibration itself,
+the compilation (``--compile``), the mid-run evaluations and the checkpoints are inside it; loading data before and
+writing the outputs after (the held-out bound, samples, plots, card) are not.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+#: The share of the budget the calibration's timed steps take (at least CALIBRATION_MIN_STEPS of them).
+CALIBRATION_SHARE = 0.015
+CALIBRATION_WARMUP_STEPS = 3  # untimed: lazily created optimizer state, compilation, allocator warm-up
+CALIBRATION_MIN_STEPS = 5
+CALIBRATION_MAX_STEPS = 200
+#: The share of the budget left unplanned for what the calibration does not see (log read-backs, checkpoints).
+BUDGET_MARGIN = 0.01
+
+
+class Stateful(Protocol):
+    """What a calibration puts back after it: anything with ``state_dict`` and ``load_state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The optimizer steps a run of ``minutes`` gets on this machine, and the measurements they come from."""
+
+    minutes: float
+    seconds_per_step: float  # measured over calibration_steps steps, after CALIBRATION_WARMUP_STEPS untimed ones
+    calibration_steps: int
+    seconds_per_evaluation: float  # one mid-run evaluation (held-out bound and, with a tracker, a sample grid)
+    seconds_spent: float  # of the budget, before the first step: the calibration, compilation included
+    steps: int
+
+    def describe(self) -> str:
+        """One line for the log: the budget, what was measured, the steps chosen and how to get the same run."""
+        evaluation = (
+            f", {self.seconds_per_evaluation:.1f} s per mid-run evaluation" if self.seconds_per_evaluation else ""
+        )
+        return (
+            f"--train_minutes {self.minutes:g}: {self.seconds_per_step:.4f} s per step measured over "
+            f"{self.calibration_steps} steps{evaluation}, {self.seconds_spent:.1f} s spent calibrating -> "
+            f"{self.steps:,} steps (the same run: --max_train_steps {self.steps})"
+        )
+
+
+def steps_within_budget(
+    budget_seconds: float,
+    seconds_spent: float,
+    seconds_per_step: float,
+    seconds_per_evaluation: float = 0.0,
+    eval_steps: int | None = None,
+    margin: float = BUDGET_MARGIN,
+) -> int:
+    """The most optimizer steps ``N`` (at least 1) with
+
+        seconds_spent + N * seconds_per_step + floor((N - 1) / eval_steps) * seconds_per_evaluation
+            <= (1 - margin) * budget_seconds,
+
+    the evaluations being the mid-run ones (every ``eval_steps`` steps, none at the last step)."""
+    if seconds_per_step <= 0 or not math.isfinite(seconds_per_step):
+        raise ValueError(f"seconds_per_step must be a finite number > 0, got {seconds_per_step}")
+    left = (1 - margin) * budget_seconds - seconds_spent
+    evaluation = seconds_per_evaluation if eval_steps and seconds_per_evaluation > 0 else 0.0
+
+    def cost(n: int) -> float:
+        return n * seconds_per_step + ((n - 1) // eval_steps if evaluation else 0) * evaluation
+
+    low, high = 1, max(1, int(left // seconds_per_step))  # cost(high) <= left without evaluations
+    while low < high:  # the largest n in [low, high] with cost(n) <= left (cost grows with n), else 1
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
+    return low
+
+
+def time_steps_and_restore(
+    step: Callable[[int], None],
+    state: Sequence[Stateful],
+    calibration_seconds: float,
+    *,
+    agree: Callable[[float], float] = lambda seconds: seconds,
+    synchronize: Callable[[], None] = lambda: None,
+    rng_devices: Sequence[torch.device] = (),
+) -> tuple[float, int]:
+    """(seconds per call of ``step(i)``, the number of calls timed): CALIBRATION_WARMUP_STEPS untimed calls,
+    CALIBRATION_MIN_STEPS timed ones, then as many more as fill about ``calibration_seconds`` (between
+    CALIBRATION_MIN_STEPS and CALIBRATION_MAX_STEPS), timed again. Every object of ``state`` (and the random number
+    generators of the CPU and of ``rng_devices``) is put back as it was before the first call.
+
+    ``agree`` makes the processes of one run take the same decisions: it receives this process's estimate of the
+    seconds per step and returns the value all processes use (e.g. the maximum over them), so that all run the same
+    number of steps (each step may hold a collective operation). ``synchronize`` waits for the device's queued work
+    (``torch.cuda.synchronize`` on a GPU)."""
+    saved = [copy.deepcopy(s.state_dict()) for s in state]
+    with torch.random.fork_rng(devices=list(rng_devices)):
+        calls = 0
+
+        def run(count: int) -> float:
+            nonlocal calls
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(count):
+                step(calls)
+                calls += 1
+            synchronize()
+            return time.perf_counter() - start
+
+        run(CALIBRATION_WARMUP_STEPS)
+        first = agree(run(CALIBRATION_MIN_STEPS) / CALIBRATION_MIN_STEPS)
+        count = int(min(CALIBRATION_MAX_STEPS, max(CALIBRATION_MIN_STEPS, calibration_seconds // first)))
+        seconds_per_step = agree(run(count) / count)
+    for s, values in zip(state, saved):
+        s.load_state_dict(values)
+    return seconds_per_step, count
+
+
+def timed(work: Callable[[], Any], synchronize: Callable[[], None] = lambda: None) -> float:
+    """Wall-clock seconds of one call of ``work`` (its queued device work included)."""
+    synchronize()
+    start = time.perf_counter()
+    work()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def measure_step_budget(
+    minutes: float,
+    step: Callable[[int], None],
+    state: Sequence[Stateful],
+    started: float,
+    *,
+    evaluation: Callable[[], Any] | None = None,
+    eval_steps: int | None = None,
+    agree: Callable[[float], float] = lambda seconds: seconds,
+    synchronize: Callable[[], None] = lambda: None,
+    rng_devices: Sequence[torch.device] = (),
+) -> StepBudget:
+    """The :class:`StepBudget` of a run of ``minutes`` whose clock started at ``started`` (``time.time()``): its
+    optimizer step ``step`` timed on the run's own ``state`` and put back (:func:`time_steps_and_restore`), one
+    mid-run ``evaluation`` timed where the budget holds one (every ``eval_steps`` steps), and the steps that fit
+    (:func:`steps_within_budget`). ``agree``, ``synchronize`` and ``rng_devices`` as in
+    :func:`time_steps_and_restore`; every process of a run gets the same steps."""
+    budget_seconds = 60 * minutes
+    seconds_per_step, count = time_steps_and_restore(
+        step, state, CALIBRATION_SHARE * budget_seconds, agree=agree, synchronize=synchronize, rng_devices=rng_devices
+    )
+    seconds_per_evaluation = 0.0
+    if evaluation is not None and eval_steps is not None:
+        without = steps_within_budget(budget_seconds, agree(time.time() - started), seconds_per_step)
+        if eval_steps < without:
+            seconds_per_evaluation = agree(timed(evaluation, synchronize))
+    spent = agree(time.time() - started)
+    steps = steps_within_budget(budget_seconds, spent, seconds_per_step, seconds_per_evaluation, eval_steps)
+    return StepBudget(minutes, seconds_per_step, count, seconds_per_evaluation, spent, steps)
+
+
+def budgeted_steps(checkpoint: Path) -> int:
+    """The optimizer steps the budgeted run that saved ``checkpoint`` chose (its ``training_args.json``), so that a
+    resumed run keeps the learning-rate schedule it started with."""
+    arguments = json.loads((checkpoint / "training_args.json").read_text())
+    steps = arguments.get("max_train_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"{checkpoint / 'training_args.json'} does not record the steps its run chose (max_train_steps): resume "
+            "with the --max_train_steps the run logged."
+        )
+    return steps
