@@ -296,6 +296,7 @@ def test_no_absolute_path_of_the_training_machine_reaches_the_pushed_repo(tmp_pa
             uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
 
     monkeypatch.setattr(hf_ddpm.hub.push, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy_token")  # a push needs a token before training starts
     out = (tmp_path / "machine-specific-output").resolve()
     run(
         out,
