@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> Path:
             ):
                 with ema_weights(ema, unwrapped):
                     bound = evaluate(objective, unwrapped, held_out_images, train_args)
+                    finite_guard.check_bound(bound, global_step)  # a NaN or inf held-out bound stops the run
                     if accelerator.trackers:
                         grid = sample_grid(
                             objective.pipeline(unwrapped),
@@ -353,10 +354,8 @@ def main(argv: list[str] | None = None) -> Path:
                             **objective.sampling_kwargs,
                         )
                         log_sample_grid(accelerator, grid, global_step)
-                accelerator.log(
-                    {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error},
-                    step=global_step,
-                )
+                eval_logs = {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error}
+                accelerator.log(eval_logs, step=global_step)
                 logger.info(
                     f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
                     f"bits/dim ({bound.estimator})"
