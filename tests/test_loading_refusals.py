@@ -1,6 +1,8 @@
 """Loaded models are checked before use (issue #30): weights with NaN or inf, a scheduler config whose
 num_train_timesteps is a string or beyond MAX_TRAIN_TIMESTEPS, and a network config too large for this machine's
-memory are refused in one line by from_pretrained and by ``hf_ddpm sample|evaluate``, before any sampling."""
+memory are refused in one line by from_pretrained and by ``hf_ddpm sample|evaluate``, before any sampling; so
+are malformed or oversized VAE and noise-schedule configs (the field named, the figures given), and a pipeline
+beyond a CUDA device's free memory, before it is moved there (``torch.cuda.mem_get_info`` mocked)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from hf_ddpm import (
 from hf_ddpm.cli import main
 from hf_ddpm.ddpm.schedules import MAX_TRAIN_TIMESTEPS, cosine_betas
 from hf_ddpm.models import unet as unet_module
-from hf_ddpm.pipelines.auto import open_pipeline
+from hf_ddpm.pipelines.auto import check_fits_on_device, open_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PIPELINES = {"vae": VAEPipeline, "vdm": VDMPipeline}
@@ -310,3 +312,24 @@ def test_a_pipeline_beyond_the_free_accelerator_memory_is_refused_before_the_mov
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked on the CPU path"))
     open_pipeline(str(folder), None, "cpu")
     assert moved == ["cuda:1", "cpu"]
+
+
+def test_a_network_without_a_size_estimate_counts_its_parameters_on_the_accelerator(monkeypatch):
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    pipeline = HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10))
+    parameters = sum(p.numel() for p in unet.parameters())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * parameters, 80 * 10**9))
+    with pytest.raises(ValueError, match=rf"^model \(HFDDPMPipeline\) needs .*\({parameters:,} parameters and 0 act"):
+        check_fits_on_device(pipeline, "model", "cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (math.ceil(4 * parameters / 0.9), 80 * 10**9))
+    check_fits_on_device(pipeline, "model", "cuda")
