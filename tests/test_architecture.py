@@ -15,6 +15,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "hf_ddpm"
 LAYERS = {
     "hf_ddpm.distributions": 1,
     "hf_ddpm.image_utils": 1,
+    "hf_ddpm.config_checks": 1,
     "hf_ddpm.vae": 2,
     "hf_ddpm.ddpm": 3,
     "hf_ddpm.vdm": 3,

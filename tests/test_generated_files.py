@@ -171,3 +171,22 @@ def test_push_settings_are_refused_before_training(tmp_path, capsys, flags, mess
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_push_without_a_token_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-cache" / "token"))
+    push = ["--push_to_hub", "--hub_model_id", "org/ddpm-mnist"]
+    argv = ["--output_dir", str(tmp_path / "out"), *TINY_TRAIN, *push]
+    assert training_args.run_cli(train.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --push_to_hub needs a Hub token and none was found: pass --hub_token, set HF_TOKEN or log in with hf "
+        "auth login."
+    ]
+    assert not (tmp_path / "out").exists()
+    assert training_args.parse_arguments([*argv, "--hub_token", "hf_given"])[2].hub_token == "hf_given"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
+    assert training_args.parse_arguments(argv)[2].push_to_hub

@@ -204,8 +204,8 @@ def test_ten_skipped_updates_in_a_row_stop_the_run_naming_the_steps_and_the_last
         run(out, "--max_train_steps", "50", "--checkpointing_steps", "2")
     assert str(error.value) == (
         "The gradients were NaN or inf at every step from 3 to 12 (10 updates skipped in a row, 10 in all); stopping, "
-        f"nothing non-finite saved. The last checkpoint with finite weights is {out / 'checkpoint-10'}: resume from it "
-        "(--resume_from_checkpoint checkpoint-10) with a lower --learning_rate or --max_grad_norm, or "
+        f"nothing non-finite saved. The last checkpoint with finite weights is {out / 'checkpoint-10'}: resume from "
+        "it (--resume_from_checkpoint checkpoint-10) with a lower --learning_rate or --max_grad_norm, or "
         "--mixed_precision no."
     )
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-8", "checkpoint-10"]  # stopped before saving 12
@@ -315,6 +315,7 @@ def test_no_absolute_path_of_the_training_machine_reaches_the_pushed_repo(tmp_pa
             uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
 
     monkeypatch.setattr(hf_ddpm.hub.push, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy_token")  # a push needs a token before training starts
     out = (tmp_path / "machine-specific-output").resolve()
     run(
         out,

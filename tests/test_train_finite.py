@@ -58,6 +58,32 @@ def test_a_diverging_run_stops_at_the_step_and_names_the_last_finite_checkpoint_
     assert not any((out / name).exists() for name in PIPELINE_FILES)
 
 
+def test_a_non_finite_held_out_bound_mid_run_stops_the_run_naming_the_step_and_the_last_finite_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    real_evaluate_bound, bounds = train.evaluate_bound, []
+
+    def one_image_nan(*args, **kwargs):  # finite weights whose outputs are not: one image's bound is NaN
+        bound = real_evaluate_bound(*args, **kwargs)
+        bound.per_image_terms["prior"][3] = math.nan
+        bounds.append(bound)
+        return bound
+
+    monkeypatch.setattr(train, "evaluate_bound", one_image_nan)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), *TINY_TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    line = one_line_error(capsys, [*argv, "--eval_steps", "3"])
+    assert line == (
+        "error: The held-out bound became nan bits/dim (1 of 16 images' bounds are NaN or inf) at step 3; stopping, "
+        f"nothing non-finite saved. The last checkpoint with finite weights is {out / 'checkpoint-2'}: resume from it "
+        "(--resume_from_checkpoint checkpoint-2) with a lower --learning_rate or --max_grad_norm, or "
+        "--mixed_precision no."
+    )
+    assert len(bounds) == 1  # the mid-run evaluation at step 3; the run never reached step 4
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert not any((out / name).exists() for name in PIPELINE_FILES)
+
+
 def test_resuming_latest_passes_over_a_non_finite_checkpoint_and_says_so(tmp_path, caplog):
     out = tmp_path / "run"
     argv = ["--output_dir", str(out), *TINY_TRAIN, "--checkpointing_steps", "1", "--max_train_steps", "2"]

@@ -13,6 +13,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+import train  # noqa: E402  (importable through helpers)
 from helpers import TINY_TRAIN  # first: it makes training/train.py importable
 from hf_ddpm import training_args
 from hf_ddpm.training_budget import (
@@ -23,8 +24,6 @@ from hf_ddpm.training_budget import (
     steps_within_budget,
     time_steps_and_restore,
 )
-
-import train  # noqa: E402  (importable through helpers)
 
 
 def brute_force_steps(budget, spent, per_step, per_evaluation, eval_steps, margin):

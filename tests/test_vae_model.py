@@ -198,7 +198,7 @@ def test_training_loss_is_the_one_sample_bound_and_trains_every_parameter():
 def test_bad_configs_and_inputs_are_rejected():
     with pytest.raises(ValueError, match="divisible by 4"):
         GaussianVAE(sample_size=30)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="num_latent_layers must be an integer >= 1, got 0"):
         GaussianVAE(num_latent_layers=0)
     vae = tiny_vae()
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):

@@ -350,12 +350,11 @@ def main(argv: list[str] | None = None) -> Path:
                 and accelerator.is_main_process
             ):
                 bound, grid = evaluate_mid_run()
+                finite_guard.check_bound(bound, global_step)  # a NaN or inf held-out bound stops the run
                 if grid is not None:
                     log_sample_grid(accelerator, grid, global_step)
-                accelerator.log(
-                    {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error},
-                    step=global_step,
-                )
+                eval_logs = {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error}
+                accelerator.log(eval_logs, step=global_step)
                 logger.info(
                     f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
                     f"bits/dim ({bound.estimator})"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub import get_token
 
 try:
     import accelerate.utils
@@ -640,13 +641,19 @@ def resolved_arguments(*arguments) -> dict:
 
 def check_push_settings(train_args: TrainingArguments) -> None:
     """Refuse, before training starts, push settings that could only fail (or do nothing) after it: an invalid
-    ``--hub_model_id`` (huggingface_hub's validator; without a push it still names the model card), and
+    ``--hub_model_id`` (huggingface_hub's validator; without a push it still names the model card), a push with no
+    token (no ``--hub_token``, ``HF_TOKEN`` or login cache: ``huggingface_hub.get_token``), and
     ``--hub_private_repo`` or ``--push_checkpoints`` without ``--push_to_hub``."""
     if train_args.hub_model_id is not None:
         try:
             check_repo_id(train_args.hub_model_id, "--hub_model_id")
         except ValueError as error:
             raise SystemExit(str(error)) from None
+    if train_args.push_to_hub and not (train_args.hub_token or get_token()):
+        raise SystemExit(
+            "--push_to_hub needs a Hub token and none was found: pass --hub_token, set HF_TOKEN or log in with "
+            "hf auth login."
+        )
     if not train_args.push_to_hub:
         given = [flag for flag in ("hub_private_repo", "push_checkpoints") if getattr(train_args, flag)]
         if given:

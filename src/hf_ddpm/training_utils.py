@@ -327,6 +327,25 @@ class FiniteGuard:
             nonfinite_stop_message(f"The weights became NaN or inf at step {first}{found}", self.output_dir)
         )
 
+    def check_bound(self, bound: BoundResult, step: int) -> None:
+        """Raise ``SystemExit`` (one line) when the held-out ``bound`` of the evaluation after step ``step`` is NaN
+        or inf (weights whose outputs are not finite), naming the step and the last checkpoint whose weights are
+        finite (:func:`nonfinite_stop_message`): a mid-run evaluation stops the run as the final one does."""
+        figures = nonfinite_bound_figures(bound)
+        if figures is not None:
+            raise SystemExit(
+                nonfinite_stop_message(f"The held-out bound became {figures} at step {step}", self.output_dir)
+            )
+
+
+def nonfinite_bound_figures(bound: BoundResult) -> str | None:
+    """``nan bits/dim (2 of 16 images' bounds are NaN or inf)`` for a bound that is NaN or inf; None for a finite
+    one."""
+    bad, total = count_nonfinite([bound.per_image])
+    if bad or not math.isfinite(bound.bits_per_dim):
+        return f"{bound.bits_per_dim} bits/dim ({bad} of {total} images' bounds are NaN or inf)"
+    return None
+
 
 class SkippedUpdates:
     """Skips the optimizer updates whose gradients are NaN or inf, on the device, and stops a run that does nothing
@@ -375,12 +394,9 @@ class SkippedUpdates:
 def require_finite_bound(bound: BoundResult, consequence: str) -> None:
     """Raise ``ValueError`` (one line) when the bound is NaN or inf, saying how many images' bounds are and what
     was therefore not done (``consequence``): a non-finite result is never reported or saved as one."""
-    bad, total = count_nonfinite([bound.per_image])
-    if bad or not math.isfinite(bound.bits_per_dim):
-        raise ValueError(
-            f"the bound is {bound.bits_per_dim} bits/dim ({bad} of {total} images' bounds are NaN or inf): the "
-            f"model's outputs are not finite; {consequence}."
-        )
+    figures = nonfinite_bound_figures(bound)
+    if figures is not None:
+        raise ValueError(f"the bound is {figures}: the model's outputs are not finite; {consequence}.")
 
 
 def check_output_dir(output_dir: Path, arguments: dict[str, Any], keys: Iterable[str], overwrite: bool) -> None:

@@ -7,11 +7,12 @@ betas into alphas, cumulative products and posterior coefficients (all in float6
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from ..config_checks import is_integer
 
 #: Names accepted for ``beta_schedule``; ``squaredcos_cap_v2`` is diffusers' name for ``cosine``.
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
@@ -23,8 +24,7 @@ MAX_TRAIN_TIMESTEPS = 100_000
 def check_num_train_timesteps(num_timesteps: object) -> None:
     """Raise ``ValueError`` (one line) unless ``num_timesteps`` is an integer (not a bool, not a string such as
     ``"50"`` from a hand-edited config) in [1, :data:`MAX_TRAIN_TIMESTEPS`]."""
-    is_integer = isinstance(num_timesteps, numbers.Integral) and not isinstance(num_timesteps, bool)
-    if not is_integer or not 1 <= num_timesteps <= MAX_TRAIN_TIMESTEPS:
+    if not is_integer(num_timesteps) or not 1 <= num_timesteps <= MAX_TRAIN_TIMESTEPS:
         raise ValueError(
             f"num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS:,}], got {num_timesteps!r} "
             f"(a {type(num_timesteps).__name__})."

@@ -10,8 +10,6 @@ quarter of the usual upsample-then-convolve at the fine resolution.
 from __future__ import annotations
 
 import math
-import numbers
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from ..config_checks import check_fits_in_memory, check_integer, check_integer_list, is_real
 
 
 @dataclass
@@ -63,21 +63,6 @@ def coarsest_level_attention(resolution: int, levels: int) -> tuple[int]:
     return (resolution // 2 ** (max(levels, 1) - 1),)
 
 
-def available_memory_bytes() -> int | None:
-    """The memory this machine can still give a process, in bytes: ``MemAvailable`` of /proc/meminfo (Linux), else
-    the free physical pages (``os.sysconf``); None where neither can be read."""
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
 def unet_size_lower_bounds(
     sample_size: int, block_out_channels: Sequence[int], layers_per_block: int
 ) -> tuple[int, int]:
@@ -109,12 +94,7 @@ def check_unet_config(
 ) -> None:
     """Refuse, in one line (``ValueError``), a :class:`DenoisingUNet` config of wrong types or ranges (a hand-edited
     or hostile config.json), and one whose weights and activations at batch 1 (float32,
-    :func:`unet_size_lower_bounds`) would not fit in the memory available (:func:`available_memory_bytes`), before
-    anything is allocated."""
-
-    def is_int(value: object) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
+    :func:`unet_size_lower_bounds`) would not fit in the memory available, before anything is allocated."""
     counts = {
         "sample_size": sample_size,
         "in_channels": in_channels,
@@ -123,30 +103,19 @@ def check_unet_config(
         "norm_num_groups": norm_num_groups,
     }
     for name, value in counts.items():
-        if not is_int(value) or value < 1:
-            raise ValueError(f"DenoisingUNet config: {name} must be an integer >= 1, got {value!r}.")
-    sequences = {
-        "block_out_channels": (block_out_channels, 1),
-        "attention_resolutions": (attention_resolutions, 1),
-        "fourier_features": (fourier_features, 0),
-    }
-    for name, (values, minimum) in sequences.items():
-        valid = isinstance(values, Sequence) and not isinstance(values, str)
-        if not valid or not all(is_int(v) and v >= minimum for v in values):
-            raise ValueError(f"DenoisingUNet config: {name} must be a list of integers >= {minimum}, got {values!r}.")
+        check_integer("DenoisingUNet", name, value)
+    check_integer_list("DenoisingUNet", "block_out_channels", block_out_channels)
+    check_integer_list("DenoisingUNet", "attention_resolutions", attention_resolutions)
+    check_integer_list("DenoisingUNet", "fourier_features", fourier_features, minimum=0)
     if not block_out_channels:
         raise ValueError("DenoisingUNet config: block_out_channels must name at least one level, got [].")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+    if not is_real(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"DenoisingUNet config: dropout must be a number in [0, 1), got {dropout!r}.")
-    parameters, activations = unet_size_lower_bounds(sample_size, block_out_channels, layers_per_block)
-    needed, available = 4 * (parameters + activations), available_memory_bytes()
-    if available is not None and needed > available:
-        raise ValueError(
-            f"DenoisingUNet config (sample_size {sample_size}, block_out_channels {list(block_out_channels)}) needs "
-            f"at least {needed / 1e9:,.1f} GB in float32 ({parameters:,} parameters and {activations:,} activation "
-            f"values at batch 1), more than the {available / 1e9:,.1f} GB of memory available: use fewer or narrower "
-            "levels or smaller images, or a machine with more memory."
-        )
+    check_fits_in_memory(
+        f"DenoisingUNet config (sample_size {sample_size}, block_out_channels {list(block_out_channels)})",
+        *unet_size_lower_bounds(sample_size, block_out_channels, layers_per_block),
+        "use fewer or narrower levels or smaller images",
+    )
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -334,6 +303,12 @@ class DenoisingUNet(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(channels, expected_out, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    def size_lower_bounds(self) -> tuple[int, int]:
+        """(parameters, activation values of one image) of this network, lower bounds from its config alone
+        (:func:`unet_size_lower_bounds`): what is checked against a device's memory before moving it there."""
+        config = self.config
+        return unet_size_lower_bounds(config.sample_size, config.block_out_channels, config.layers_per_block)
 
     @staticmethod
     def _run_layers(layers: nn.ModuleList, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

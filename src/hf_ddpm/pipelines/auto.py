@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import constants
 from huggingface_hub.errors import (
@@ -18,6 +19,7 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 
+from ..config_checks import check_fits_on_accelerator
 from ..hub.loading import pipeline_class_name, pipeline_folder, read_model_index
 from .ddpm import HFDDPMPipeline
 from .vae import VAEPipeline
@@ -109,7 +111,24 @@ def open_pipeline(model: str, revision: str | None, device: str) -> DiffusionPip
             text = " ".join(str(error).split())
             message = text if model in text else f"Could not load {model}: {text}"
         raise ValueError(message) from error
+    check_fits_on_device(pipeline, model, device)
     return pipeline.to(device)
+
+
+def check_fits_on_device(pipeline: DiffusionPipeline, model: str, device: str) -> None:
+    """Refuse (``ValueError``, one line with the figures) to move ``pipeline``, loaded from ``model``, to a CUDA
+    ``device`` whose free memory its networks would not fit in at batch 1
+    (:func:`hf_ddpm.config_checks.check_fits_on_accelerator`): the sum of their ``size_lower_bounds()``, estimated
+    from their configs (the parameter count of a network without one). Other devices pass unchecked."""
+    sizes = [
+        network.size_lower_bounds()
+        if hasattr(network, "size_lower_bounds")
+        else (sum(p.numel() for p in network.parameters()), 0)
+        for network in pipeline.components.values()
+        if isinstance(network, torch.nn.Module)
+    ]
+    parameters, activations = (sum(column) for column in zip(*sizes))
+    check_fits_on_accelerator(f"{model} ({type(pipeline).__name__})", parameters, activations, device)
 
 
 def with_scheduler(pipeline: DiffusionPipeline, name: str) -> DiffusionPipeline:

@@ -26,6 +26,7 @@ is the tighter estimate of log p(x).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..config_checks import check_fits_in_memory, check_integer, check_integer_list
 from ..distributions import (
     discretized_gaussian_log_likelihood,
     gaussian_log_density,
@@ -100,6 +102,71 @@ def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
 
 
+def vae_size_lower_bounds(
+    sample_size: int,
+    in_channels: int,
+    latent_dim: int,
+    block_out_channels: Sequence[int],
+    hidden_dim: int,
+    num_latent_layers: int,
+) -> tuple[int, int]:
+    """(parameters, activation values of one image) of a :class:`GaussianVAE` from its config alone, before anything
+    is allocated. With S = ``sample_size``, C = ``in_channels``, D = ``latent_dim``, (c_1, c_2) =
+    ``block_out_channels``, H = ``hidden_dim``, L = ``num_latent_layers`` and F = c_2 (S/4)^2 (the flattened
+    coarsest feature map):
+
+    parameters, exactly: 9 C c_1 + c_1 + 9 c_1 c_2 + c_2 + 2 D F + 2 D (encoder) + D F + F (decoder_in)
+    + 9 c_2 c_1 + c_1 + 18 c_1 C + 2 C (decoder) + 2 (L - 1) (3 D H + H + 2 D) (the transitions' MLPs);
+    activations >= c_1 (S/2)^2 + c_2 (S/4)^2 (the encoder's feature maps) + c_1 S^2 + 2 C S^2 (the decoder's at
+    full resolution).
+    """
+    (c1, c2), size, channels = block_out_channels, sample_size, in_channels
+    flat = c2 * (size // 4) ** 2
+    encoder = 9 * channels * c1 + c1 + 9 * c1 * c2 + c2 + 2 * latent_dim * flat + 2 * latent_dim
+    decoder = latent_dim * flat + flat + 9 * c2 * c1 + c1 + 18 * c1 * channels + 2 * channels
+    transitions = 2 * (num_latent_layers - 1) * (3 * latent_dim * hidden_dim + hidden_dim + 2 * latent_dim)
+    activations = c1 * (size // 2) ** 2 + c2 * (size // 4) ** 2 + (c1 + 2 * channels) * size**2
+    return encoder + decoder + transitions, activations
+
+
+def check_vae_config(
+    sample_size: object,
+    in_channels: object,
+    latent_dim: object,
+    block_out_channels: object,
+    hidden_dim: object,
+    num_latent_layers: object,
+) -> None:
+    """Refuse, in one line (``ValueError``), a :class:`GaussianVAE` config of wrong types or ranges (a hand-edited
+    or hostile config.json), and one whose weights and activations at batch 1 (float32,
+    :func:`vae_size_lower_bounds`) would not fit in the memory available, before anything is allocated."""
+    counts = {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "latent_dim": latent_dim,
+        "hidden_dim": hidden_dim,
+        "num_latent_layers": num_latent_layers,
+    }
+    for name, value in counts.items():
+        check_integer("GaussianVAE", name, value)
+    check_integer_list("GaussianVAE", "block_out_channels", block_out_channels)
+    if sample_size % 4:
+        raise ValueError(f"GaussianVAE halves the image twice: sample_size must be divisible by 4, got {sample_size}.")
+    if len(block_out_channels) != 2:
+        raise ValueError(
+            f"GaussianVAE config: block_out_channels gives the channels at H/2 and H/4: two numbers, got "
+            f"{list(block_out_channels)}."
+        )
+    check_fits_in_memory(
+        f"GaussianVAE config (sample_size {sample_size}, block_out_channels {list(block_out_channels)}, latent_dim "
+        f"{latent_dim})",
+        *vae_size_lower_bounds(
+            sample_size, in_channels, latent_dim, block_out_channels, hidden_dim, num_latent_layers
+        ),
+        "use narrower layers, fewer latent dimensions or smaller images",
+    )
+
+
 def _split_gaussian(parameters: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A network's (N, 2D) output as the (mean, logvar) of a diagonal Gaussian, each (N, D) in ``dtype``."""
     return parameters.to(dtype).chunk(2, dim=1)
@@ -138,16 +205,7 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         num_latent_layers: int = 1,
     ):
         super().__init__()
-        if sample_size % 4:
-            raise ValueError(
-                f"GaussianVAE halves the image twice: sample_size must be divisible by 4, got {sample_size}."
-            )
-        if num_latent_layers < 1:
-            raise ValueError(f"num_latent_layers must be at least 1 (1 is the plain VAE), got {num_latent_layers}.")
-        if len(block_out_channels) != 2:
-            raise ValueError(
-                f"block_out_channels gives the channels at H/2 and H/4: two numbers, got {tuple(block_out_channels)}."
-            )
+        check_vae_config(sample_size, in_channels, latent_dim, block_out_channels, hidden_dim, num_latent_layers)
         c1, c2 = block_out_channels
         self.coarse_size = sample_size // 4
         flat = c2 * self.coarse_size**2
@@ -172,6 +230,19 @@ class GaussianVAE(ModelMixin, ConfigMixin):
         transitions = range(num_latent_layers - 1)
         self.encoder_transitions = nn.ModuleList(_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in transitions)
         self.decoder_transitions = nn.ModuleList(_mlp(latent_dim, hidden_dim, 2 * latent_dim) for _ in transitions)
+
+    def size_lower_bounds(self) -> tuple[int, int]:
+        """(parameters, activation values of one image) of this network from its config alone
+        (:func:`vae_size_lower_bounds`): what is checked against a device's memory before moving it there."""
+        config = self.config
+        return vae_size_lower_bounds(
+            config.sample_size,
+            config.in_channels,
+            config.latent_dim,
+            config.block_out_channels,
+            config.hidden_dim,
+            config.num_latent_layers,
+        )
 
     # ------------------------------------------------------------------------------------ the distributions
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..config_checks import check_finite_number, check_fits_in_memory, check_integer
+
 VDM_SCHEDULE_TYPES = ("learned", "linear", "cosine")
 #: What a learned schedule's interior is trained on: the bound itself, or the variance of its one-sample estimate.
 VDM_SCHEDULE_INTERIOR_OBJECTIVES = ("bound", "variance")
@@ -86,6 +88,42 @@ def epsilon_of_clipped_estimate(z_t: torch.Tensor, eps_hat: torch.Tensor, gamma:
     return torch.where(clipped == x_hat, eps_hat, (z_t - alpha * clipped) / sigma)
 
 
+def noise_schedule_size_lower_bounds(schedule_type: str, n_features: int) -> tuple[int, int]:
+    """(parameters, activation values of one time t) of a :class:`NoiseSchedule` from its config alone: the
+    ``learned`` network has 3 n_features + 1 weights (w_1; W_2 and b_2; W_3) and n_features hidden values, and
+    the endpoints gamma_0, gamma_1 are 2 more values; ``linear`` and ``cosine`` have only the endpoints."""
+    if schedule_type != "learned":
+        return 2, 0
+    return 3 * n_features + 3, n_features
+
+
+def check_noise_schedule_config(
+    schedule_type: object, gamma_min: object, gamma_max: object, learn_endpoints: object, n_features: object
+) -> None:
+    """Refuse, in one line (``ValueError``), a :class:`NoiseSchedule` config of wrong types or ranges (a hand-edited
+    or hostile config.json): an unknown ``schedule_type``, endpoints that are not finite numbers with gamma_min <
+    gamma_max, ``learn_endpoints`` neither a bool nor null, ``n_features`` not a positive integer, and a learned
+    network whose weights (float32, :func:`noise_schedule_size_lower_bounds`) would not fit in the memory available,
+    before anything is allocated."""
+    if schedule_type not in VDM_SCHEDULE_TYPES:
+        choices = ", ".join(VDM_SCHEDULE_TYPES)
+        raise ValueError(f"NoiseSchedule config: schedule_type must be one of {choices}, got {schedule_type!r}.")
+    check_finite_number("NoiseSchedule", "gamma_min", gamma_min)
+    check_finite_number("NoiseSchedule", "gamma_max", gamma_max)
+    if not gamma_min < gamma_max:
+        raise ValueError(f"NoiseSchedule config: gamma_min={gamma_min} must be below gamma_max={gamma_max}.")
+    if learn_endpoints is not None and not isinstance(learn_endpoints, bool):
+        raise ValueError(
+            f"NoiseSchedule config: learn_endpoints must be true, false or null, got {learn_endpoints!r}."
+        )
+    check_integer("NoiseSchedule", "n_features", n_features)
+    check_fits_in_memory(
+        f"NoiseSchedule config (schedule_type {schedule_type!r}, n_features {n_features})",
+        *noise_schedule_size_lower_bounds(schedule_type, n_features),
+        "use a smaller n_features",
+    )
+
+
 class NoiseSchedule(ModelMixin, ConfigMixin):
     r"""gamma(t) = -log SNR(t) on t in [0, 1], monotone increasing from gamma_0 = gamma(0) to gamma_1 = gamma(1).
 
@@ -127,13 +165,7 @@ class NoiseSchedule(ModelMixin, ConfigMixin):
         n_features: int = 1024,
     ):
         super().__init__()
-        if schedule_type not in VDM_SCHEDULE_TYPES:
-            choices = ", ".join(VDM_SCHEDULE_TYPES)
-            raise ValueError(f"Unknown schedule_type {schedule_type!r}: choose one of {choices}.")
-        if not gamma_min < gamma_max:
-            raise ValueError(f"gamma_min={gamma_min} must be below gamma_max={gamma_max}.")
-        if n_features < 1:
-            raise ValueError(f"n_features={n_features} must be at least 1.")
+        check_noise_schedule_config(schedule_type, gamma_min, gamma_max, learn_endpoints, n_features)
         learn = schedule_type == "learned" if learn_endpoints is None else learn_endpoints
         for name, value in (("gamma_0", gamma_min), ("gamma_1", gamma_max)):
             tensor = torch.tensor(float(value), dtype=torch.float32)
@@ -148,6 +180,12 @@ class NoiseSchedule(ModelMixin, ConfigMixin):
             nn.init.normal_(self.l2.weight, std=0.01)
             nn.init.zeros_(self.l2.bias)
             nn.init.normal_(self.l3.weight, std=0.01)
+
+    def size_lower_bounds(self) -> tuple[int, int]:
+        """(parameters, activation values of one time t) of this schedule from its config alone
+        (:func:`noise_schedule_size_lower_bounds`): what is checked against a device's memory before moving it
+        there."""
+        return noise_schedule_size_lower_bounds(self.config.schedule_type, self.config.n_features)
 
     def _endpoints(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gamma_0.to(like.dtype), self.gamma_1.to(like.dtype)
