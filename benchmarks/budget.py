@@ -1,8 +1,8 @@
-"""Runs of ``training/train.py`` for the benchmarks, and equal wall-clock budgets between recipes.
+"""Runs of ``training/train.py`` for the benchmarks, and the recipes they compare at equal wall-clock budgets.
 
-A recipe gets a CPU budget as a number of optimizer steps: its seconds per step are measured by a short calibration
-run of the same flags on the same machine, and the budget is divided by them. The run then trains with a full
-learning-rate schedule over exactly those steps, so no recipe is cut off in the middle of its schedule.
+A recipe gets a budget as ``train.py --train_minutes M`` (:mod:`hf_ddpm.training_budget`): the run times its own
+step on this machine and trains the steps that fit, with a full learning-rate schedule over exactly those steps, so
+no recipe is cut off in the middle of its schedule.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--logger", "none", "--overwrite_output_dir"]
+NEVER = 10**9  # a step count no run reaches: --eval_steps / --checkpointing_steps NEVER turn those off mid-run
 FAST_EVAL_IMAGES = 16  # held-out images of a run with FAST_OUTPUTS (the embedded test digits by default)
 FAST_OUTPUTS = [
     "--num_eval_images",
@@ -29,24 +30,20 @@ FAST_OUTPUTS = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """One model the benchmarks train: its name in tables and legends, its ``train.py`` flags, the steps of its
-    calibration run (VAE steps are ~10x shorter than diffusion steps, so they need more of them to time) and the
-    steps between its saved pipelines in a learning curve (every 25-40 s of training on 2 CPU cores)."""
+    """One model the benchmarks train: its name in tables and legends, its ``train.py`` flags and the steps between
+    its saved pipelines in a learning curve (every 25-40 s of training on 2 CPU cores)."""
 
     label: str
     flags: list[str]
-    calibration_steps: int
     save_every: int
 
 
 RECIPES = {
-    "vae": Recipe("VAE (1 latent layer)", ["--model", "vae"], 200, 1000),
-    "hvae": Recipe("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"], 200, 1000),
-    "ddpm_simple": Recipe(
-        "DDPM simple, fixed var.", ["--loss_type", "simple", "--variance_type", "fixed_small"], 60, 65
-    ),
-    "ddpm": Recipe("DDPM hybrid, learned var.", [], 60, 65),
-    "vdm": Recipe("VDM, continuous time, learned schedule", ["--model", "vdm"], 60, 65),
+    "vae": Recipe("VAE (1 latent layer)", ["--model", "vae"], 1000),
+    "hvae": Recipe("hierarchical VAE (3 layers)", ["--model", "vae", "--num_latent_layers", "3"], 1000),
+    "ddpm_simple": Recipe("DDPM simple, fixed var.", ["--loss_type", "simple", "--variance_type", "fixed_small"], 65),
+    "ddpm": Recipe("DDPM hybrid, learned var.", [], 65),
+    "vdm": Recipe("VDM, continuous time, learned schedule", ["--model", "vdm"], 65),
 }
 
 
@@ -73,28 +70,7 @@ def train(
     return json.loads((output_dir / "eval_results.json").read_text())
 
 
-def seconds_per_step(work_dir: Path, flags: list[str], calibration_steps: int) -> float:
-    """Wall-clock seconds per optimizer step of ``flags``, from a ``calibration_steps``-step run (warm-up included)."""
-    calibration = train(
-        work_dir,
-        [
-            *flags,
-            *FAST_OUTPUTS,
-            "--max_train_steps",
-            str(calibration_steps),
-            "--checkpointing_steps",
-            str(calibration_steps),
-            "--lr_warmup_steps",
-            "0",
-        ],
-    )
-    return calibration["train_seconds_this_run"] / calibration["steps"]
-
-
-def train_for_budget(output_dir: Path, flags: list[str], budget_seconds: float, calibration_steps: int = 60) -> dict:
-    """Train ``flags`` for as many steps as fit in ``budget_seconds`` on this machine; returns eval_results.json
-    with ``seconds_per_step_calibrated`` added."""
-    per_step = seconds_per_step(output_dir.with_name(output_dir.name + "_calibration"), flags, calibration_steps)
-    steps = max(1, int(budget_seconds / per_step))
-    result = train(output_dir, [*flags, "--max_train_steps", str(steps), "--checkpointing_steps", str(steps)])
-    return {**result, "seconds_per_step_calibrated": per_step}
+def train_for_minutes(output_dir: Path, flags: list[str], minutes: float) -> dict:
+    """Train ``flags`` for ``minutes`` of wall-clock time on this machine (``train.py --train_minutes``, one
+    checkpoint at the end); returns eval_results.json."""
+    return train(output_dir, [*flags, "--train_minutes", str(minutes), "--checkpointing_steps", str(NEVER)])

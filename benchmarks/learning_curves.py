@@ -3,18 +3,18 @@ the hierarchical VAE (issue #11's learning curves), the Gaussian VAE, or any oth
 
     python benchmarks/learning_curves.py --minutes 5 15 60 120 [--models ddpm vdm hvae vae] [--json FILE]
 
-One ``training/train.py`` run per model on the embedded 60,000 training digits: budget.py calibrates its seconds per
-step on this machine, the run gets the steps that fill the longest budget, with one learning-rate schedule (warm-up,
-cosine decay) over all of them, and saves its EMA weights as a pipeline every --save_every steps
-(``train.py --save_pipeline_steps``; by default the recipe's: every 25-40 s of training on 2 CPU cores). A
-budget's point is the pipeline saved last before the run's own clock (the ``train_seconds`` of ``train_log.jsonl``)
-passed that many minutes, scored by ``hf_ddpm evaluate`` on the first --num_eval_images official t10k digits
-(default: all 10,000) with --timesteps_per_image draws per image (the VAEs: the ELBO with one draw of z, and the
-IWAE bound with K = 64). So a curve costs its longest budget once, not the sum of its budgets; the price is that the
-shorter budgets' points are of weights whose learning rate had not decayed yet (a run of their own, one budget in
---minutes, ends lower). A model folder that already holds a finished run (``eval_results.json``), or a run whose
-log passed the longest budget (one stopped there: the steps after it are never scored), is scored without training
-it again, and the points already in the JSON are kept unless re-measured. Writes the JSON (default
+One ``training/train.py`` run per model on the embedded 60,000 training digits, for the longest budget
+(``--train_minutes``: the run times its own step on this machine and trains the steps that fill it), with one
+learning-rate schedule (warm-up, cosine decay) over all of them, and saves its EMA weights as a pipeline every
+--save_every steps (``train.py --save_pipeline_steps``; by default the recipe's: every 25-40 s of training on 2 CPU
+cores). A budget's point is the pipeline saved last before the run's own clock (the ``train_seconds`` of
+``train_log.jsonl``) passed that many minutes, scored by ``hf_ddpm evaluate`` on the first --num_eval_images official
+t10k digits (default: all 10,000) with --timesteps_per_image draws per image (the VAEs: the ELBO with one draw of z,
+and the IWAE bound with K = 64). So a curve costs its longest budget once, not the sum of its budgets; the price is
+that the shorter budgets' points are of weights whose learning rate had not decayed yet (a run of their own, one
+budget in --minutes, ends lower). A model folder that already holds a finished run (``eval_results.json``), or a run
+whose log passed the longest budget (one stopped there: the steps after it are never scored), is scored without
+training it again, and the points already in the JSON are kept unless re-measured. Writes the JSON (default
 benchmarks/results/learning_curves.json) and a plot beside it (same name, .png; needs matplotlib).
 """
 
@@ -29,7 +29,7 @@ from hf_ddpm.cli import main as hf_ddpm_cli
 from hf_ddpm.training_utils import PIPELINE_PREFIX, read_train_log
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import RECIPES, REPO, seconds_per_step, train  # noqa: E402
+from budget import NEVER, RECIPES, REPO, train  # noqa: E402
 
 
 def pipeline_at(run: Path, seconds: float) -> tuple[Path, dict]:
@@ -98,21 +98,18 @@ def main() -> None:
         run = args.work_dir / f"{key}_curve"
         if not trained_for(run, max(args.minutes) * 60):
             recipe = RECIPES[key]
-            calibration = run.with_name(run.name + "_calibration")
-            per_step = seconds_per_step(calibration, recipe.flags, recipe.calibration_steps)
-            steps = int(max(args.minutes) * 60 / per_step)
             train(
                 run,
                 [
                     *recipe.flags,
-                    "--max_train_steps",
-                    str(steps),
+                    "--train_minutes",
+                    str(max(args.minutes)),
                     "--save_pipeline_steps",
                     str(recipe.save_every if args.save_every is None else args.save_every),
                     "--checkpointing_steps",
-                    str(steps),
+                    str(NEVER),
                     "--eval_steps",
-                    str(steps),  # no held-out estimates during the run: they would take from its minutes
+                    str(NEVER),  # no held-out estimates during the run: they would take from its minutes
                 ],
             )
         for minutes in sorted(args.minutes):

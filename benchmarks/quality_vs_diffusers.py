@@ -6,8 +6,8 @@
 2. The stock diffusers recipe through the same script, so data, EMA and evaluation are identical: diffusers'
    UNet2DModel (same levels and attention as ours, 2 layers per block as in train_unconditional.py) with the
    example's defaults: epsilon-MSE, linear betas, fixed_small variance, lr 1e-4 with 500 warm-up steps and cosine
-   decay, AdamW(0.95, 0.999, wd 1e-6), batch 16, EMA (inv_gamma 1, power 3/4, max 0.9999), full precision. Its
-   step time is measured first, and it gets as many steps as fit in the wall-clock time hf_ddpm's run took.
+   decay, AdamW(0.95, 0.999, wd 1e-6), batch 16, EMA (inv_gamma 1, power 3/4, max 0.9999), full precision. It
+   trains for the wall-clock time hf_ddpm's run took (``--train_minutes``: the steps that fit, measured in the run).
 3. Both evaluated alike: NLL bits/dim on the first --num_eval_images t10k digits (unbiased stratified estimate,
    K timesteps per image), and sample quality of --num_samples samples (100 sampling steps each) against t10k in
    the feature space of hf_ddpm's MNIST classifier (NOT Inception-FID).
@@ -31,7 +31,7 @@ from hf_ddpm.metrics import sample_quality
 from hf_ddpm.pipelines.auto import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import REPO, train, train_for_budget  # noqa: E402
+from budget import REPO, train, train_for_minutes  # noqa: E402
 
 STOCK_FLAGS = [
     "--architecture",
@@ -117,8 +117,8 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ours_dir = args.ours or args.work_dir / "hf_ddpm_default"
     ours = json.loads((ours_dir / "eval_results.json").read_text()) if args.ours else train(ours_dir, SMALL_GRID)
-    stock = train_for_budget(
-        args.work_dir / "stock_diffusers", [*STOCK_FLAGS, *SMALL_GRID], ours["train_seconds_this_run"]
+    stock = train_for_minutes(
+        args.work_dir / "stock_diffusers", [*STOCK_FLAGS, *SMALL_GRID], ours["train_seconds_this_run"] / 60
     )
 
     test = load_images(args.eval_data, split="test")

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from hf_ddpm.cli import main as hf_ddpm_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import RECIPES, REPO, train_for_budget  # noqa: E402
+from budget import RECIPES, REPO, train_for_minutes  # noqa: E402
 
 MODELS = ["vae", "hvae", "ddpm_simple", "ddpm"]  # keys of budget.RECIPES
 
@@ -53,12 +53,7 @@ def main() -> None:
     rows, grids = {}, {}
     for index, recipe in enumerate(RECIPES[key] for key in MODELS):
         name, folder = recipe.label, args.work_dir / f"model_{index}"
-        run = train_for_budget(
-            folder,
-            [*recipe.flags, "--num_sample_images", "64"],
-            args.budget_minutes * 60,
-            calibration_steps=recipe.calibration_steps,
-        )
+        run = train_for_minutes(folder, [*recipe.flags, "--num_sample_images", "64"], args.budget_minutes)
         evaluation = folder / "evaluate.json"
         hf_ddpm_cli(
             [

@@ -1,0 +1,125 @@
+"""Quality per CPU-minute: the DDPM recipe of hf_ddpm 0.2.0, pinned flag by flag, against today's default, each trained
+for the same wall-clock minutes on this machine in one invocation.
+
+    python benchmarks/quality_per_minute.py [--minutes 5 15] [--recipes pinned_0.2.0 default] [--seeds 0 1 2] \
+        [--num_samples 1000] [--json benchmarks/results/quality_per_minute_MACHINE_DATE.json]
+
+Each recipe and budget is one ``training/train.py --train_minutes M`` run (the run times its own step here and trains
+the steps that fit, so a recipe with a slower step gets fewer of them), trained back to back, then scored by ``hf_ddpm
+evaluate``: the bound on all 10,000 official t10k digits (8 stratified timesteps per image, x_0 estimate clipped), and
+the sample metrics of ``--num_samples`` samples (100 steps) for each sampling seed of ``--seeds`` (mean and spread;
+the bound is scored once, with the first seed), each ``hf_ddpm evaluate`` timed. The table gives the steps each run
+chose, its training seconds and the seconds of its end-of-training outputs (held-out bound, sample grid, plots, card:
+the whole command minus training), so the main job's 15 + 3 minutes can be checked here too. With ``--emulate_avx2``,
+every run (training and scoring) is restricted to AVX2 kernels in float32 (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``--mixed_precision no``): an approximation of an
+AVX2-only CPU on a machine with AVX-512 (clock and memory bandwidth stay the host's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from budget import REPO, train_for_minutes  # noqa: E402
+
+#: hf_ddpm 0.2.0's CPU recipe, every flag that shapes the model or its training written out, so that a change of
+#: the defaults leaves it as it was.
+PINNED_0_2_0 = [
+    *("--model", "ddpm", "--architecture", "hf_ddpm", "--block_out_channels", "32", "64", "64"),
+    *("--layers_per_block", "1", "--attention_resolutions", "7", "--dropout", "0.0"),
+    *("--loss_type", "hybrid", "--prediction_type", "epsilon", "--variance_type", "learned_range"),
+    *("--beta_schedule", "cosine", "--num_train_timesteps", "1000", "--timestep_sampler", "auto"),
+    *("--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100"),
+    *("--adam_beta1", "0.9", "--adam_beta2", "0.99", "--adam_weight_decay", "0.0", "--max_grad_norm", "1.0"),
+    *("--use_ema", "true", "--ema_inv_gamma", "1.0", "--ema_power", "0.75", "--ema_max_decay", "0.9999"),
+]
+RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": []}
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def score(folder: Path, seed: int, num_samples: int, bound: bool) -> dict:
+    """``hf_ddpm evaluate`` of ``folder`` on all t10k (the bound only if ``bound``, else one image) with
+    ``num_samples`` samples of sampling seed ``seed``, in a process of its own (the environment's kernels)."""
+    out = folder / f"evaluate_seed{seed}.json"
+    images = [] if bound else ["--max_images", "1"]
+    command = [
+        *(str(Path(sys.executable).parent / "hf_ddpm"), "evaluate", str(folder), "--data", "embedded"),
+        *("--split", "test", *images, "--num_samples", str(num_samples), "--seed", str(seed), "--json", str(out)),
+    ]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), minimum and maximum of ``values``."""
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": deviation, "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the sample metrics")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--emulate_avx2", action="store_true", help="AVX2 kernels only, float32 (see above)")
+    parser.add_argument("--work_dir", type=Path, default=REPO / "benchmarks" / "runs" / "quality_per_minute")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quality_per_minute.json")
+    args = parser.parse_args()
+    if args.emulate_avx2:
+        os.environ.update(AVX2_ENVIRONMENT)  # inherited by every train.py and hf_ddpm evaluate process
+    precision = ["--mixed_precision", "no"] if args.emulate_avx2 else []
+    rows = []
+    for minutes in args.minutes:
+        for name in args.recipes:
+            folder = args.work_dir / f"{name}_{minutes:g}min{'_avx2' if args.emulate_avx2 else ''}"
+            start = time.perf_counter()
+            run = train_for_minutes(folder, [*RECIPES[name], *precision, "--logger", "none"], minutes)
+            command_seconds = time.perf_counter() - start
+            scores, score_seconds = [], []
+            for seed in args.seeds:  # the first with the bound on all t10k, the others only sampling
+                start = time.perf_counter()
+                scores.append(score(folder, seed, args.num_samples, bound=seed == args.seeds[0]))
+                score_seconds.append(time.perf_counter() - start)
+            nll = scores[0]
+            quality = [s["sample_quality"] for s in scores]
+            rows.append(
+                {
+                    "recipe": name,
+                    "minutes": minutes,
+                    "steps": run["steps"],
+                    "train_seconds": run["train_seconds_this_run"],
+                    "command_seconds": command_seconds,
+                    "outputs_seconds": command_seconds - run["train_seconds_this_run"],
+                    "mixed_precision": run["mixed_precision"],
+                    "nll_bits_per_dim": nll["bits_per_dim"],
+                    "nll_standard_error": nll["standard_error"],
+                    "frechet_distance": spread([q["frechet_distance"] for q in quality]),
+                    "mean_confidence": spread([q["mean_confidence"] for q in quality]),
+                    "class_kl_from_uniform": spread([q["class_kl_from_uniform"] for q in quality]),
+                    "evaluate_seconds": score_seconds,  # the first: bound on all t10k + samples; then samples only
+                }
+            )
+            row = rows[-1]
+            print(
+                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps in {row['train_seconds']:6.1f} s (+"
+                f"{row['outputs_seconds']:.0f} s outputs), NLL {row['nll_bits_per_dim']:.4f} ± "
+                f"{row['nll_standard_error']:.4f}, FD {row['frechet_distance']['mean']:.1f} ± "
+                f"{row['frechet_distance']['std']:.1f}, confidence {row['mean_confidence']['mean']:.3f} ± "
+                f"{row['mean_confidence']['std']:.3f}",
+                flush=True,
+            )
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"avx2_emulated": args.emulate_avx2, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
