@@ -13,6 +13,7 @@ Measures, in one run and interleaved (so machine drift hits every arm alike):
 
     python benchmarks/throughput.py [--batch_size 128] [--repeats 15] [--json throughput.json]
     python benchmarks/throughput.py --profile     # where the time of hf_ddpm's fp32 step goes (torch.profiler)
+    python benchmarks/throughput.py --cpu_compile --json F   # the CPU step eager, channels_last, torch.compile'd
     python benchmarks/throughput.py --device cuda --json throughput_gpu.json   # on a GPU: the step of train.py's gpu
         # recipe (bf16, fused AdamW, foreach EMA, data on the device) at several batches, eager and as CUDA graphs
         # (--cuda_compiled_batch_sizes: torch.compile too), the capture or compile time apart, against the bf16
@@ -217,12 +218,20 @@ def default_step_rows(batch_size: int, repeats: int, rounds: int, flops_per_imag
     return rows
 
 
-def cuda_step_row(images: np.ndarray, batch_size: int, forward_kind: str, steps: int, device: str = "cuda") -> dict:
-    """Seconds per step of train.py's training step on CUDA (the default DDPM recipe's network and hybrid loss, bf16
-    autocast, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from resident images), with the
-    network's forward and backward ``eager``, ``compiled`` (torch.compile, default mode) or replayed as ``cuda
-    graphs`` (:class:`hf_ddpm.training_utils.CUDAGraphedNetwork`), and the seconds of its first 3 steps (with the
-    compilation or capture)."""
+def step_row(
+    images: np.ndarray,
+    batch_size: int,
+    forward_kind: str,
+    steps: int,
+    device: str = "cuda",
+    bf16: bool = True,
+    channels_last: bool = False,
+) -> dict:
+    """Seconds per step of train.py's training step on ``device`` (the default DDPM recipe's network and hybrid
+    loss, bf16 autocast or float32, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from
+    resident images), with the network's forward and backward ``eager``, ``compiled`` (torch.compile, default mode)
+    or replayed as ``cuda graphs`` (:class:`hf_ddpm.training_utils.CUDAGraphedNetwork`), its weights and inputs
+    channels_last or not, and the seconds of its first 3 steps (with the compilation or capture)."""
     from diffusers.training_utils import EMAModel
 
     from hf_ddpm.data import ShuffledBatches
@@ -233,13 +242,15 @@ def cuda_step_row(images: np.ndarray, batch_size: int, forward_kind: str, steps:
     model_args, data_args, train_args = parse_arguments(["--output_dir", "unused", "--recipe", "gpu"])
     torch.manual_seed(0)
     model, objective = build_model_and_objective(model_args, data_args, train_args)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, fused=True)
     ema = EMAModel(model.parameters(), decay=train_args.ema_max_decay, use_ema_warmup=True, foreach=True)
     ema.to(device)
     batches = iter(ShuffledBatches(images, batch_size, device, seed=0).epoch(0))
+    if channels_last:
+        batches = (batch.contiguous(memory_format=torch.channels_last) for batch in batches)
     # no cached casts: CUDA graphs refuse them (the same setting in every arm)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     start = time.perf_counter()
     forward = {"eager": lambda: model, "compiled": lambda: torch.compile(model)}.get(forward_kind)
     if forward is None:
@@ -267,7 +278,7 @@ def cuda_step_row(images: np.ndarray, batch_size: int, forward_kind: str, steps:
 
 
 def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
-    """:func:`cuda_step_row` for each forward kind (``eager``, ``cuda graphs``, ``compiled``) at its batch sizes,
+    """:func:`step_row` on CUDA for each forward kind (``eager``, ``cuda graphs``, ``compiled``) at its batch sizes,
     with images/s and the fraction of the bf16 matmul peak measured in the same run (FLOPs per image from
     torch.utils.flop_counter)."""
     images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8).numpy()
@@ -276,7 +287,7 @@ def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
     rows = []
     for forward_kind, batch_sizes in arms.items():
         for batch_size in batch_sizes:
-            timing = cuda_step_row(images, batch_size, forward_kind, steps)
+            timing = step_row(images, batch_size, forward_kind, steps)
             seconds = timing["seconds_per_step"]
             gflops = flops_per_image * batch_size / seconds / 1e9
             rows.append(
@@ -304,6 +315,45 @@ def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
     }
 
 
+#: The CPU arms of ``--cpu_compile``: (forward, channels_last, bf16), measured in this order; the eager arms twice
+#: (first and last), so that drift of the machine during the run shows.
+CPU_COMPILE_ARMS = [
+    ("eager", False, False),
+    ("eager", False, True),
+    ("eager", True, False),
+    ("eager", True, True),
+    ("compiled", False, False),
+    ("compiled", False, True),
+    ("eager", False, False),
+    ("eager", False, True),
+]
+
+
+def cpu_compile_rows(batch_size: int, steps: int) -> dict:
+    """:func:`step_row` on the CPU for each arm of CPU_COMPILE_ARMS (train.py's threads and subnormal flushing),
+    each in a fresh model: ms per step, images/s, the first 3 steps' seconds (the compilation) and the speed
+    against the first eager arm of the same precision."""
+    flush_denormals()
+    images = torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8).numpy()
+    rows = []
+    for forward_kind, channels_last, bf16 in CPU_COMPILE_ARMS:
+        timing = step_row(images, batch_size, forward_kind, steps, "cpu", bf16=bf16, channels_last=channels_last)
+        precision = "bf16" if bf16 else "fp32"
+        row = {"forward": forward_kind, "channels_last": channels_last, "precision": precision, **timing}
+        baseline = next(r for r in rows + [row] if r["precision"] == precision)["seconds_per_step"]
+        row.update(images_per_second=batch_size / timing["seconds_per_step"])
+        row.update(speed_vs_first_eager=baseline / timing["seconds_per_step"])
+        rows.append(row)
+        print(
+            f"{forward_kind:8s} channels_last={channels_last!s:5s} {precision}: "
+            f"{1000 * timing['seconds_per_step']:7.1f} ms/step {row['images_per_second']:6.1f} img/s "
+            f"({row['speed_vs_first_eager']:.2f}x); first 3 steps {timing['first_3_steps_seconds']:.1f} s",
+            flush=True,
+        )
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return {"machine": machine, "batch_size": batch_size, "timed_steps": steps, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="batch of the model comparison")
@@ -328,6 +378,11 @@ def main() -> None:
     parser.add_argument("--cuda_graph_batch_sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
     parser.add_argument("--cuda_compiled_batch_sizes", type=int, nargs="*", default=[])
     parser.add_argument("--profile", action="store_true", help="only print where the time of hf_ddpm's fp32 step goes")
+    parser.add_argument(
+        "--cpu_compile",
+        action="store_true",
+        help="only the CPU training step eager, channels_last and torch.compile'd, fp32 and bf16 (CPU_COMPILE_ARMS)",
+    )
     parser.add_argument("--_step", default=None, help=argparse.SUPPRESS)  # one default-step measurement (internal)
     args = parser.parse_args()
     if args._step is not None:
@@ -344,6 +399,12 @@ def main() -> None:
             "compiled": args.cuda_compiled_batch_sizes,
         }
         result = cuda_step_rows(arms, steps=10 * args.repeats)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+        return
+    if args.cpu_compile:
+        result = cpu_compile_rows(args.step_batch_size, steps=2 * args.repeats)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2))

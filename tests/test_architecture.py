@@ -29,6 +29,7 @@ LAYERS = {
     "hf_ddpm.hub": 8,
     "hf_ddpm.objectives": 9,
     "hf_ddpm.training_utils": 9,
+    "hf_ddpm.training_budget": 9,
     "hf_ddpm.training_args": 9,
     "hf_ddpm.data": 9,
     "hf_ddpm.data.emoji": 9,

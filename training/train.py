@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
-    start_step = global_step
+    start_step, loop_start = global_step, time.time()  # images/s: of the loop (the budget's clock started earlier)
     train_log = None
     if accelerator.is_main_process:  # appended and flushed step by step; a resume drops the steps after its checkpoint
         train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> Path:
             progress.update(1)
             if global_step % train_args.logging_steps == 0 or global_step == max_train_steps:
                 train_seconds = time.time() - start_time  # of this run, calibration included (a resume: from 0)
-                images_per_second = (global_step - start_step) * global_batch / train_seconds
+                images_per_second = (global_step - start_step) * global_batch / (time.time() - loop_start)
                 # the mean over processes, the gradient norm and the objective's numbers in one read-back
                 values = read_logs({"loss": accelerator.reduce(loss.detach(), "mean"), "grad_norm": grad_norm})
                 logs = {
