@@ -40,6 +40,7 @@ PINNED_0_2_0 = [
     *("--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100"),
     *("--adam_beta1", "0.9", "--adam_beta2", "0.99", "--adam_weight_decay", "0.0", "--max_grad_norm", "1.0"),
     *("--use_ema", "true", "--ema_inv_gamma", "1.0", "--ema_power", "0.75", "--ema_max_decay", "0.9999"),
+    *("--compile", "false"),
 ]
 RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": []}
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}

@@ -13,14 +13,16 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-import train  # noqa: E402  (importable through helpers)
-from helpers import TINY_TRAIN  # first: it makes training/train.py importable
+from helpers import TINY_TRAIN
 from hf_ddpm import training_args
 from hf_ddpm.training_budget import (
     CALIBRATION_MIN_STEPS,
     CALIBRATION_WARMUP_STEPS,
     StepBudget,
-    budgeted_steps,
+    budgeted_run,
+    compile_pays,
+    compile_refusal,
+    measure_step_budget,
     steps_within_budget,
     time_steps_and_restore,
 )
@@ -34,6 +36,9 @@ def brute_force_steps(budget, spent, per_step, per_evaluation, eval_steps, margi
         if spent + n * per_step + evaluations * per_evaluation <= (1 - margin) * budget:
             best = n
     return best
+
+
+import train  # noqa: E402  (importable once helpers put training/ on sys.path)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +147,8 @@ def test_a_budgeted_run_fits_its_minutes_and_equals_the_run_of_the_steps_it_logs
     # calibration included; the steps' time varies on a machine shared with other work, so the bound is loose here
     # (benchmarks/README.md measures the main job's minutes on a quiet machine)
     assert results["train_seconds_this_run"] <= 0.2 * 60 * 1.5
-    assert budgeted_steps(budgeted / f"checkpoint-{steps}") == steps
+    assert budgeted_run(budgeted / f"checkpoint-{steps}") == (steps, False)  # 0.2 minutes cannot pay to compile
+    assert "torch.compile off (--compile unset: 0.2 minutes cannot pay for compiling)" in line
 
     fixed = train.main(["--output_dir", str(tmp_path / "fixed"), *flags, "--max_train_steps", str(steps)])
     a, b = unet(budgeted), unet(fixed)
@@ -155,3 +161,103 @@ def test_a_budgeted_run_fits_its_minutes_and_equals_the_run_of_the_steps_it_logs
     assert json.loads((budgeted / "eval_results.json").read_text())["steps"] == steps
     c = unet(budgeted)
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "budget, seconds_per_step, pays",
+    [
+        (900, 0.2875, True),  # the default DDPM, float32, 2-core Zen 4: 86 s to compile, 15 minutes
+        (500, 0.2875, False),
+        (900, 1.18, False),  # a 2.0 GHz Zen 1 (27 images/s): 354 s to compile does not pay in 15 minutes
+        (375, 0.0, False),  # a minute to compile at 1.19x: B > 60 * 1.19 / 0.19 = 375.8 s
+        (376, 0.0, True),
+    ],
+)
+def test_compiling_pays_where_the_steps_won_back_outweigh_the_compilation(budget, seconds_per_step, pays):
+    compile_seconds = max(60.0, 300 * seconds_per_step)
+    assert compile_pays(budget, seconds_per_step) is pays
+    assert pays == (budget > compile_seconds * 1.19 / 0.19)
+
+
+@pytest.mark.parametrize(
+    "where, refusal",
+    [
+        (("cpu", "no", "ddpm", 1, True), ""),
+        (("cpu", "bf16", "ddpm", 1, True), "bf16 autocast, where the compiled step measured no faster"),
+        (("cuda", "no", "ddpm", 1, True), "on cuda"),
+        (("cpu", "no", "vdm", 1, True), "--model vdm, not measured compiled"),
+        (("cpu", "no", "ddpm", 2, True), "2 processes, not measured compiled"),
+        (("cpu", "no", "ddpm", 1, False), "no --train_minutes budget to pay for compiling"),
+    ],
+)
+def test_an_unset_compile_is_left_to_the_budget_only_where_the_compiled_step_was_measured_faster(where, refusal):
+    assert compile_refusal(*where) == refusal
+
+
+class FakeClock:
+    """time.time and time.perf_counter of hf_ddpm.training_budget, advanced by the fake steps only."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+
+@pytest.mark.parametrize(
+    "eager, compiled, fails, decision",
+    [
+        (0.02, 0.01, False, "torch.compile on (--compile unset: at 0.0200 s per eager step, compiling pays)"),
+        (0.25, 0.01, False, "torch.compile off (--compile unset: at 0.2500 s per eager step, compiling does not pay)"),
+        (0.02, 0.01, True, "torch.compile failed, eager (RuntimeError: no C++ compiler found)"),
+    ],
+)
+def test_the_budget_compiles_where_it_pays_and_falls_back_to_eager_leaving_no_trace(
+    monkeypatch, eager, compiled, fails, decision
+):
+    clock = FakeClock()
+    monkeypatch.setattr("hf_ddpm.training_budget.time", clock)
+    network = torch.nn.Linear(3, 3)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    switches = []
+
+    def step(_):
+        with torch.no_grad():
+            network.weight.add_(1.0)  # a step changes the weights: the calibration must put them back
+        if switches and switches[-1] and fails:
+            raise RuntimeError("no C++ compiler found\n(the backend's traceback)")
+        clock.now += compiled if switches and switches[-1] else eager
+
+    started = clock.time()
+    budget = measure_step_budget(7.0, step, [network], started, use_compiled=switches.append)
+    assert budget.compile_decision == decision and decision in budget.describe()
+    assert budget.compiled is (decision.startswith("torch.compile on"))
+    assert switches == ([True, False] if fails else [True] if budget.compiled else [])
+    assert budget.seconds_per_step == pytest.approx(compiled if budget.compiled else eager)
+    same_run = f"--max_train_steps {budget.steps}" + (" --compile true" if budget.compiled else "")
+    assert budget.describe().endswith(f"(the same run: {same_run})")
+    assert all(torch.equal(network.state_dict()[k], before[k]) for k in before)
+
+
+def test_a_compilation_that_fails_in_train_py_leaves_the_run_eager_and_equal_to_the_eager_run(tmp_path, monkeypatch):
+    """train.py with --compile unset, a budget that is told compiling pays, and a torch.compile whose network
+    raises (as without a C++ compiler): the run says so, trains eager, and equals --compile false bitwise."""
+    monkeypatch.setattr("hf_ddpm.training_budget.compile_pays", lambda *args: True)
+
+    class Uncompilable(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(train.torch, "compile", lambda model: Uncompilable())
+    budgeted = tmp_path / "budgeted"
+    train.main(["--output_dir", str(budgeted), *TINY_TRAIN, "--train_minutes", "0.1"])
+    arguments = json.loads((budgeted / "training_args.json").read_text())
+    assert arguments["compile"] is False
+    log = (budgeted / "train_log.jsonl").read_text()
+    assert log.count('"step"') == arguments["max_train_steps"]
+    flags = ["--max_train_steps", str(arguments["max_train_steps"]), "--compile", "false"]
+    eager = train.main(["--output_dir", str(tmp_path / "eager"), *TINY_TRAIN, *flags])
+    a, b = unet(budgeted), unet(eager)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,5 +1,6 @@
 """What the training step calls for the network: eager, compiled, or CUDA graphs where they apply (the CUDA capture
-itself is mocked on a machine without CUDA; it runs in benchmarks/gpu_readme_job.sh)."""
+itself is mocked on a machine without CUDA; it runs in benchmarks/gpu_readme_job.sh); the one test of the suite that
+compiles (marked ``compile``: ``pytest -m "not compile"`` leaves it out)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from helpers import TINY_TRAIN
 from hf_ddpm import DenoisingUNet
 from hf_ddpm.training_utils import CUDAGraphedNetwork, cuda_graph_refusal, training_forward
 
@@ -58,3 +61,19 @@ def test_the_graphed_network_returns_the_networks_sample_and_leaves_no_gradient(
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     assert torch.equal(graphed(x, t).sample, unet(x, t).sample)
     assert list(graphed.parameters()) == list(unet.parameters())  # the optimizer's parameters are the graph's
+
+
+import train  # noqa: E402  (importable once helpers put training/ on sys.path)
+
+
+@pytest.mark.compile
+def test_a_compiled_training_step_trains_the_weights_the_eager_step_trains(tmp_path, caplog):
+    flags = [*TINY_TRAIN, "--max_train_steps", "3", "--checkpointing_steps", "100"]
+    with caplog.at_level("INFO"):
+        compiled = train.main(["--output_dir", str(tmp_path / "compiled"), *flags, "--compile"])
+    assert any("training step torch.compile;" in m for m in caplog.messages)
+    eager = train.main(["--output_dir", str(tmp_path / "eager"), *flags, "--compile", "false"])
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(compiled / weights), load_file(eager / weights)
+    for k in a:  # the compiled kernels may round differently, no more
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

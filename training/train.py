@@ -50,7 +50,7 @@ from hf_ddpm.training_args import (
     resolved_arguments,
     run_cli,
 )
-from hf_ddpm.training_budget import budgeted_steps, measure_step_budget
+from hf_ddpm.training_budget import budgeted_run, compile_refusal, measure_step_budget
 from hf_ddpm.training_utils import (
     FINITE_CHECK_STEPS,
     PIPELINE_PREFIX,
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> Path:
     if removed:
         logger.info(f"--overwrite_output_dir: removed the old run's {', '.join(removed)} from {output_dir}.")
     if resume_path is not None and not (train_args.max_train_steps or train_args.num_epochs):
-        train_args.max_train_steps = budgeted_steps(resume_path)  # the steps the budgeted run chose, kept
+        # the steps the budgeted run chose, and whether it compiled, kept
+        train_args.max_train_steps, train_args.compile = budgeted_run(resume_path, train_args.compile)
     if resume_path is not None and finished_run(resume_path, output_dir, train_args.max_train_steps):
         message = (
             f"{resume_path.name} is at step {checkpoint_step(resume_path)} >= --max_train_steps "
@@ -156,6 +157,17 @@ def main(argv: list[str] | None = None) -> Path:
     unwrapped = accelerator.unwrap_model(model)  # evaluated, sampled and saved eagerly
     size = (train_args.train_batch_size, data_args.channels, data_args.resolution, data_args.resolution)
     train_model, step_kind = training_forward(model, train_args, model_args.model, accelerator, size)
+    budgeted = not (train_args.max_train_steps or train_args.num_epochs)
+    device, precision, processes = accelerator.device.type, accelerator.mixed_precision, accelerator.num_processes
+    refusal = compile_refusal(device, precision, model_args.model, processes, budgeted)
+    if train_args.compile is None and refusal and not train_args.cuda_graphs:
+        step_kind += f" (--compile unset: {refusal})"
+
+    def use_compiled(compiled: bool) -> None:  # --compile unset: the budget compiles where it pays
+        nonlocal train_model, step_kind
+        train_model, step_kind = (torch.compile(model), "torch.compile") if compiled else (model, "eager")
+        optimizer.zero_grad(set_to_none=True)  # a failed compiled backward leaves nothing behind
+
     ema = None
     if train_args.use_ema:
         ema = EMAModel(
@@ -228,8 +240,10 @@ def main(argv: list[str] | None = None) -> Path:
             agree=lambda x: accelerator.gather(torch.tensor([x], device=accelerator.device)).max().item(),
             synchronize=torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None),
             rng_devices=[accelerator.device] if accelerator.device.type == "cuda" else [],
+            use_compiled=use_compiled if train_args.compile is None and not refusal else None,
         )
         max_train_steps = budget.steps
+        arguments["compile"] = budget.compiled if train_args.compile is None else train_args.compile
         logger.info(budget.describe())
     arguments["max_train_steps"] = max_train_steps  # in training_args.json and every checkpoint's: resumable
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)

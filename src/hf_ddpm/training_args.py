@@ -265,9 +265,15 @@ class TrainingArguments:
             "help": "Log (and read the loss back from the device) every N steps; the loss is checked finite then."
         },
     )
-    compile: bool = field(
-        default=False,
-        metadata={"help": "torch.compile the network's training forward and backward (evaluation stays eager)."},
+    compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile the network's training forward and backward (evaluation stays eager): true, "
+            "false, or unset: on where it pays within --train_minutes (one CPU process, the DDPM, float32; "
+            "hf_ddpm.training_budget.compile_pays), the decision logged.",
+            "nargs": "?",  # a bare --compile is --compile true
+            "const": True,
+        },
     )
     cuda_graphs: bool = field(
         default=False,
@@ -298,7 +304,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 #: model on 8x the images at a batch that keeps a GPU busy, its step replayed as CUDA graphs (torch.compile costs
 #: more than the whole job there), reading the loss back every 100 steps only.
 RECIPES = {
-    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "compile": False, "logging_steps": 1},
+    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "logging_steps": 1},
     "gpu": {"train_batch_size": 512, "max_train_steps": 2000, "cuda_graphs": True, "logging_steps": 100},
 }
 

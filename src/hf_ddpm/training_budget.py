@@ -8,15 +8,22 @@ The learning-rate schedule (warm-up and cosine decay) and the EMA's warm-up are 
 The budget counts from the start of the calibration to the end of the last optimizer step: the calibration itself,
 the compilation (``--compile``), the mid-run evaluations and the checkpoints are inside it; loading data before and
 writing the outputs after (the held-out bound, samples, plots, card) are not.
+
+With ``--compile`` unset, the budget also decides whether to ``torch.compile`` the training step
+(:func:`compile_pays`): where the compiled step is known to be faster (:func:`compile_refusal` names where it is
+not), the eager step is timed, and the run compiles when the steps that the speed-up wins back outweigh the
+compilation's minute or more. A compilation that fails (no C++ compiler, say) leaves the run eager, with the reason
+in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +37,12 @@ CALIBRATION_MIN_STEPS = 5
 CALIBRATION_MAX_STEPS = 200
 #: The share of the budget left unplanned for what the calibration does not see (log read-backs, checkpoints).
 BUDGET_MARGIN = 0.01
+#: torch.compile of the default DDPM's CPU training step in float32 (``benchmarks/throughput.py --cpu_compile``,
+#: 2026-12-05): 1.19x the eager step with AVX-512 kernels (Zen 4, 2 cores), 1.17-1.27x with AVX2 kernels; its first
+#: 3 steps took 82 s (285 eager steps) and 60 s (180 eager steps). In bf16 it was no faster (0.99x).
+COMPILE_SPEEDUP = 1.19
+COMPILE_SECONDS_MIN = 60.0
+COMPILE_SECONDS_IN_EAGER_STEPS = 300
 
 
 class Stateful(Protocol):
@@ -50,17 +63,56 @@ class StepBudget:
     seconds_per_evaluation: float  # one mid-run evaluation (held-out bound and, with a tracker, a sample grid)
     seconds_spent: float  # of the budget, before the first step: the calibration, compilation included
     steps: int
+    compiled: bool = False  # the steps are torch.compile'd (--compile unset and compile_pays, or --compile)
+    compile_decision: str = ""  # with --compile unset: what was decided, and why
 
     def describe(self) -> str:
         """One line for the log: the budget, what was measured, the steps chosen and how to get the same run."""
         evaluation = (
             f", {self.seconds_per_evaluation:.1f} s per mid-run evaluation" if self.seconds_per_evaluation else ""
         )
+        decision = f" {self.compile_decision};" if self.compile_decision else ""
+        same_run = f"--max_train_steps {self.steps}" + (" --compile true" if self.compiled else "")
         return (
-            f"--train_minutes {self.minutes:g}: {self.seconds_per_step:.4f} s per step measured over "
+            f"--train_minutes {self.minutes:g}:{decision} {self.seconds_per_step:.4f} s per step measured over "
             f"{self.calibration_steps} steps{evaluation}, {self.seconds_spent:.1f} s spent calibrating -> "
-            f"{self.steps:,} steps (the same run: --max_train_steps {self.steps})"
+            f"{self.steps:,} steps (the same run: {same_run})"
         )
+
+
+def compile_pays(
+    budget_seconds: float,
+    eager_seconds_per_step: float,
+    speedup: float = COMPILE_SPEEDUP,
+    compile_seconds_min: float = COMPILE_SECONDS_MIN,
+    compile_eager_steps: int = COMPILE_SECONDS_IN_EAGER_STEPS,
+) -> bool:
+    """Whether compiling the training step trains more steps within ``budget_seconds`` than staying eager:
+
+        (B - c) * speedup / s > B / s,   c = max(compile_seconds_min, compile_eager_steps * s),
+
+    with ``s`` the eager step's seconds and ``c`` the compilation's estimated seconds; that is, B > c * speedup /
+    (speedup - 1): about 6.3 compilations, 9 minutes for the default DDPM on a 2-core Zen 4 in float32."""
+    compile_seconds = max(compile_seconds_min, compile_eager_steps * eager_seconds_per_step)
+    return (budget_seconds - compile_seconds) * speedup > budget_seconds
+
+
+def compile_refusal(
+    device_type: str, mixed_precision: str, model_kind: str, num_processes: int, budgeted: bool = True
+) -> str:
+    """Why a run with ``--compile`` unset stays eager, or "" where its budget in minutes decides
+    (:func:`compile_pays`): one CPU process training the DDPM in float32, the only step measured faster compiled."""
+    if not budgeted:
+        return "no --train_minutes budget to pay for compiling"
+    if device_type != "cpu":
+        return f"on {device_type}"
+    if mixed_precision != "no":
+        return f"{mixed_precision} autocast, where the compiled step measured no faster"
+    if model_kind != "ddpm":
+        return f"--model {model_kind}, not measured compiled"
+    if num_processes > 1:
+        return f"{num_processes} processes, not measured compiled"
+    return ""
 
 
 def steps_within_budget(
@@ -111,7 +163,7 @@ def time_steps_and_restore(
     number of steps (each step may hold a collective operation). ``synchronize`` waits for the device's queued work
     (``torch.cuda.synchronize`` on a GPU)."""
     saved = [copy.deepcopy(s.state_dict()) for s in state]
-    with torch.random.fork_rng(devices=list(rng_devices)):
+    with torch.random.fork_rng(devices=list(rng_devices)), restored(state, saved):
         calls = 0
 
         def run(count: int) -> float:
@@ -128,9 +180,17 @@ def time_steps_and_restore(
         first = agree(run(CALIBRATION_MIN_STEPS) / CALIBRATION_MIN_STEPS)
         count = int(min(CALIBRATION_MAX_STEPS, max(CALIBRATION_MIN_STEPS, calibration_seconds // first)))
         seconds_per_step = agree(run(count) / count)
-    for s, values in zip(state, saved):
-        s.load_state_dict(values)
     return seconds_per_step, count
+
+
+@contextlib.contextmanager
+def restored(state: Sequence[Stateful], saved: Sequence[dict[str, Any]]) -> Iterator[None]:
+    """Puts every object of ``state`` back to its ``saved`` state dict when the block ends, raising or not."""
+    try:
+        yield
+    finally:
+        for s, values in zip(state, saved):
+            s.load_state_dict(values)
 
 
 def timed(work: Callable[[], Any], synchronize: Callable[[], None] = lambda: None) -> float:
@@ -153,16 +213,24 @@ def measure_step_budget(
     agree: Callable[[float], float] = lambda seconds: seconds,
     synchronize: Callable[[], None] = lambda: None,
     rng_devices: Sequence[torch.device] = (),
+    use_compiled: Callable[[bool], None] | None = None,
 ) -> StepBudget:
     """The :class:`StepBudget` of a run of ``minutes`` whose clock started at ``started`` (``time.time()``): its
     optimizer step ``step`` timed on the run's own ``state`` and put back (:func:`time_steps_and_restore`), one
     mid-run ``evaluation`` timed where the budget holds one (every ``eval_steps`` steps), and the steps that fit
     (:func:`steps_within_budget`). ``agree``, ``synchronize`` and ``rng_devices`` as in
-    :func:`time_steps_and_restore`; every process of a run gets the same steps."""
+    :func:`time_steps_and_restore`; every process of a run gets the same steps.
+
+    ``use_compiled(True)`` (given where ``--compile`` is unset and :func:`compile_refusal` has no objection) makes
+    ``step`` run the compiled network, ``use_compiled(False)`` the eager one: where the budget can pay for a
+    compilation, the eager step is timed first and the run compiles if :func:`compile_pays`; if the compiled step
+    raises, the run goes back to eager and the decision says why."""
     budget_seconds = 60 * minutes
-    seconds_per_step, count = time_steps_and_restore(
-        step, state, CALIBRATION_SHARE * budget_seconds, agree=agree, synchronize=synchronize, rng_devices=rng_devices
-    )
+    timing = {"agree": agree, "synchronize": synchronize, "rng_devices": rng_devices}
+    compiled, decision = False, ""
+    if use_compiled is not None:
+        compiled, decision = decide_compile(step, state, budget_seconds, use_compiled, timing)
+    seconds_per_step, count = time_steps_and_restore(step, state, CALIBRATION_SHARE * budget_seconds, **timing)
     seconds_per_evaluation = 0.0
     if evaluation is not None and eval_steps is not None:
         without = steps_within_budget(budget_seconds, agree(time.time() - started), seconds_per_step)
@@ -170,12 +238,38 @@ def measure_step_budget(
             seconds_per_evaluation = agree(timed(evaluation, synchronize))
     spent = agree(time.time() - started)
     steps = steps_within_budget(budget_seconds, spent, seconds_per_step, seconds_per_evaluation, eval_steps)
-    return StepBudget(minutes, seconds_per_step, count, seconds_per_evaluation, spent, steps)
+    return StepBudget(minutes, seconds_per_step, count, seconds_per_evaluation, spent, steps, compiled, decision)
 
 
-def budgeted_steps(checkpoint: Path) -> int:
-    """The optimizer steps the budgeted run that saved ``checkpoint`` chose (its ``training_args.json``), so that a
-    resumed run keeps the learning-rate schedule it started with."""
+def decide_compile(
+    step: Callable[[int], None],
+    state: Sequence[Stateful],
+    budget_seconds: float,
+    use_compiled: Callable[[bool], None],
+    timing: dict[str, Any],
+) -> tuple[bool, str]:
+    """(whether the run compiles, the decision in words) for :func:`measure_step_budget`: the eager step timed
+    (a few steps, put back) where the budget can pay for a compilation at all, then :func:`compile_pays`; the
+    compiled step tried (compilation included, put back) and abandoned for eager if it raises."""
+    if not compile_pays(budget_seconds, 0.0):
+        return False, f"torch.compile off (--compile unset: {budget_seconds / 60:g} minutes cannot pay for compiling)"
+    eager, _ = time_steps_and_restore(step, state, 0.0, **timing)
+    if not compile_pays(budget_seconds, eager):
+        return False, f"torch.compile off (--compile unset: at {eager:.4f} s per eager step, compiling does not pay)"
+    use_compiled(True)
+    try:
+        time_steps_and_restore(step, state, 0.0, **timing)  # compiles within the budget's clock, as it must
+    except Exception as error:  # any backend failure (no C++ compiler, an unsupported op): the eager step stays
+        use_compiled(False)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        return False, f"torch.compile failed, eager ({type(error).__name__}: {first_line})"
+    return True, f"torch.compile on (--compile unset: at {eager:.4f} s per eager step, compiling pays)"
+
+
+def budgeted_run(checkpoint: Path, compile_requested: bool | None = None) -> tuple[int, bool | None]:
+    """(the optimizer steps, whether it compiled) of the budgeted run that saved ``checkpoint`` (its
+    ``training_args.json``), so that a resumed run keeps the learning-rate schedule it started with and, with
+    ``--compile`` unset (``compile_requested`` None), the training step it chose; an explicit ``--compile`` wins."""
     arguments = json.loads((checkpoint / "training_args.json").read_text())
     steps = arguments.get("max_train_steps")
     if not isinstance(steps, int) or steps < 1:
@@ -183,4 +277,4 @@ def budgeted_steps(checkpoint: Path) -> int:
             f"{checkpoint / 'training_args.json'} does not record the steps its run chose (max_train_steps): resume "
             "with the --max_train_steps the run logged."
         )
-    return steps
+    return steps, arguments.get("compile") if compile_requested is None else compile_requested
