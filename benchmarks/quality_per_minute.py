@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, train_for_minutes  # noqa: E402
+from throughput import cpu_name  # noqa: E402
 
 #: hf_ddpm 0.2.0's CPU recipe, every flag that shapes the model or its training written out, so that a change of
 #: the defaults leaves it as it was.
@@ -78,7 +79,7 @@ def main() -> None:
     if args.emulate_avx2:
         os.environ.update(AVX2_ENVIRONMENT)  # inherited by every train.py and hf_ddpm evaluate process
     precision = ["--mixed_precision", "no"] if args.emulate_avx2 else []
-    rows = []
+    rows, machine = [], f"{cpu_name()}, {os.cpu_count()} cores"
     for minutes in args.minutes:
         for name in args.recipes:
             folder = args.work_dir / f"{name}_{minutes:g}min{'_avx2' if args.emulate_avx2 else ''}"
@@ -97,6 +98,7 @@ def main() -> None:
                     "recipe": name,
                     "minutes": minutes,
                     "steps": run["steps"],
+                    "compiled": json.loads((folder / "training_args.json").read_text())["compile"],
                     "train_seconds": run["train_seconds_this_run"],
                     "command_seconds": command_seconds,
                     "outputs_seconds": command_seconds - run["train_seconds_this_run"],
@@ -111,7 +113,7 @@ def main() -> None:
             )
             row = rows[-1]
             print(
-                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps in {row['train_seconds']:6.1f} s (+"
+                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in {row['train_seconds']:6.1f} s (+"
                 f"{row['outputs_seconds']:.0f} s outputs), NLL {row['nll_bits_per_dim']:.4f} ± "
                 f"{row['nll_standard_error']:.4f}, FD {row['frechet_distance']['mean']:.1f} ± "
                 f"{row['frechet_distance']['std']:.1f}, confidence {row['mean_confidence']['mean']:.3f} ± "
@@ -119,7 +121,7 @@ def main() -> None:
                 flush=True,
             )
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"avx2_emulated": args.emulate_avx2, "rows": rows}, indent=2))
+            args.json.write_text(json.dumps({"machine": machine, "avx2_emulated": args.emulate_avx2, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
