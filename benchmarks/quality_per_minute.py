@@ -113,7 +113,8 @@ def main() -> None:
             )
             row = rows[-1]
             print(
-                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in {row['train_seconds']:6.1f} s (+"
+                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in "
+                f"{row['train_seconds']:6.1f} s (+"
                 f"{row['outputs_seconds']:.0f} s outputs), NLL {row['nll_bits_per_dim']:.4f} ± "
                 f"{row['nll_standard_error']:.4f}, FD {row['frechet_distance']['mean']:.1f} ± "
                 f"{row['frechet_distance']['std']:.1f}, confidence {row['mean_confidence']['mean']:.3f} ± "
@@ -121,7 +122,9 @@ def main() -> None:
                 flush=True,
             )
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"machine": machine, "avx2_emulated": args.emulate_avx2, "rows": rows}, indent=2))
+            args.json.write_text(
+                json.dumps({"machine": machine, "avx2_emulated": args.emulate_avx2, "rows": rows}, indent=2)
+            )
 
 
 if __name__ == "__main__":
