@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> Path:
     def use_compiled(compiled: bool) -> None:  # --compile unset: the budget compiles where it pays
         nonlocal train_model, step_kind
         train_model, step_kind = (torch.compile(model), "torch.compile") if compiled else (model, "eager")
+        if compiled:
+            logger.info("--compile unset: compiling the training step, which pays within the budget (a minute or so).")
         optimizer.zero_grad(set_to_none=True)  # a failed compiled backward leaves nothing behind
 
     ema = None
