@@ -6,11 +6,13 @@ for the same wall-clock minutes on this machine in one invocation.
 
 Each recipe and budget is one ``training/train.py --train_minutes M`` run (the run times its own step here and trains
 the steps that fit, so a recipe with a slower step gets fewer of them), trained back to back, then scored by ``hf_ddpm
-evaluate``: the bound on all 10,000 official t10k digits (8 stratified timesteps per image, x_0 estimate clipped), and
-the sample metrics of ``--num_samples`` samples (100 steps) for each sampling seed of ``--seeds`` (mean and spread;
-the bound is scored once, with the first seed), each ``hf_ddpm evaluate`` timed. The table gives the steps each run
-chose, its training seconds and the seconds of its end-of-training outputs (held-out bound, sample grid, plots, card:
-the whole command minus training), so the main job's 15 + 3 minutes can be checked here too. With ``--emulate_avx2``,
+evaluate`` once per seed of ``--seeds``: the bound on all 10,000 official t10k digits (8 stratified timesteps per
+image, x_0 estimate clipped) and the sample metrics of ``--num_samples`` samples (100 steps) against all t10k (mean and
+spread over the seeds), each ``hf_ddpm evaluate`` timed. The table gives the steps each run chose, whether it
+compiled, its training seconds and the seconds of its end-of-training outputs (held-out bound, sample grid, plots,
+card: from the last step's log line to ``eval_results.json``), so the main job's minutes can be checked here too. A
+run or a score that an earlier invocation finished in ``--work_dir`` is reused, not repeated.
+With ``--emulate_avx2``,
 every run (training and scoring) is restricted to AVX2 kernels in float32 (``ATEN_CPU_CAPABILITY=avx2``,
 ``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``--mixed_precision no``): an approximation of an
 AVX2-only CPU on a machine with AVX-512 (clock and memory bandwidth stay the host's).
@@ -47,16 +49,17 @@ RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": []}
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def score(folder: Path, seed: int, num_samples: int, bound: bool) -> dict:
-    """``hf_ddpm evaluate`` of ``folder`` on all t10k (the bound only if ``bound``, else one image) with
-    ``num_samples`` samples of sampling seed ``seed``, in a process of its own (the environment's kernels)."""
+def score(folder: Path, seed: int, num_samples: int) -> dict:
+    """``hf_ddpm evaluate`` of ``folder``: the bound on all t10k and ``num_samples`` samples of seed ``seed`` scored
+    against all t10k, in a process of its own (the environment's kernels); kept in ``evaluate_seed{seed}.json``,
+    which a later invocation reuses."""
     out = folder / f"evaluate_seed{seed}.json"
-    images = [] if bound else ["--max_images", "1"]
-    command = [
-        *(str(Path(sys.executable).parent / "hf_ddpm"), "evaluate", str(folder), "--data", "embedded"),
-        *("--split", "test", *images, "--num_samples", str(num_samples), "--seed", str(seed), "--json", str(out)),
-    ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    if not out.exists():
+        command = [
+            *(str(Path(sys.executable).parent / "hf_ddpm"), "evaluate", str(folder), "--data", "embedded"),
+            *("--split", "test", "--num_samples", str(num_samples), "--seed", str(seed), "--json", str(out)),
+        ]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -78,20 +81,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.emulate_avx2:
         os.environ.update(AVX2_ENVIRONMENT)  # inherited by every train.py and hf_ddpm evaluate process
+        # Inductor's kernels of its own: kernels cached for this host's AVX-512 crashed (SIGSEGV) under AVX2 dispatch
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.work_dir / "inductor_cache_avx2")
     precision = ["--mixed_precision", "no"] if args.emulate_avx2 else []
     rows, machine = [], f"{cpu_name()}, {os.cpu_count()} cores"
     for minutes in args.minutes:
         for name in args.recipes:
             folder = args.work_dir / f"{name}_{minutes:g}min{'_avx2' if args.emulate_avx2 else ''}"
-            start = time.perf_counter()
-            run = train_for_minutes(folder, [*RECIPES[name], *precision, "--logger", "none"], minutes)
-            command_seconds = time.perf_counter() - start
+            finished = folder / "eval_results.json"  # a run an earlier invocation finished is scored, not retrained
+            run = json.loads(finished.read_text()) if finished.exists() else None
+            run = run or train_for_minutes(folder, [*RECIPES[name], *precision, "--logger", "none"], minutes)
+            # the end-of-training outputs: from the last step's log line to the last file the run writes
+            outputs_seconds = finished.stat().st_mtime - (folder / "train_log.jsonl").stat().st_mtime
             scores, score_seconds = [], []
-            for seed in args.seeds:  # the first with the bound on all t10k, the others only sampling
+            for seed in args.seeds:
                 start = time.perf_counter()
-                scores.append(score(folder, seed, args.num_samples, bound=seed == args.seeds[0]))
+                scores.append(score(folder, seed, args.num_samples))
                 score_seconds.append(time.perf_counter() - start)
-            nll = scores[0]
+            nll = spread([s["bits_per_dim"] for s in scores])
             quality = [s["sample_quality"] for s in scores]
             rows.append(
                 {
@@ -100,23 +107,22 @@ def main() -> None:
                     "steps": run["steps"],
                     "compiled": json.loads((folder / "training_args.json").read_text())["compile"],
                     "train_seconds": run["train_seconds_this_run"],
-                    "command_seconds": command_seconds,
-                    "outputs_seconds": command_seconds - run["train_seconds_this_run"],
+                    "outputs_seconds": outputs_seconds,
                     "mixed_precision": run["mixed_precision"],
-                    "nll_bits_per_dim": nll["bits_per_dim"],
-                    "nll_standard_error": nll["standard_error"],
+                    "nll_bits_per_dim": nll,
+                    "nll_standard_error": [s["standard_error"] for s in scores],
                     "frechet_distance": spread([q["frechet_distance"] for q in quality]),
                     "mean_confidence": spread([q["mean_confidence"] for q in quality]),
                     "class_kl_from_uniform": spread([q["class_kl_from_uniform"] for q in quality]),
-                    "evaluate_seconds": score_seconds,  # the first: bound on all t10k + samples; then samples only
+                    "evaluate_seconds": score_seconds,  # 0 where an earlier invocation's score was reused
                 }
             )
             row = rows[-1]
             print(
                 f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in "
                 f"{row['train_seconds']:6.1f} s (+"
-                f"{row['outputs_seconds']:.0f} s outputs), NLL {row['nll_bits_per_dim']:.4f} ± "
-                f"{row['nll_standard_error']:.4f}, FD {row['frechet_distance']['mean']:.1f} ± "
+                f"{row['outputs_seconds']:.0f} s outputs), NLL {nll['mean']:.4f} (SE "
+                f"{row['nll_standard_error'][0]:.4f}), FD {row['frechet_distance']['mean']:.1f} ± "
                 f"{row['frechet_distance']['std']:.1f}, confidence {row['mean_confidence']['mean']:.3f} ± "
                 f"{row['mean_confidence']['std']:.3f}",
                 flush=True,

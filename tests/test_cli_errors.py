@@ -80,6 +80,19 @@ def test_evaluate_refuses_bad_counts_before_the_bound(tiny_model, capsys):
     assert line == "hf_ddpm: error: --timesteps_per_image must be >= 1, got 0."
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--num_samples", "1"], ["--num_samples", "8", "--max_images", "1"]],
+)
+def test_evaluate_refuses_sample_metrics_of_fewer_than_two_images_before_the_bound(tiny_model, capsys, flags):
+    line = one_line(capsys, ["evaluate", str(tiny_model), "--data", "embedded", *flags])
+    count, images = flags[1], flags[3] if len(flags) > 2 else "None"
+    assert line == (
+        f"hf_ddpm: error: --num_samples {count} with --max_images {images}: the sample metrics compare two "
+        "covariances, of at least 2 samples and 2 images: raise both, or drop --num_samples."
+    )
+
+
 def test_sample_quality_refuses_a_model_not_1x28x28_before_the_bound(rgb_model, tmp_path, capsys, monkeypatch):
     import hf_ddpm.cli
 

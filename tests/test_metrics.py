@@ -35,3 +35,10 @@ def test_classifier_recognises_real_digits_and_the_metric_separates_digits_from_
     assert real.frechet_distance < 0.1 * noise.frechet_distance
     assert real.mean_confidence > 0.9 and real.class_kl_from_uniform < 0.02
     assert 0 <= noise.mean_confidence <= 1
+
+
+@pytest.mark.parametrize("samples, reference, name", [(1, 4, "samples"), (4, 1, "reference")])
+def test_sample_quality_refuses_a_single_image_whose_covariance_is_undefined(samples, reference, name):
+    """One reference image made np.cov divide by zero and the eigen-solver fail ("Eigenvalues did not converge")."""
+    with pytest.raises(ValueError, match=f"needs at least 2 {name} for a covariance, got 1: score more images."):
+        sample_quality(torch.zeros(samples, 1, 28, 28), torch.zeros(reference, 1, 28, 28))

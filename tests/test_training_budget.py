@@ -182,12 +182,13 @@ def test_compiling_pays_where_the_steps_won_back_outweigh_the_compilation(budget
 @pytest.mark.parametrize(
     "where, refusal",
     [
-        (("cpu", "no", "ddpm", 1, True), ""),
-        (("cpu", "bf16", "ddpm", 1, True), "bf16 autocast, where the compiled step measured no faster"),
-        (("cuda", "no", "ddpm", 1, True), "on cuda"),
-        (("cpu", "no", "vdm", 1, True), "--model vdm, not measured compiled"),
-        (("cpu", "no", "ddpm", 2, True), "2 processes, not measured compiled"),
-        (("cpu", "no", "ddpm", 1, False), "no --train_minutes budget to pay for compiling"),
+        (("cpu", "no", "ddpm", 1, True, "AVX512"), ""),
+        (("cpu", "no", "ddpm", 1, True, "AVX2"), "AVX2 kernels, where the compiled step measured no faster"),
+        (("cpu", "bf16", "ddpm", 1, True, "AVX512"), "bf16 autocast, where the compiled step measured no faster"),
+        (("cuda", "no", "ddpm", 1, True, "AVX512"), "on cuda"),
+        (("cpu", "no", "vdm", 1, True, "AVX512"), "--model vdm, not measured compiled"),
+        (("cpu", "no", "ddpm", 2, True, "AVX512"), "2 processes, not measured compiled"),
+        (("cpu", "no", "ddpm", 1, False, "AVX512"), "no --train_minutes budget to pay for compiling"),
     ],
 )
 def test_an_unset_compile_is_left_to_the_budget_only_where_the_compiled_step_was_measured_faster(where, refusal):
@@ -242,9 +243,11 @@ def test_the_budget_compiles_where_it_pays_and_falls_back_to_eager_leaving_no_tr
 
 
 def test_a_compilation_that_fails_in_train_py_leaves_the_run_eager_and_equal_to_the_eager_run(tmp_path, monkeypatch):
-    """train.py with --compile unset, a budget that is told compiling pays, and a torch.compile whose network
-    raises (as without a C++ compiler): the run says so, trains eager, and equals --compile false bitwise."""
+    """train.py with --compile unset, a budget that is told compiling pays on AVX-512 kernels, and a torch.compile
+    whose network raises (as without a C++ compiler): the run says so, trains eager, and equals --compile false
+    bitwise."""
     monkeypatch.setattr("hf_ddpm.training_budget.compile_pays", lambda *args: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # on an AVX2 machine too
 
     class Uncompilable(torch.nn.Module):
         def forward(self, *args, **kwargs):

@@ -102,6 +102,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         ("iwae_samples", 1),
         ("steps", 1),
     )
+    if args.num_samples and min(args.num_samples, args.max_images or 2) < 2:
+        raise UsageError(
+            f"--num_samples {args.num_samples} with --max_images {args.max_images}: the sample metrics compare two "
+            "covariances, of at least 2 samples and 2 images: raise both, or drop --num_samples."
+        )
     if args.json:
         check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)

@@ -90,13 +90,18 @@ class SampleQuality:
 def sample_quality(
     samples: torch.Tensor, reference: torch.Tensor, classifier: MNISTClassifier | None = None
 ) -> SampleQuality:
-    """Score ``samples`` against ``reference``; both float (N, 1, 28, 28) in [-1, 1]. Raises ``ValueError`` for
-    images of another shape (RGB, another size): an MNIST classifier's features say nothing about them."""
+    """Score ``samples`` against ``reference``; both float (N, 1, 28, 28) in [-1, 1], N >= 2 (a covariance each).
+    Raises ``ValueError`` for fewer images and for images of another shape (RGB, another size): an MNIST
+    classifier's features say nothing about them."""
     for name, images in (("samples", samples), ("reference", reference)):
         if tuple(images.shape[1:]) != MNIST_SHAPE:
             raise ValueError(
                 f"sample_quality scores 1x28x28 digits with an MNIST classifier; the {name} have shape "
                 f"{tuple(images.shape)}: there is no such metric for other images."
+            )
+        if len(images) < 2:
+            raise ValueError(
+                f"sample_quality needs at least 2 {name} for a covariance, got {len(images)}: score more images."
             )
     classifier = classifier or mnist_classifier()
     features = [

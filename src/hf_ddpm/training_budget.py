@@ -11,9 +11,9 @@ writing the outputs after (the held-out bound, samples, plots, card) are not.
 
 With ``--compile`` unset, the budget also decides whether to ``torch.compile`` the training step
 (:func:`compile_pays`): where the compiled step is known to be faster (:func:`compile_refusal` names where it is
-not), the eager step is timed, and the run compiles when the steps that the speed-up wins back outweigh the
-compilation's minute or more. A compilation that fails (no C++ compiler, say) leaves the run eager, with the reason
-in the log.
+not: everywhere but one CPU process, float32, AVX-512 kernels), the eager step is timed, and the run compiles when
+the steps that the speed-up wins back outweigh the compilation's minute or more. A compilation that fails (no C++
+compiler, say) leaves the run eager, with the reason in the log.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ CALIBRATION_MIN_STEPS = 5
 CALIBRATION_MAX_STEPS = 200
 #: The share of the budget left unplanned for what the calibration does not see (log read-backs, checkpoints).
 BUDGET_MARGIN = 0.01
-#: torch.compile of the default DDPM's CPU training step in float32 (``benchmarks/throughput.py --cpu_compile``,
-#: 2026-12-05): 1.19x the eager step with AVX-512 kernels (Zen 4, 2 cores), 1.17-1.27x with AVX2 kernels; its first
-#: 3 steps took 82 s (285 eager steps) and 60 s (180 eager steps). In bf16 it was no faster (0.99x).
+#: torch.compile of the default DDPM's CPU training step in float32 with AVX-512 kernels (2-core Zen 4, 2026-12-05,
+#: ``benchmarks/throughput.py --cpu_compile``): 1.19x the eager step, its first 3 steps 82 s (285 eager steps). In
+#: bf16 it was no faster (0.99x); with AVX2 kernels (``benchmarks/quality_per_minute.py --emulate_avx2``) train.py's
+#: compiled step took 0.2978 s against 0.3004 s eager (1.01x) after 100 s of compiling: 8% fewer steps in 15 minutes.
 COMPILE_SPEEDUP = 1.19
 COMPILE_SECONDS_MIN = 60.0
 COMPILE_SECONDS_IN_EAGER_STEPS = 300
@@ -98,16 +99,25 @@ def compile_pays(
 
 
 def compile_refusal(
-    device_type: str, mixed_precision: str, model_kind: str, num_processes: int, budgeted: bool = True
+    device_type: str,
+    mixed_precision: str,
+    model_kind: str,
+    num_processes: int,
+    budgeted: bool = True,
+    cpu_capability: str | None = None,
 ) -> str:
     """Why a run with ``--compile`` unset stays eager, or "" where its budget in minutes decides
-    (:func:`compile_pays`): one CPU process training the DDPM in float32, the only step measured faster compiled."""
+    (:func:`compile_pays`): one CPU process training the DDPM in float32 with AVX-512 kernels, the only step measured
+    faster compiled. ``cpu_capability``: ``torch.backends.cpu.get_cpu_capability()`` unless given."""
     if not budgeted:
         return "no --train_minutes budget to pay for compiling"
     if device_type != "cpu":
         return f"on {device_type}"
     if mixed_precision != "no":
         return f"{mixed_precision} autocast, where the compiled step measured no faster"
+    capability = cpu_capability or torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"{capability} kernels, where the compiled step measured no faster"
     if model_kind != "ddpm":
         return f"--model {model_kind}, not measured compiled"
     if num_processes > 1:
