@@ -269,8 +269,8 @@ class TrainingArguments:
         default=None,
         metadata={
             "help": "torch.compile the network's training forward and backward (evaluation stays eager): true, "
-            "false, or unset: on where it pays within --train_minutes (one CPU process, the DDPM, float32; "
-            "hf_ddpm.training_budget.compile_pays), the decision logged.",
+            "false, or unset: on where it pays within --train_minutes (one CPU process, the DDPM, float32, "
+            "AVX-512 kernels; hf_ddpm.training_budget.compile_pays), the decision logged.",
             "nargs": "?",  # a bare --compile is --compile true
             "const": True,
         },
