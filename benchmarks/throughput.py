@@ -251,7 +251,6 @@ def step_row(
         batches = (batch.contiguous(memory_format=torch.channels_last) for batch in batches)
     # no cached casts: CUDA graphs refuse them (the same setting in every arm)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-    start = time.perf_counter()
     forward = {"eager": lambda: model, "compiled": lambda: torch.compile(model)}.get(forward_kind)
     if forward is None:
         with autocast:
@@ -354,6 +353,13 @@ def cpu_compile_rows(batch_size: int, steps: int) -> dict:
     return {"machine": machine, "batch_size": batch_size, "timed_steps": steps, "rows": rows}
 
 
+def write_result(path: Path | None, result: dict) -> None:
+    """``result`` as JSON at ``path`` (its folder made), if a path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128, help="batch of the model comparison")
@@ -399,15 +405,11 @@ def main() -> None:
             "compiled": args.cuda_compiled_batch_sizes,
         }
         result = cuda_step_rows(arms, steps=10 * args.repeats)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2))
+        write_result(args.json, result)
         return
     if args.cpu_compile:
         result = cpu_compile_rows(args.step_batch_size, steps=2 * args.repeats)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2))
+        write_result(args.json, result)
         return
     flush_denormals()  # the model comparison runs as train.py would run either model
     torch.manual_seed(0)
@@ -490,9 +492,7 @@ def main() -> None:
             f"{r['achieved_gflops']:7.1f} GFLOP/s ({100 * r['achieved_gflops'] / peak[step_precision]:.0f}% of the "
             f"{step_precision} peak) {r['speed_vs_as_found']:5.2f}x"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":
