@@ -33,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -43,6 +44,7 @@ from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
 from hf_ddpm.objectives import ObjectiveOutput, build_model_and_objective, read_logs
 from hf_ddpm.plots import BOUND_BY_TIME_PATH, LOSS_CURVE_PATH, plot_bound_by_time, plot_loss_curve
+from hf_ddpm.sampling_speedup import fast_sampling
 from hf_ddpm.training_args import (
     describe_network_layout,
     model_keys,
@@ -216,14 +218,18 @@ def main(argv: list[str] | None = None) -> Path:
         unwrapped.train()
         return bound
 
+    def samples_of(pipeline: DiffusionPipeline) -> PIL.Image.Image:
+        """The sample grid of ``pipeline``, its network in bf16 where native (hf_ddpm.sampling_speedup)."""
+        with fast_sampling(pipeline, train_args.num_sample_images * train_args.sample_steps):
+            return sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
+
     def evaluate_mid_run() -> tuple[BoundResult, PIL.Image.Image | None]:
         """The held-out bound of the EMA weights, and a sample grid where a tracker shows it."""
         with ema_weights(ema, unwrapped):
             bound = held_out_bound()
             grid = None
             if train_args.logger != "none":  # what a tracker shows
-                pipeline, kwargs = objective.pipeline(unwrapped), objective.sampling_kwargs
-                grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **kwargs)
+                grid = samples_of(objective.pipeline(unwrapped))
         return bound, grid
 
     # ---- how long: --max_train_steps, else --num_epochs, else the steps that fit in --train_minutes (measured here)
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> Path:
             pipeline = objective.pipeline(unwrapped)
             bound = held_out_bound()
             require_finite_bound(bound, "no pipeline, model card or eval_results.json was written")
-            grid = sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
+            grid = samples_of(pipeline)
             # the whole run's log (a resumed run's earlier steps too), and where the bound goes in time (diffusions)
             plots = {LOSS_CURVE_PATH: plot_loss_curve(read_train_log(output_dir / "train_log.jsonl"))}
             captions = {

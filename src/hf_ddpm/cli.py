@@ -13,11 +13,14 @@ Add --debug to any command to see the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import sys
+import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import PIL.Image
@@ -34,6 +37,7 @@ from .pipelines.ddpm import DDPM_SCHEDULERS, HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
 from .probability_flow import DIVERGENCE_METHODS, PROBE_KINDS, SOLVER_METHODS
+from .sampling_speedup import SAMPLING_PRECISIONS, SamplingSpeedup, fast_sampling
 from .training_utils import image_grid, require_finite_bound
 from .vdm.scheduler import VDM_STEP_TYPES
 
@@ -43,11 +47,14 @@ SCHEDULER_NAMES = list(dict.fromkeys([*DDPM_SCHEDULERS, *VDM_STEP_TYPES]))
 #: command -> model kind -> the flags that do nothing for it (refused when given: :func:`check_flags_apply`).
 INAPPLICABLE_FLAGS = {
     "evaluate": {
-        VAEPipeline: ("exact", "steps", "no_clip_denoised", "timesteps_per_image", "estimator"),
+        VAEPipeline: (
+            *("exact", "steps", "no_clip_denoised", "timesteps_per_image", "estimator"),
+            *("sampling_precision", "sampling_compile"),
+        ),
         HFDDPMPipeline: ("elbo_samples", "iwae_samples"),
         VDMPipeline: ("elbo_samples", "iwae_samples"),
     },
-    "sample": {VAEPipeline: ("scheduler", "steps")},
+    "sample": {VAEPipeline: ("scheduler", "steps", "sampling_precision", "sampling_compile")},
 }
 #: evaluate's flags of the probability-flow ODE (--estimator ode) and of the variational bound only.
 ODE_ONLY_FLAGS = frozenset(
@@ -107,6 +114,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             f"--num_samples {args.num_samples} with --max_images {args.max_images}: the sample metrics compare two "
             "covariances, of at least 2 samples and 2 images: raise both, or drop --num_samples."
         )
+    for flag in sorted({"sampling_precision", "sampling_compile"} & args.given):
+        if not args.num_samples:
+            raise UsageError(f"--{flag} applies to the samples of --num_samples; drop it, or add --num_samples.")
     if args.json:
         check_writable_file(Path(args.json), "--json")
     pipeline = load_pipeline(args.model, args.revision, args.device)
@@ -171,15 +181,29 @@ def add_sample_quality(
 ) -> dict:
     """With ``--num_samples``, the sample-quality metrics of that many samples against ``images``."""
     if args.num_samples:
-        samples = pipeline(
-            batch_size=args.num_samples, generator=generator, output_type="pt", **sampling_call(pipeline, args)
-        ).images
+        call = sampling_call(pipeline, args)
+        with sped_up_sampling(pipeline, args.num_samples * call.get("num_inference_steps", 1), args) as speedup:
+            start = time.perf_counter()
+            samples = pipeline(batch_size=args.num_samples, generator=generator, output_type="pt", **call).images
+            seconds = time.perf_counter() - start
         quality = sample_quality(samples.cpu() * 2 - 1, images.cpu())
         result["sample_quality"] = {
             **vars(quality),
             "metric": "Fréchet distance in hf_ddpm's MNIST-classifier features (not Inception-FID)",
+            "sampling": {**vars(speedup), "seconds": seconds} if speedup else {"seconds": seconds},
         }
     return result
+
+
+@contextlib.contextmanager
+def sped_up_sampling(pipeline, image_forwards: int, args: argparse.Namespace) -> Iterator[SamplingSpeedup | None]:
+    """:func:`hf_ddpm.sampling_speedup.fast_sampling` with ``--sampling_precision`` and ``--sampling_compile``,
+    its decision printed on stderr."""
+    compile = {"auto": None, "true": True, "false": False}[args.sampling_compile]
+    with fast_sampling(pipeline, image_forwards, args.sampling_precision, compile) as speedup:
+        if speedup is not None:
+            print(f"note: {speedup.reason}", file=sys.stderr)
+        yield speedup
 
 
 def flags_given(argv: list[str]) -> set[str]:
@@ -275,9 +299,10 @@ def sample(args: argparse.Namespace) -> Path:
             )
     generator = torch.Generator().manual_seed(args.seed)
     images = []
-    for start in range(0, args.num_images, args.batch_size):
-        count = min(args.batch_size, args.num_images - start)
-        images += pipeline(batch_size=count, generator=generator, **call).images
+    with sped_up_sampling(pipeline, args.num_images * call.get("num_inference_steps", 1), args):
+        for start in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - start)
+            images += pipeline(batch_size=count, generator=generator, **call).images
     if is_image_file(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
@@ -316,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
         command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced; diffusion models)")
+        command.add_argument(
+            "--sampling_precision",
+            choices=SAMPLING_PRECISIONS,
+            default="auto",
+            help="the network's precision while sampling (the sampler's arithmetic stays float32): auto = bf16 where "
+            "the device computes it natively (AVX512-BF16, AMX, CUDA with bf16), else fp32",
+        )
+        command.add_argument(
+            "--sampling_compile",
+            choices=("auto", "true", "false"),
+            default="auto",
+            help="torch.compile the network for sampling; auto: on a CPU where the compilation pays for itself "
+            "within the images x steps asked for (hf_ddpm.sampling_speedup)",
+        )
     evaluate_parser = commands.choices["evaluate"]
     evaluate_parser.add_argument(
         "--data",

@@ -29,6 +29,7 @@ from diffusers.utils import make_image_grid
 from .hub.loading import count_nonfinite
 from .hub.registration import make_readable, write_failure
 from .models.unet import DenoisingUNetOutput
+from .sampling_speedup import cpu_has_native_bf16
 
 if TYPE_CHECKING:  # accelerate is the training extra; the CLI uses this module's grids without it
     from accelerate import Accelerator
@@ -644,16 +645,6 @@ def sample_grid(pipeline: DiffusionPipeline, num_images: int, seed: int, **call:
 
 
 # ---------------------------------------------------------------------------------------------- the machine
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flags of /proc/cpuinfo on
-    Linux); False elsewhere, including where the flags cannot be read."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def has_accelerator_device() -> bool:
     """True when torch sees a GPU-like device (CUDA/ROCm, XPU or Apple MPS) to train on."""
     xpu = getattr(torch, "xpu", None)
