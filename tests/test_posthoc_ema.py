@@ -19,11 +19,13 @@ from hf_ddpm.posthoc_ema import (
     PowerFunctionEMA,
     gamma_to_sigma_rel,
     list_posthoc_snapshots,
+    loaded_weights,
     posthoc_ema_coefficients,
     posthoc_ema_residual_norm,
     power_ema_decay,
     power_profile_inner_product,
     reconstruct_posthoc_ema,
+    remove_snapshots_after,
     sigma_rel_to_gamma,
 )
 
@@ -366,3 +368,33 @@ def test_error_messages_say_what_to_fix(tmp_path):
         PostHocEMA(parameters_at(0), ["w"], tmp_path)
     with pytest.raises(ValueError, match="must differ in their first 3 decimals"):
         PostHocEMA(parameters_at(0), ["w", "b"], tmp_path, sigma_rels=(0.1, 0.1001))
+
+
+def test_remove_snapshots_after_keeps_those_up_to_the_step_and_other_files(tmp_path):
+    tracker = PostHocEMA([torch.zeros(3)], ["w"], tmp_path, snapshot_every=2)
+    for _ in range(6):
+        tracker.step([torch.ones(3)])
+    (tmp_path / "notes.txt").write_text("kept")
+    removed = remove_snapshots_after(tmp_path, 3)
+    assert sorted(p.name for p in removed) == [
+        "step-000004_sigma-0.050.safetensors",
+        "step-000004_sigma-0.100.safetensors",
+        "step-000006_sigma-0.050.safetensors",
+        "step-000006_sigma-0.100.safetensors",
+    ]
+    assert [s.step for s in list_posthoc_snapshots(tmp_path)] == [2, 2] and (tmp_path / "notes.txt").is_file()
+    assert remove_snapshots_after(tmp_path / "absent", 0) == []
+
+
+def test_loaded_weights_puts_them_in_and_the_module_own_back_even_on_error():
+    module = torch.nn.Linear(2, 2)
+    own = {name: p.detach().clone() for name, p in module.named_parameters()}
+    weights = {name: torch.full_like(p, 7.0) for name, p in own.items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with loaded_weights(module, weights):
+            assert all(torch.equal(p, weights[n]) for n, p in module.named_parameters())
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, own[n]) for n, p in module.named_parameters())
+    with pytest.raises(ValueError, match=r"missing \['weight'\], unexpected \['w'\]"):
+        with loaded_weights(module, {"bias": weights["bias"], "w": weights["weight"]}):
+            pass

@@ -20,6 +20,7 @@ writes files, logs and pushes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
 from hf_ddpm.objectives import ObjectiveOutput, build_model_and_objective, read_logs
 from hf_ddpm.plots import BOUND_BY_TIME_PATH, LOSS_CURVE_PATH, plot_bound_by_time, plot_loss_curve
+from hf_ddpm.posthoc_ema import PostHocEMA, loaded_weights, reconstruct_posthoc_ema, remove_snapshots_after
 from hf_ddpm.sampling_speedup import fast_sampling
 from hf_ddpm.training_args import (
     describe_network_layout,
@@ -56,6 +58,7 @@ from hf_ddpm.training_budget import budgeted_run, compile_refusal, measure_step_
 from hf_ddpm.training_utils import (
     FINITE_CHECK_STEPS,
     PIPELINE_PREFIX,
+    POSTHOC_EMA_FOLDER,
     FiniteGuard,
     SkippedUpdates,
     TrainLog,
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator,
             output_dir,
             arguments,
-            model_keys(),
+            model_keys() + ["use_ema", "posthoc_ema"],  # what the checkpoint holds
             train_args.overwrite_output_dir,
             train_args.logging_dir,
             train_args.resume_from_checkpoint,
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.register_for_checkpointing(objective)
     finite_guard = FiniteGuard(output_dir)  # weights and EMA weights finite before every save
     skipped = SkippedUpdates(output_dir, accelerator.device)  # updates with NaN or inf gradients: not applied
+    posthoc: PostHocEMA | None = None  # --posthoc_ema's EMAs: made once the run's length is known (below)
 
     def train_step(clean: torch.Tensor) -> tuple[ObjectiveOutput, torch.Tensor, torch.Tensor | None]:
         """One forward and backward; every --gradient_accumulation_steps, the clipped update and the EMA's."""
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> Path:
         objective.observe(accelerator.gather(out.feedback))
         if accelerator.sync_gradients and ema is not None:
             ema.step(unwrapped.parameters())
+        if accelerator.sync_gradients and posthoc is not None:
+            posthoc.step(unwrapped.parameters())  # and every snapshot_every updates, its snapshots
         return out, loss, grad_norm
 
     def held_out_bound() -> BoundResult:
@@ -222,6 +228,28 @@ def main(argv: list[str] | None = None) -> Path:
         """The sample grid of ``pipeline``, its network in bf16 where native (hf_ddpm.sampling_speedup)."""
         with fast_sampling(pipeline, train_args.num_sample_images * train_args.sample_steps):
             return sample_grid(pipeline, train_args.num_sample_images, train_args.seed, **objective.sampling_kwargs)
+
+    def best_posthoc_weights() -> tuple[contextlib.AbstractContextManager, dict]:
+        """--posthoc_ema: of the EMAs of every --posthoc_ema_candidates length (reconstructed from the snapshots)
+        and --use_ema's, the one with the best held-out bound (the same images, timesteps and noise for each), as a
+        context holding its weights in ``unwrapped``; and every candidate's bound, for eval_results.json."""
+        candidates = {f"sigma_rel {s:g}": s for s in train_args.posthoc_ema_candidates}
+        scores = {}
+        for label, sigma_rel in candidates.items():
+            with loaded_weights(unwrapped, reconstruct_posthoc_ema(posthoc.folder, sigma_rel)):
+                scores[label] = held_out_bound().bits_per_dim
+        if ema is not None:
+            with ema_weights(ema, unwrapped):
+                scores["use_ema"] = held_out_bound().bits_per_dim
+        best = min(scores, key=scores.get)
+        logger.info(
+            f"--posthoc_ema: held-out bound {', '.join(f'{k} {v:.4f}' for k, v in scores.items())} bits/dim; "
+            f"the pipeline gets {best}."
+        )
+        if best == "use_ema":
+            return ema_weights(ema, unwrapped), {"chosen": best, "held_out_bits_per_dim": scores}
+        weights = reconstruct_posthoc_ema(posthoc.folder, candidates[best])
+        return loaded_weights(unwrapped, weights), {"chosen": best, "held_out_bits_per_dim": scores}
 
     def evaluate_mid_run() -> tuple[BoundResult, PIL.Image.Image | None]:
         """The held-out bound of the EMA weights, and a sample grid where a tracker shows it."""
@@ -262,6 +290,15 @@ def main(argv: list[str] | None = None) -> Path:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    if train_args.posthoc_ema:  # its snapshots spread over the steps the run has, the last at its end
+        posthoc = PostHocEMA(
+            unwrapped.parameters(),
+            [name for name, _ in unwrapped.named_parameters()],
+            output_dir / POSTHOC_EMA_FOLDER,
+            snapshot_every=math.ceil(max_train_steps / train_args.posthoc_ema_snapshots),
+            save=accelerator.is_main_process,
+        )
+        accelerator.register_for_checkpointing(posthoc)
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
@@ -291,6 +328,8 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info(f"Resumed from {resume_path} at step {global_step}.")
     else:
         set_seed(train_args.seed, device_specific=True)  # different noise and timesteps in every process
+    if posthoc is not None and accelerator.is_main_process:  # snapshots of steps this run trains: an earlier run's
+        remove_snapshots_after(posthoc.folder, global_step)
     if accelerator.is_main_process:
         (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
@@ -387,12 +426,17 @@ def main(argv: list[str] | None = None) -> Path:
             break
     progress.close()
     train_seconds = time.time() - start_time
+    if posthoc is not None:
+        posthoc.snapshot()  # the run's last step (a no-op where it was just saved)
 
     # ---- outputs: the EMA weights as a pipeline, the NLL, samples, plots, the card; then the Hub
     finite_guard.check(global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with ema_weights(ema, unwrapped):
+        final_weights, posthoc_results = ema_weights(ema, unwrapped), None
+        if posthoc is not None:
+            final_weights, posthoc_results = best_posthoc_weights()
+        with final_weights:
             pipeline = objective.pipeline(unwrapped)
             bound = held_out_bound()
             require_finite_bound(bound, "no pipeline, model card or eval_results.json was written")
@@ -420,6 +464,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "threads_per_process": threads,
                 "hardware": hardware_description(accelerator),
             }
+            if posthoc_results is not None:
+                results["posthoc_ema"] = posthoc_results
             report = TrainingReport.for_pipeline(
                 pipeline,
                 train_args.hub_model_id or output_dir.name,

@@ -16,10 +16,11 @@ Written from the paper's equations; none of EDM2's code is used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,19 @@ class PostHocEMA:
         self.last_snapshot_step = int(state["last_snapshot_step"])
 
 
+def remove_snapshots_after(folder: Path, step: int) -> list[Path]:
+    """Delete the snapshots of steps after ``step`` from ``folder``: a run resumed from its checkpoint at ``step``
+    trains those steps again, and their old snapshots must not be mixed with the new ones. Returns the files
+    removed."""
+    doomed = []
+    for path in sorted(Path(folder).glob("step-*_sigma-*.safetensors")):
+        match = SNAPSHOT_PATTERN.fullmatch(path.name)
+        if match and int(match.group(1)) > step:
+            path.unlink()
+            doomed.append(path)
+    return doomed
+
+
 def snapshot_filename(step: int, sigma_rel: float) -> str:
     """``step-000400_sigma-0.050.safetensors``: the EMA's update count and sigma_rel to 3 decimals."""
     return SNAPSHOT_NAME.format(step=step, sigma_rel=sigma_rel)
@@ -356,3 +370,23 @@ def reconstruct_posthoc_ema(folder: Path, sigma_rel: float, step: int | None = N
                 else:
                     total[name] = tensor.mul_(float(weight))
     return {name: tensor.to(torch.float32) for name, tensor in total.items()}
+
+
+@contextlib.contextmanager
+def loaded_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Context: ``module``'s parameters hold ``weights`` (by parameter name, as :func:`reconstruct_posthoc_ema`
+    returns them) inside the block, and their own values again after it, raising or not."""
+    parameters = dict(module.named_parameters())
+    if set(weights) != set(parameters):
+        missing, extra = sorted(set(parameters) - set(weights)), sorted(set(weights) - set(parameters))
+        raise ValueError(f"the weights do not fit the module: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        own = {name: p.detach().clone() for name, p in parameters.items()}
+        for name, p in parameters.items():
+            p.copy_(weights[name])
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, p in parameters.items():
+                p.copy_(own[name])

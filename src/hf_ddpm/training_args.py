@@ -41,6 +41,7 @@ from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .hub.push import check_repo_id
 from .models.unet import coarsest_level_attention, default_unet_layout
+from .posthoc_ema import MAX_SIGMA_REL
 from .training_utils import release_run_locks
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
 
@@ -240,6 +241,22 @@ class TrainingArguments:
     ema_inv_gamma: float = field(default=1.0)
     ema_power: float = field(default=0.75)
     ema_max_decay: float = field(default=0.9999)
+    posthoc_ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Post-hoc EMA (EDM2): keep --posthoc_ema_snapshots snapshots of two power-function EMAs "
+            "(sigma_rel 0.05 and 0.10) in output_dir/posthoc_ema; after training, save the weights with the best "
+            "held-out bound among the EMA of every --posthoc_ema_candidates length (reconstructed from the "
+            "snapshots) and --use_ema's."
+        },
+    )
+    posthoc_ema_candidates: list[float] = field(
+        default_factory=lambda: [0.03, 0.05, 0.07, 0.10, 0.15, 0.20],
+        metadata={"help": "The EMA lengths (sigma_rel, the EMA's width relative to training) --posthoc_ema scores."},
+    )
+    posthoc_ema_snapshots: int = field(
+        default=16, metadata={"help": "Snapshots per tracked EMA over the run (--posthoc_ema): the last at its end."}
+    )
     checkpointing_steps: int = field(default=1000)
     checkpoints_total_limit: int | None = field(default=2)
     save_pipeline_steps: int | None = field(
@@ -386,8 +403,11 @@ def read_config(path: Path) -> dict:
             if "None" not in kind:
                 raise SystemExit(f"--config {path}: {name} cannot be null; remove it to keep its default.")
         elif kind.startswith("list"):
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise SystemExit(f"--config {path}: {name} must be a list of integers, got {value!r}.")
+            element = typing.get_args(next(k for k in (hint, *kinds) if typing.get_origin(k) is list))[0]
+            numbers = (int, float) if element is float else (int,)
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, numbers) for v in value):
+                noun = "numbers" if element is float else "integers"
+                raise SystemExit(f"--config {path}: {name} must be a list of {noun}, got {value!r}.")
         elif isinstance(value, (list, dict)):
             raise SystemExit(f"--config {path}: {name} must be a single value, got {value!r}.")
         elif kind.startswith("bool"):
@@ -589,6 +609,8 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
                 f"--eval_timesteps_per_image must be in [1, {T - 1}] (T - 1 denoising terms), "
                 f"got {train_args.eval_timesteps_per_image}."
             )
+    if train_args.posthoc_ema:
+        check_posthoc_ema(train_args)
     if train_args.overwrite_output_dir and train_args.resume_from_checkpoint:
         raise SystemExit(
             "--overwrite_output_dir starts over (it removes the old run's checkpoints): drop it to resume, or drop "
@@ -606,6 +628,18 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
                 f"--model_config_name_or_path {model_args.model_config_name_or_path}: no such folder or config.json."
             )
     check_writable(Path(train_args.output_dir))
+
+
+def check_posthoc_ema(train_args: TrainingArguments) -> None:
+    """Refuse --posthoc_ema settings that cannot be reconstructed: sigma_rel outside (0, sqrt(1/12)) (the widest
+    power-function EMA is the plain average), fewer than 2 snapshots."""
+    candidates = train_args.posthoc_ema_candidates
+    if not candidates or not all(0 < s < MAX_SIGMA_REL for s in candidates):
+        raise SystemExit(
+            f"--posthoc_ema_candidates must be EMA lengths sigma_rel in (0, {MAX_SIGMA_REL:.4f}), got {candidates}."
+        )
+    if train_args.posthoc_ema_snapshots < 2:
+        raise SystemExit(f"--posthoc_ema_snapshots must be >= 2, got {train_args.posthoc_ema_snapshots}.")
 
 
 def check_logger(name: str) -> None:

@@ -48,8 +48,11 @@ MAX_SKIPPED_UPDATES_IN_A_ROW = 10
 #: The lock file of the run training in an output_dir (:func:`acquire_run_lock`): its pid, host and start time.
 RUN_LOCK = "train.lock"
 _held_run_locks: dict[Path, int] = {}  # output_dir (resolved) -> the open, flock-ed lock file of this process
+#: Where ``--posthoc_ema`` keeps its snapshots in the output_dir (hf_ddpm.posthoc_ema.PostHocEMA).
+POSTHOC_EMA_FOLDER = "posthoc_ema"
 #: What a training run writes into its output_dir (besides checkpoints): removed by :func:`clear_output_dir`.
 RUN_OUTPUTS = (
+    POSTHOC_EMA_FOLDER,
     "training_args.json",
     "train_log.jsonl",
     "eval_results.json",
