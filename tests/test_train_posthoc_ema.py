@@ -98,3 +98,20 @@ def test_a_config_file_gives_the_candidates_as_a_list_of_numbers(tmp_path):
     config.write_text("posthoc_ema_candidates: [0.04, true]\n")
     with pytest.raises(SystemExit, match=r"posthoc_ema_candidates must be a list of numbers, got \[0.04, True\]"):
         train.parse_arguments(["--config", str(config)])
+
+
+def test_the_benchmark_reads_the_use_ema_weights_of_the_last_checkpoint(tmp_path, monkeypatch):
+    # benchmarks/posthoc_ema.py scores --use_ema's EMA from the run's last checkpoint: in a run without
+    # --posthoc_ema those are the weights the pipeline was saved with
+    out = train.main(["--output_dir", str(tmp_path / "run"), *TINY_TRAIN, "--max_train_steps", "3"])
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from hf_ddpm.pipelines.auto import load_pipeline
+    from posthoc_ema import use_ema_weights
+
+    network = load_pipeline(str(out)).unet
+    weights, saved = use_ema_weights(out, network), unet_weights(out)
+    assert weights.keys() == saved.keys()
+    for name in saved:
+        assert torch.equal(weights[name], saved[name]), name
+    trained = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(trained[name], saved[name]) for name in saved)  # the EMA, not the trained weights
