@@ -1,7 +1,7 @@
-"""Quality per CPU-minute: the DDPM recipe of hf_ddpm 0.2.0, pinned flag by flag, against today's default, each trained
-for the same wall-clock minutes on this machine in one invocation.
+"""Quality per CPU-minute: the DDPM recipe of hf_ddpm 0.2.0, pinned flag by flag, against today's default and the
+continuous-time VDM, each trained for the same wall-clock minutes on this machine in one invocation.
 
-    python benchmarks/quality_per_minute.py [--minutes 5 15] [--recipes pinned_0.2.0 default] [--seeds 0 1 2] \
+    python benchmarks/quality_per_minute.py [--minutes 5 15] [--recipes pinned_0.2.0 default vdm] [--seeds 0 1 2] \
         [--num_samples 1000] [--json benchmarks/results/quality_per_minute_MACHINE_DATE.json]
 
 Each recipe and budget is one ``training/train.py --train_minutes M`` run (the run times its own step here and trains
@@ -45,7 +45,8 @@ PINNED_0_2_0 = [
     *("--use_ema", "true", "--ema_inv_gamma", "1.0", "--ema_power", "0.75", "--ema_max_decay", "0.9999"),
     *("--compile", "false"),
 ]
-RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": []}
+#: the continuous-time VDM (``--model vdm``) with the default's everything else, for its row at the same minutes
+RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": [], "vdm": ["--model", "vdm"]}
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
