@@ -35,7 +35,7 @@ from hf_ddpm.pipelines.auto import load_pipeline  # noqa: E402
 from hf_ddpm.posthoc_ema import loaded_weights, reconstruct_posthoc_ema  # noqa: E402
 from hf_ddpm.sampling_speedup import fast_sampling  # noqa: E402
 from hf_ddpm.training_utils import POSTHOC_EMA_FOLDER, list_checkpoints  # noqa: E402
-from quality_per_minute import spread  # noqa: E402
+from quality_per_minute import sample_summary, spread  # noqa: E402
 from throughput import cpu_name  # noqa: E402
 
 #: accelerate's file of the first object registered for checkpointing: train.py registers --use_ema's EMAModel first
@@ -120,9 +120,7 @@ def main() -> None:
         report["arms"][label] = result
         print(
             f"{label:28s} NLL {result['nll']['bits_per_dim']:.4f} (SE {result['nll']['standard_error']:.4f}; "
-            f"minus use_ema's {difference:+.4f} ± {error:.4f}), "
-            f"FD {result['frechet_distance']['mean']:.2f} ± {result['frechet_distance']['std']:.2f}, confidence "
-            f"{result['mean_confidence']['mean']:.3f} ± {result['mean_confidence']['std']:.3f}",
+            f"minus use_ema's {difference:+.4f} ± {error:.4f}), {sample_summary(result)}",
             flush=True,
         )
         args.json.parent.mkdir(parents=True, exist_ok=True)

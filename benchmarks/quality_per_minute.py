@@ -70,6 +70,12 @@ def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": deviation, "min": min(values), "max": max(values)}
 
 
+def sample_summary(row: dict) -> str:
+    """'FD mean ± sd, confidence mean ± sd' of a row's sample metrics (their spread over sampling seeds)."""
+    fd, confidence = row["frechet_distance"], row["mean_confidence"]
+    return f"FD {fd['mean']:.1f} ± {fd['std']:.1f}, confidence {confidence['mean']:.3f} ± {confidence['std']:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15])
@@ -123,9 +129,7 @@ def main() -> None:
                 f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in "
                 f"{row['train_seconds']:6.1f} s (+"
                 f"{row['outputs_seconds']:.0f} s outputs), NLL {nll['mean']:.4f} (SE "
-                f"{row['nll_standard_error'][0]:.4f}), FD {row['frechet_distance']['mean']:.1f} ± "
-                f"{row['frechet_distance']['std']:.1f}, confidence {row['mean_confidence']['mean']:.3f} ± "
-                f"{row['mean_confidence']['std']:.3f}",
+                f"{row['nll_standard_error'][0]:.4f}), {sample_summary(row)}",
                 flush=True,
             )
             args.json.parent.mkdir(parents=True, exist_ok=True)
