@@ -46,7 +46,9 @@ def test_a_folder_saved_by_0_1_0_loads_and_samples_identically(kind, saved, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         pipeline = load_pipeline(saved / kind)
-    np.testing.assert_array_equal(samples_of(pipeline, CALLS[kind]), np.load(saved / kind / "samples_seed1.npy"))
+    # to float32 rounding: CPUs with other kernels (AVX-512, AMX) differ from the saving machine's in the last bit
+    expected = np.load(saved / kind / "samples_seed1.npy")
+    np.testing.assert_allclose(samples_of(pipeline, CALLS[kind]), expected, rtol=0, atol=1e-6)
     # saved again, it records today's names
     pipeline.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -77,7 +79,7 @@ def test_a_folder_saved_by_0_1_0_loads_without_hf_ddpm_through_its_remote_code(k
         "pipe.set_progress_bar_config(disable=True)\n"
         f"images = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type='np', **{CALLS[kind]!r})"
         ".images\n"
-        f"np.testing.assert_array_equal(images, np.load({str(saved / kind / 'samples_seed1.npy')!r}))\n"
+        f"np.testing.assert_allclose(images, np.load({str(saved / kind / 'samples_seed1.npy')!r}), 0, 1e-6)\n"
         "print(type(pipe).__module__, type(pipe).__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
