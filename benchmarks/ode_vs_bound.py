@@ -62,7 +62,6 @@ def main() -> None:
         else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
-    per_image = {}
     for name, options in arms.items():
         start = time.perf_counter()
         bound = evaluate_bound(
@@ -70,9 +69,10 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         results[name] = {**bound.to_dict(), "seconds_per_image": seconds / len(images)}
-        per_image[name] = bound.per_image
-        if name != "ode":
-            mean, standard_error = mean_and_standard_error(per_image["ode"] - bound.per_image)
+        if name == "ode":
+            ode_per_image = bound.per_image
+        else:
+            mean, standard_error = mean_and_standard_error(ode_per_image - bound.per_image)
             results[name]["ode_minus_this"] = {"mean": mean, "standard_error": standard_error}
         print(f"{name}: {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} bits/dim, {seconds:.1f} s", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
