@@ -63,10 +63,11 @@ def train(
         launcher = [sys.executable]
     command = [*launcher, str(REPO / "training" / "train.py"), "--output_dir", str(output_dir), *QUIET, *flags]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    with open(output_dir.with_suffix(".log"), "w") as log:
+    log_path = output_dir.parent / f"{output_dir.name}.log"  # not with_suffix: "default_7.5min" has a dot
+    with open(log_path, "w") as log:
         completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     if completed.returncode != 0:
-        raise RuntimeError(f"train.py failed ({completed.returncode}); see {output_dir.with_suffix('.log')}")
+        raise RuntimeError(f"train.py failed ({completed.returncode}); see {log_path}")
     return json.loads((output_dir / "eval_results.json").read_text())
 
 

@@ -47,6 +47,14 @@ PINNED_0_2_0 = [
 ]
 #: the continuous-time VDM (``--model vdm``) with the default's everything else, for its row at the same minutes
 RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": [], "vdm": ["--model", "vdm"]}
+#: the recipe re-tune's candidates: the default with one choice changed (a batch with its learning rate, scaled by
+#: the square root of the batch), each trained for the same minutes; run with ``--recipes default CANDIDATE ...``
+CANDIDATES = {
+    "v_prediction": ["--prediction_type", "v_prediction"],
+    "lr_2e-3": ["--learning_rate", "2e-3"],
+    "batch_64": ["--train_batch_size", "64", "--learning_rate", "1.4e-3"],
+    "widths_48_96_96": ["--block_out_channels", "48", "96", "96"],
+}
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -79,7 +87,7 @@ def sample_summary(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15])
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=[*RECIPES, *CANDIDATES], default=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the sample metrics")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--emulate_avx2", action="store_true", help="AVX2 kernels only, float32 (see above)")
@@ -97,7 +105,8 @@ def main() -> None:
             folder = args.work_dir / f"{name}_{minutes:g}min{'_avx2' if args.emulate_avx2 else ''}"
             finished = folder / "eval_results.json"  # a run an earlier invocation finished is scored, not retrained
             run = json.loads(finished.read_text()) if finished.exists() else None
-            run = run or train_for_minutes(folder, [*RECIPES[name], *precision, "--logger", "none"], minutes)
+            flags = {**RECIPES, **CANDIDATES}[name]
+            run = run or train_for_minutes(folder, [*flags, *precision, "--logger", "none"], minutes)
             # the end-of-training outputs: from the last step's log line to the last file the run writes
             outputs_seconds = finished.stat().st_mtime - (folder / "train_log.jsonl").stat().st_mtime
             scores, score_seconds = [], []
