@@ -201,10 +201,15 @@ def test_full_elbo_is_the_sum_of_every_term_of_the_chain():
     assert without.per_timestep is None and torch.equal(without.bits_per_dim, result.bits_per_dim)
 
 
-def test_strata_cover_every_denoising_timestep_once():
+def test_strata_cover_every_denoising_timestep_once_with_geometric_edges():
     groups = elbo.strata(1000, 8)
     assert torch.equal(torch.cat(groups), torch.arange(1, 1000))
-    assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
+    assert [int(g[0]) for g in groups] == [1, 2, 6, 13, 32, 75, 178, 422]  # round(1000^(k/8))
+    for T in (2, 5, 12, 20, 1000):
+        for K in range(1, T):
+            groups = elbo.strata(T, K)
+            assert len(groups) == K and all(len(g) >= 1 for g in groups), (T, K)
+            assert torch.equal(torch.cat(groups), torch.arange(1, T)), (T, K)
     with pytest.raises(ValueError, match="between 1 and T-1 = 999, got 1000"):
         elbo.strata(1000, 1000)
     with pytest.raises(ValueError, match="between 1 and T-1 = 999, got 0"):
@@ -228,7 +233,7 @@ def test_stratified_elbo_is_the_size_weighted_sum_of_one_term_per_stratum():
         chain, recording_model, x0, timesteps_per_image=K, generator=torch.Generator().manual_seed(1)
     )
     groups = elbo.strata(T, K)
-    assert [len(g) for g in groups] == [4, 4, 3] and len(calls) == K + 1  # K + 1 network evaluations per image
+    assert [len(g) for g in groups] == [1, 3, 7] and len(calls) == K + 1  # K + 1 network evaluations per image
     terms = [elbo.variational_terms(chain, model_fn(x_t, t), x0, x_t, t) for t, x_t in calls]
     for (t, _), group in zip(calls, groups):
         assert all(int(s) in group.tolist() for s in t)  # each image's t_k lies in its stratum
