@@ -2,10 +2,12 @@
 model as sampled) and unclipped (the model the ODE integrates), on the first N official t10k digits; the same
 images, seeds and weights for all three. Writes a JSON of bits/dim with standard errors, the ODE's NFE and tolerance,
 seconds per image, and the ODE's NLL minus each bound paired image by image (the images' spread cancels there).
+``--dequantization uniform truncated_normal`` gives one ODE arm per dequantization (``ode`` and
+``ode_truncated_normal``; each bound's ``ARM_minus_this`` pairs it with each), all on the same images and probes.
 
     python benchmarks/ode_vs_bound.py ddpm-mnist --num_images 1000 --json ode_vs_bound.json
         [--rtol 1e-5 --atol 1e-5 --probes 1 --batch_size 1000 --device cuda]
-        [--t_min T] [--timesteps_per_image 8 | --exact]
+        [--t_min T] [--timesteps_per_image 8 | --exact] [--dequantization uniform truncated_normal]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hf_ddpm.data import ImageTensorDataset, read_embedded_mnist
-from hf_ddpm.evaluation import BoundOptions, evaluate_bound, mean_and_standard_error
+from hf_ddpm.evaluation import DEQUANTIZATIONS, BoundOptions, evaluate_bound, mean_and_standard_error
 from hf_ddpm.pipelines.auto import load_pipeline
 
 
@@ -33,6 +35,9 @@ def main() -> None:
     parser.add_argument("--t_min", type=float, help="the ODE's start time (default: the model's earliest time)")
     parser.add_argument("--timesteps_per_image", type=int, default=8, help="the bounds' stratified timesteps")
     parser.add_argument("--exact", action="store_true", help="the DDPM's bounds with all T terms (no timestep noise)")
+    parser.add_argument(
+        "--dequantization", nargs="+", choices=DEQUANTIZATIONS, default=["uniform"], help="one ODE arm each"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -40,20 +45,20 @@ def main() -> None:
     pipeline.set_progress_bar_config(disable=True)
     images = ImageTensorDataset(read_embedded_mnist("test").images[: args.num_images])[:]
     arms = {
-        "ode": BoundOptions(
+        ("ode" if dequantization == "uniform" else f"ode_{dequantization}"): BoundOptions(
             estimator="ode",
             ode_rtol=args.rtol,
             ode_atol=args.atol,
             hutchinson_probes=args.probes,
             ode_t_min=args.t_min,
-        ),
-        **{
-            f"bound_{'clipped' if clip else 'unclipped'}": BoundOptions(
-                clip_denoised=clip, exact=args.exact, timesteps_per_image=args.timesteps_per_image
-            )
-            for clip in (True, False)
-        },
+            ode_dequantization=dequantization,
+        )
+        for dequantization in args.dequantization
     }
+    for clip in (True, False):
+        arms[f"bound_{'clipped' if clip else 'unclipped'}"] = BoundOptions(
+            clip_denoised=clip, exact=args.exact, timesteps_per_image=args.timesteps_per_image
+        )
     results = {
         "model": str(args.model),
         "images": f"the first {len(images)} official t10k digits",
@@ -62,6 +67,7 @@ def main() -> None:
         else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
+    ode_per_image = {}
     for name, options in arms.items():
         start = time.perf_counter()
         bound = evaluate_bound(
@@ -69,11 +75,11 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         results[name] = {**bound.to_dict(), "seconds_per_image": seconds / len(images)}
-        if name == "ode":
-            ode_per_image = bound.per_image
-        else:
-            mean, standard_error = mean_and_standard_error(ode_per_image - bound.per_image)
-            results[name]["ode_minus_this"] = {"mean": mean, "standard_error": standard_error}
+        for ode_name, per_image in ode_per_image.items():  # the ODE arms before, paired image by image
+            mean, standard_error = mean_and_standard_error(per_image - bound.per_image)
+            results[name][f"{ode_name}_minus_this"] = {"mean": mean, "standard_error": standard_error}
+        if options.estimator == "ode":
+            ode_per_image[name] = bound.per_image
         print(f"{name}: {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} bits/dim, {seconds:.1f} s", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))  # after each arm: a stopped run keeps what it measured

@@ -1,8 +1,8 @@
 """Quality per CPU-minute: the DDPM recipe of hf_ddpm 0.2.0, pinned flag by flag, against today's default and the
 continuous-time VDM, each trained for the same wall-clock minutes on this machine in one invocation.
 
-    python benchmarks/quality_per_minute.py [--minutes 5 15] [--recipes pinned_0.2.0 default vdm] [--seeds 0 1 2] \
-        [--num_samples 1000] [--json benchmarks/results/quality_per_minute_MACHINE_DATE.json]
+    python benchmarks/quality_per_minute.py [--minutes 5 15 | --steps N] [--recipes pinned_0.2.0 default vdm] \
+        [--seeds 0 1 2] [--num_samples 1000] [--json benchmarks/results/quality_per_minute_MACHINE_DATE.json]
 
 Each recipe and budget is one ``training/train.py --train_minutes M`` run (the run times its own step here and trains
 the steps that fit, so a recipe with a slower step gets fewer of them), trained back to back, then scored by ``hf_ddpm
@@ -15,7 +15,10 @@ run or a score that an earlier invocation finished in ``--work_dir`` is reused, 
 With ``--emulate_avx2``,
 every run (training and scoring) is restricted to AVX2 kernels in float32 (``ATEN_CPU_CAPABILITY=avx2``,
 ``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``--mixed_precision no``): an approximation of an
-AVX2-only CPU on a machine with AVX-512 (clock and memory bandwidth stay the host's).
+AVX2-only CPU on a machine with AVX-512 (clock and memory bandwidth stay the host's, so the emulated step can be
+faster than a real AVX2 CPU's). ``--steps N`` trains N optimizer steps (``--max_train_steps N``) instead of a
+minutes budget: the steps a slower machine's budget chose (train.py logs them), so that machine's model is trained
+and scored here; ``steps_within_budget`` gives them from its step time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import REPO, train_for_minutes  # noqa: E402
+from budget import NEVER, REPO, train, train_for_minutes  # noqa: E402
 from throughput import cpu_name  # noqa: E402
 
 #: hf_ddpm 0.2.0's CPU recipe, every flag that shapes the model or its training written out, so that a change of
@@ -87,6 +90,13 @@ def sample_summary(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15])
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="instead of --minutes: train N steps (--max_train_steps N), the steps another machine's budget chose",
+    )
     parser.add_argument("--recipes", nargs="+", choices=[*RECIPES, *CANDIDATES], default=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the sample metrics")
     parser.add_argument("--num_samples", type=int, default=1000)
@@ -100,13 +110,16 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.work_dir / "inductor_cache_avx2")
     precision = ["--mixed_precision", "no"] if args.emulate_avx2 else []
     rows, machine = [], f"{cpu_name()}, {os.cpu_count()} cores"
-    for minutes in args.minutes:
+    budgets = [(f"{n}steps", None, n) for n in args.steps] or [(f"{m:g}min", m, None) for m in args.minutes]
+    for label, minutes, steps in budgets:
         for name in args.recipes:
-            folder = args.work_dir / f"{name}_{minutes:g}min{'_avx2' if args.emulate_avx2 else ''}"
+            folder = args.work_dir / f"{name}_{label}{'_avx2' if args.emulate_avx2 else ''}"
             finished = folder / "eval_results.json"  # a run an earlier invocation finished is scored, not retrained
             run = json.loads(finished.read_text()) if finished.exists() else None
-            flags = {**RECIPES, **CANDIDATES}[name]
-            run = run or train_for_minutes(folder, [*flags, *precision, "--logger", "none"], minutes)
+            flags = [*{**RECIPES, **CANDIDATES}[name], *precision, "--logger", "none"]
+            if run is None and steps is not None:
+                run = train(folder, [*flags, "--max_train_steps", str(steps), "--checkpointing_steps", str(NEVER)])
+            run = run or train_for_minutes(folder, flags, minutes)
             # the end-of-training outputs: from the last step's log line to the last file the run writes
             outputs_seconds = finished.stat().st_mtime - (folder / "train_log.jsonl").stat().st_mtime
             scores, score_seconds = [], []
@@ -135,7 +148,7 @@ def main() -> None:
             )
             row = rows[-1]
             print(
-                f"{name:14s} {minutes:5g} min: {row['steps']:6d} steps (compiled: {row['compiled']}) in "
+                f"{name:14s} {label:>9s}: {row['steps']:6d} steps (compiled: {row['compiled']}) in "
                 f"{row['train_seconds']:6.1f} s (+"
                 f"{row['outputs_seconds']:.0f} s outputs), NLL {nll['mean']:.4f} (SE "
                 f"{row['nll_standard_error'][0]:.4f}), {sample_summary(row)}",

@@ -38,6 +38,7 @@ from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.probability_flow import (
     EIGHT_BIT_BIN_WIDTH,
     InterpolatedGamma,
+    bin_truncation,
     dequantized_bits_per_dim,
     dormand_prince,
     epsilon_from_prediction,
@@ -48,6 +49,10 @@ from hf_ddpm.probability_flow import (
     ode_log_likelihood,
     sample_probes,
     standard_normal_log_density,
+    truncated_normal_dequantize,
+    truncated_normal_dequantized_bits_per_dim,
+    truncated_normal_entropy,
+    truncated_normal_log_normalizer,
     uniform_dequantize,
 )
 from olah_server import run_python
@@ -225,6 +230,76 @@ def test_dequantization_constant_gives_8_bits_per_dim_for_the_uniform_model():
     torch.testing.assert_close(dequantized_bits_per_dim(log_density, num_dims), torch.full((4,), 8.0).double())
 
 
+@pytest.mark.parametrize("tau", [0.5, 2.48, 6.0])
+def test_truncated_normal_normalizer_and_entropy_match_numerical_integration(tau):
+    e = torch.linspace(-tau, tau, 200_001, dtype=torch.float64)
+    density = torch.exp(-0.5 * e**2) / math.sqrt(2 * math.pi)
+    mass = torch.trapezoid(density, e).item()
+    q = density / mass
+    entropy = torch.trapezoid(-q * q.log(), e).item()
+    assert truncated_normal_log_normalizer(tau) == pytest.approx(math.log(mass), abs=1e-9)
+    assert truncated_normal_entropy(tau) == pytest.approx(entropy, abs=1e-8)
+
+
+def test_truncated_normal_dequantization_keeps_each_point_in_its_bin_with_the_truncated_moments():
+    gamma = -12.9  # a trained VDM's gamma(0): sigma_0 = 0.0016, tau = 2.48
+    tau = bin_truncation(gamma)
+    assert tau == pytest.approx((1 / 255) / math.exp(gamma / 2))
+    pixels = torch.randint(0, 256, (2000, 1, 2, 3), generator=torch.Generator().manual_seed(0)).double()
+    x = pixels / 127.5 - 1.0
+    z = truncated_normal_dequantize(x, gamma, torch.Generator().manual_seed(1))
+    alpha, sigma = alpha_sigma(torch.tensor(gamma, dtype=torch.float64))
+    assert ((z / alpha + 1.0) * 127.5).round().eq(pixels).all()  # v = z / alpha lies in x's own bin
+    e = ((z - alpha * x) / sigma).flatten()
+    assert e.abs().max() <= tau + 1e-9
+    z_tau = math.exp(truncated_normal_log_normalizer(tau))
+    second_moment = 1 - 2 * tau * math.exp(-0.5 * tau**2) / math.sqrt(2 * math.pi) / z_tau
+    standard_error = (e**2).std().item() / math.sqrt(e.numel())
+    assert abs((e**2).mean().item() - second_moment) < 4 * standard_error
+    assert abs(e.mean().item()) < 4 / math.sqrt(e.numel())
+
+
+def test_truncated_normal_bound_is_the_bins_mass_for_the_point_mass_model():
+    # data: one 8-bit image x; its marginal p_t = N(alpha_t x, sigma_t^2 I), eps* = (z - alpha_t x) / sigma_t
+    gamma_fn, rate = vdm_gamma("linear")  # gamma(0) = -13.3: tau = 3.0
+    x = (torch.tensor([0, 17, 128, 200, 254, 255], dtype=torch.float64) / 127.5 - 1.0).reshape(1, *SHAPE)
+    num_dims = x.numel()
+
+    def point_mass_eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma(gamma_fn(t).reshape(-1, 1, 1, 1))
+        return (z_t - alpha * x) / sigma
+
+    def marginal_at(gamma: torch.Tensor):
+        alpha, sigma = alpha_sigma(gamma)
+        return lambda z: sum_over_pixels(
+            gaussian_log_density(z, (alpha * x).expand_as(z), (2 * sigma.log()).expand_as(z))
+        )
+
+    ends = gamma_fn(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    gamma_0, tau = ends[0].item(), bin_truncation(ends[0].item())
+    z = truncated_normal_dequantize(x.expand(4, *SHAPE), gamma_0, torch.Generator().manual_seed(0))
+    out = ode_log_likelihood(
+        z,
+        point_mass_eps,
+        gamma_fn,
+        rate,
+        divergence="exact",
+        rtol=1e-9,
+        atol=1e-9,
+        prior_log_density=marginal_at(ends[1]),
+    )
+    torch.testing.assert_close(out.log_likelihood, marginal_at(ends[0])(z), rtol=0, atol=1e-5)
+    # over many draws the bound is -log2 Z(tau), the exact NLL: the model puts Z(tau)^D of its mass on x's bin
+    many = truncated_normal_dequantize(x.expand(50_000, *SHAPE), gamma_0, torch.Generator().manual_seed(1))
+    bits = truncated_normal_dequantized_bits_per_dim(marginal_at(ends[0])(many), gamma_0, num_dims)
+    exact = -truncated_normal_log_normalizer(tau) / math.log(2)
+    assert abs(bits.mean().item() - exact) < 4 * bits.std().item() / math.sqrt(len(bits))
+    # the same model under the uniform dequantization: the bin's mass spread evenly, far from where p_0 put it
+    y = uniform_dequantize(x.expand(50_000, *SHAPE), torch.Generator().manual_seed(2))
+    uniform_bits = dequantized_bits_per_dim(marginal_at(ends[0])(y), num_dims)
+    assert uniform_bits.mean().item() > exact + 0.5
+
+
 def test_dormand_prince_solves_a_known_ode_to_its_tolerance_and_counts_its_evaluations():
     calls = []
     rates = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
@@ -338,6 +413,25 @@ def test_evaluate_bound_with_the_ode_estimator_is_the_dequantized_ode_likelihood
     assert summary["ode_nfe"] == out.nfe and "probability-flow ODE" in summary["estimator"]
 
 
+def test_evaluate_bound_with_the_truncated_normal_dequantization_is_the_bound_by_hand():
+    pipeline = tiny_vdm_pipeline()
+    images = on_grid(2, 1, 8, 8)
+    options = BoundOptions(estimator="ode", ode_rtol=1e-3, ode_atol=1e-3, ode_dequantization="truncated_normal")
+    result = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    flow = pipeline.probability_flow()
+    gamma_0 = flow.gamma(torch.zeros(1, dtype=torch.float64)).item()
+    z = truncated_normal_dequantize(images.double(), gamma_0, generator)
+    out = ode_log_likelihood(z, flow.eps_model, flow.gamma, flow.gamma_rate, rtol=1e-3, atol=1e-3, generator=generator)
+    torch.testing.assert_close(
+        result.per_image, truncated_normal_dequantized_bits_per_dim(out.log_likelihood, gamma_0, 64)
+    )
+    zeros = torch.zeros(2, dtype=torch.float64)
+    constant = truncated_normal_dequantized_bits_per_dim(zeros, gamma_0, 64)
+    torch.testing.assert_close(result.per_image_terms["dequantization"], constant)
+    assert "truncated-normal dequantized" in result.to_dict()["estimator"]
+
+
 def test_the_ode_estimator_refuses_what_it_cannot_do_before_solving():
     images = on_grid(1, 1, 8, 8)
     with pytest.raises(ValueError, match="needs a diffusion pipeline .* got VAEPipeline"):
@@ -348,6 +442,8 @@ def test_the_ode_estimator_refuses_what_it_cannot_do_before_solving():
         evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="flow"))
     with pytest.raises(ValueError, match="hutchinson_probe='normal' is not one of rademacher, gaussian"):
         evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="ode", hutchinson_probe="normal"))
+    with pytest.raises(ValueError, match="ode_dequantization='gaussian' is not one of uniform, truncated_normal"):
+        evaluate_bound(tiny_vdm_pipeline(), images, BoundOptions(estimator="ode", ode_dequantization="gaussian"))
 
 
 def saved_tiny_28x28(kind: str, folder):

@@ -175,9 +175,14 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch):
 
         return read_text
 
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for flags, expected in (("avx2 avx512f", False), ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
         monkeypatch.setattr(Path, "read_text", cpuinfo(flags))
         assert cpu_has_native_bf16() is expected, flags
+    # the same CPU with torch's kernels restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2): bf16 only by conversions
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
 
     def unreadable(self, *args, **kwargs):
         raise OSError("no /proc here")

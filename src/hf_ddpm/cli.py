@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageTensorDataset, load_images
 from .demo import add_demo_arguments, run_demo
-from .evaluation import ESTIMATORS, BoundOptions, evaluate_bound
+from .evaluation import DEQUANTIZATIONS, ESTIMATORS, BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
 from .pipelines.auto import open_pipeline, with_scheduler
 from .pipelines.ddpm import DDPM_SCHEDULERS, HFDDPMPipeline
@@ -67,6 +67,7 @@ ODE_ONLY_FLAGS = frozenset(
         "ode_atol",
         "ode_steps",
         "ode_t_min",
+        "ode_dequantization",
     }
 )
 BOUND_ONLY_FLAGS = frozenset({"exact", "timesteps_per_image", "no_clip_denoised"})
@@ -155,6 +156,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         ode_atol=args.ode_atol,
         ode_steps=args.ode_steps,
         ode_t_min=args.ode_t_min,
+        ode_dequantization=args.ode_dequantization,
     )
     pipeline.set_progress_bar_config(disable=True)
     bound = evaluate_bound(
@@ -404,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="ODE: start time (default: the model's earliest, the VDM's 0, a DDPM's 1/T)",
+    )
+    evaluate_parser.add_argument(
+        "--ode_dequantization",
+        choices=DEQUANTIZATIONS,
+        default="uniform",
+        help="ODE: 8-bit images spread over their bins uniformly, or by the noise of t_min cut to the bin",
     )
     sample_parser = commands.choices["sample"]
     sample_parser.add_argument("--num_images", type=int, default=64, help="how many images to draw")

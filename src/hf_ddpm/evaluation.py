@@ -33,14 +33,19 @@ from .probability_flow import (
     PROBE_KINDS,
     SOLVER_METHODS,
     ProbabilityFlow,
+    bin_truncation,
     dequantized_bits_per_dim,
     ode_log_likelihood,
+    truncated_normal_dequantize,
+    truncated_normal_dequantized_bits_per_dim,
     uniform_dequantize,
 )
 
 #: What :func:`evaluate_bound` computes: ``bound`` (each model's variational bound) or ``ode`` (a diffusion model's
-#: probability-flow ODE log-likelihood of uniformly dequantized images).
+#: probability-flow ODE log-likelihood of dequantized images).
 ESTIMATORS = ("bound", "ode")
+#: How the ODE turns 8-bit images into points of a density (:func:`probability_flow_terms`).
+DEQUANTIZATIONS = ("uniform", "truncated_normal")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class BoundOptions:
     ode_atol: float = 1e-5
     ode_steps: int = 100
     ode_t_min: float | None = None
+    ode_dequantization: str = "uniform"
 
 
 @dataclass
@@ -294,6 +300,7 @@ def checked_probability_flow(pipeline: Any, options: BoundOptions) -> Probabilit
         ("ode_divergence", options.ode_divergence, DIVERGENCE_METHODS),
         ("hutchinson_probe", options.hutchinson_probe, PROBE_KINDS),
         ("ode_method", options.ode_method, SOLVER_METHODS),
+        ("ode_dequantization", options.ode_dequantization, DEQUANTIZATIONS),
     ):
         if value not in choices:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.")
@@ -318,7 +325,7 @@ def probability_flow_terms(
     flow: ProbabilityFlow, images: torch.Tensor, options: BoundOptions, generator: torch.Generator | None
 ) -> BatchBound:
     """The probability-flow ODE's negative log-likelihood of one batch of 8-bit images, per image in bits/dim, as
-    terms that add up to it: ``dequantization`` + ``prior`` + ``flow`` with
+    terms that add up to it: ``dequantization`` + ``prior`` + ``flow`` with, for ``ode_dequantization="uniform"``,
 
         y = x + u, u ~ U(bin of x), one draw per image    (:func:`~hf_ddpm.probability_flow.uniform_dequantize`),
         -log P(x) <= E_u[-log p(y)] - D log(2/255)        (:func:`~hf_ddpm.probability_flow.dequantized_bits_per_dim`),
@@ -326,7 +333,13 @@ def probability_flow_terms(
                                                           (:func:`~hf_ddpm.probability_flow.ode_log_likelihood`),
 
         dequantization = log2(255/2) = 6.9944 bits/dim, prior = -log N(y_1; 0, I) / (D ln 2),
-        flow = -(the mean over the K probes of the divergence integral) / (D ln 2).
+        flow = -(the mean over the K probes of the divergence integral) / (D ln 2);
+
+    for ``"truncated_normal"``, y = alpha x + sigma e with the noise of gamma(t_min) cut to x's bin
+    (:func:`~hf_ddpm.probability_flow.truncated_normal_dequantize`) and dequantization = -(H(tau) + log sigma) / ln 2
+    (:func:`~hf_ddpm.probability_flow.truncated_normal_dequantized_bits_per_dim`): the data as the model saw them at
+    t_min in training, noisy around the grid, where the uniform draw lands between the modes of a density that
+    learned them.
 
     Each image's value is an unbiased estimate (one u, K probes; exact in the probes with the exact trace) of an upper
     bound on the discrete NLL of the model "y_1 ~ N(0, I), the ODE back to t_min, y rounded to its bin", to the
@@ -334,8 +347,13 @@ def probability_flow_terms(
     """
     dtype = torch.float32 if flow.device.type == "mps" else torch.float64
     x = images.to(device=flow.device, dtype=dtype)
-    y = uniform_dequantize(x, generator)
     t_min = flow.earliest_time if options.ode_t_min is None else options.ode_t_min
+    truncated_normal = options.ode_dequantization == "truncated_normal"
+    if truncated_normal:
+        gamma_min = float(flow.gamma(torch.tensor([t_min], dtype=torch.float64, device=flow.device)).item())
+        y = truncated_normal_dequantize(x, gamma_min, generator)
+    else:
+        y = uniform_dequantize(x, generator)
     out = ode_log_likelihood(
         y,
         flow.eps_model,
@@ -354,7 +372,11 @@ def probability_flow_terms(
     num_dims = x[0].numel()
     zeros = torch.zeros(len(x), dtype=dtype, device=x.device)
     terms = {
-        "dequantization": dequantized_bits_per_dim(zeros, num_dims),
+        "dequantization": (
+            truncated_normal_dequantized_bits_per_dim(zeros, gamma_min, num_dims)
+            if truncated_normal
+            else dequantized_bits_per_dim(zeros, num_dims)
+        ),
         "prior": nats_to_bits_per_dim(-out.prior_log_density, num_dims),
         "flow": nats_to_bits_per_dim(-out.divergence_integral.mean(dim=1), num_dims),
     }
@@ -367,8 +389,14 @@ def probability_flow_terms(
         solver = f"adaptive Dormand-Prince, rtol={options.ode_rtol:g}, atol={options.ode_atol:g}"
     else:
         solver = f"{options.ode_steps} fixed Dormand-Prince steps"
+    dequantized = (
+        f"truncated-normal dequantized (noise of gamma(t_min) = {gamma_min:.3f} cut to the bin, "
+        f"tau = {bin_truncation(gamma_min):.3f})"
+        if truncated_normal
+        else "uniformly dequantized"
+    )
     estimator = (
-        f"probability-flow ODE log-likelihood of uniformly dequantized 8-bit data (t_min={t_min:g}, N(0, I) prior, "
+        f"probability-flow ODE log-likelihood of {dequantized} 8-bit data (t_min={t_min:g}, N(0, I) prior, "
         f"{divergence}, {solver}): an unbiased estimate of an upper bound on the discrete NLL of the ODE's model "
         "(unclipped)"
     )

@@ -45,7 +45,11 @@ class SamplingSpeedup:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flags of /proc/cpuinfo on
-    Linux); False elsewhere, including where the flags cannot be read."""
+    Linux) and torch may use those instructions (its kernels are AVX-512's: not where ``ATEN_CPU_CAPABILITY``
+    restricts them to AVX2, as an AVX2-only machine is emulated, and bf16 would be computed by conversions);
+    False elsewhere, including where the flags cannot be read."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
