@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget import NEVER, REPO, train, train_for_minutes  # noqa: E402
+from budget import NEVER, REPO, train  # noqa: E402
 from throughput import cpu_name  # noqa: E402
 
 #: hf_ddpm 0.2.0's CPU recipe, every flag that shapes the model or its training written out, so that a change of
@@ -110,16 +110,16 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.work_dir / "inductor_cache_avx2")
     precision = ["--mixed_precision", "no"] if args.emulate_avx2 else []
     rows, machine = [], f"{cpu_name()}, {os.cpu_count()} cores"
-    budgets = [(f"{n}steps", None, n) for n in args.steps] or [(f"{m:g}min", m, None) for m in args.minutes]
-    for label, minutes, steps in budgets:
+    budgets = [(f"{n}steps", ["--max_train_steps", str(n)], None) for n in args.steps] or [
+        (f"{m:g}min", ["--train_minutes", str(m)], m) for m in args.minutes
+    ]
+    for label, budget_flags, minutes in budgets:
         for name in args.recipes:
             folder = args.work_dir / f"{name}_{label}{'_avx2' if args.emulate_avx2 else ''}"
             finished = folder / "eval_results.json"  # a run an earlier invocation finished is scored, not retrained
             run = json.loads(finished.read_text()) if finished.exists() else None
-            flags = [*{**RECIPES, **CANDIDATES}[name], *precision, "--logger", "none"]
-            if run is None and steps is not None:
-                run = train(folder, [*flags, "--max_train_steps", str(steps), "--checkpointing_steps", str(NEVER)])
-            run = run or train_for_minutes(folder, flags, minutes)
+            flags = [*{**RECIPES, **CANDIDATES}[name], *precision, "--logger", "none", *budget_flags]
+            run = run or train(folder, [*flags, "--checkpointing_steps", str(NEVER)])  # one checkpoint, at the end
             # the end-of-training outputs: from the last step's log line to the last file the run writes
             outputs_seconds = finished.stat().st_mtime - (folder / "train_log.jsonl").stat().st_mtime
             scores, score_seconds = [], []

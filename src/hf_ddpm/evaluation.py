@@ -348,12 +348,19 @@ def probability_flow_terms(
     dtype = torch.float32 if flow.device.type == "mps" else torch.float64
     x = images.to(device=flow.device, dtype=dtype)
     t_min = flow.earliest_time if options.ode_t_min is None else options.ode_t_min
-    truncated_normal = options.ode_dequantization == "truncated_normal"
-    if truncated_normal:
+    num_dims = x[0].numel()
+    zeros = torch.zeros(len(x), dtype=dtype, device=x.device)
+    if options.ode_dequantization == "truncated_normal":
         gamma_min = float(flow.gamma(torch.tensor([t_min], dtype=torch.float64, device=flow.device)).item())
         y = truncated_normal_dequantize(x, gamma_min, generator)
+        dequantization = truncated_normal_dequantized_bits_per_dim(zeros, gamma_min, num_dims)
+        dequantized = (
+            f"truncated-normal dequantized (noise of gamma(t_min) = {gamma_min:.3f} cut to the bin, "
+            f"tau = {bin_truncation(gamma_min):.3f})"
+        )
     else:
         y = uniform_dequantize(x, generator)
+        dequantization, dequantized = dequantized_bits_per_dim(zeros, num_dims), "uniformly dequantized"
     out = ode_log_likelihood(
         y,
         flow.eps_model,
@@ -369,14 +376,8 @@ def probability_flow_terms(
         num_steps=options.ode_steps,
         generator=generator,
     )
-    num_dims = x[0].numel()
-    zeros = torch.zeros(len(x), dtype=dtype, device=x.device)
     terms = {
-        "dequantization": (
-            truncated_normal_dequantized_bits_per_dim(zeros, gamma_min, num_dims)
-            if truncated_normal
-            else dequantized_bits_per_dim(zeros, num_dims)
-        ),
+        "dequantization": dequantization,
         "prior": nats_to_bits_per_dim(-out.prior_log_density, num_dims),
         "flow": nats_to_bits_per_dim(-out.divergence_integral.mean(dim=1), num_dims),
     }
@@ -389,12 +390,6 @@ def probability_flow_terms(
         solver = f"adaptive Dormand-Prince, rtol={options.ode_rtol:g}, atol={options.ode_atol:g}"
     else:
         solver = f"{options.ode_steps} fixed Dormand-Prince steps"
-    dequantized = (
-        f"truncated-normal dequantized (noise of gamma(t_min) = {gamma_min:.3f} cut to the bin, "
-        f"tau = {bin_truncation(gamma_min):.3f})"
-        if truncated_normal
-        else "uniformly dequantized"
-    )
     estimator = (
         f"probability-flow ODE log-likelihood of {dequantized} 8-bit data (t_min={t_min:g}, N(0, I) prior, "
         f"{divergence}, {solver}): an unbiased estimate of an upper bound on the discrete NLL of the ODE's model "
