@@ -55,8 +55,12 @@ RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": [], "vdm": ["--model", "vdm"
 CANDIDATES = {
     "v_prediction": ["--prediction_type", "v_prediction"],
     "lr_2e-3": ["--learning_rate", "2e-3"],
+    "lr_6e-4": ["--learning_rate", "6e-4"],
     "batch_64": ["--train_batch_size", "64", "--learning_rate", "1.4e-3"],
+    "batch_16": ["--train_batch_size", "16", "--learning_rate", "7e-4"],
     "widths_48_96_96": ["--block_out_channels", "48", "96", "96"],
+    "widths_16_32_32": ["--block_out_channels", "16", "32", "32"],
+    "widths_24_48_48": ["--block_out_channels", "24", "48", "48"],
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 

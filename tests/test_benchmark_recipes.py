@@ -36,8 +36,12 @@ def test_every_recipe_and_candidate_parses(recipes):
     [
         ("v_prediction", {"prediction_type": "v_prediction"}),
         ("lr_2e-3", {"learning_rate": 2e-3}),
+        ("lr_6e-4", {"learning_rate": 6e-4}),
         ("batch_64", {"train_batch_size": 64, "learning_rate": 1.4e-3}),
+        ("batch_16", {"train_batch_size": 16, "learning_rate": 7e-4}),
         ("widths_48_96_96", {"block_out_channels": [48, 96, 96]}),
+        ("widths_16_32_32", {"block_out_channels": [16, 32, 32]}),
+        ("widths_24_48_48", {"block_out_channels": [24, 48, 48]}),
     ],
 )
 def test_a_candidate_changes_the_default_in_its_named_choice_only(recipes, name, changed):

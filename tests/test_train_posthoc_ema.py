@@ -115,3 +115,33 @@ def test_the_benchmark_reads_the_use_ema_weights_of_the_last_checkpoint(tmp_path
         assert torch.equal(weights[name], saved[name]), name
     trained = load_file(str(out / "checkpoint-3" / "model.safetensors"))
     assert any(not torch.equal(trained[name], saved[name]) for name in saved)  # the EMA, not the trained weights
+
+
+def test_the_benchmark_bounds_the_first_images_and_scores_samples_against_all(monkeypatch):
+    # --num_bound_images N: the bound on the first N held-out digits, the samples still against every one of them
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import contextlib
+    import types
+
+    import posthoc_ema
+
+    seen = {}
+
+    def bound(pipeline, images, options, generator):
+        seen["bound"] = images
+        return types.SimpleNamespace(to_dict=dict)
+
+    def quality(samples, reference):
+        seen["reference"] = reference
+        return types.SimpleNamespace(frechet_distance=1.0, mean_confidence=0.5, class_kl_from_uniform=0.0)
+
+    monkeypatch.setattr(posthoc_ema, "evaluate_bound", bound)
+    monkeypatch.setattr(posthoc_ema, "sample_quality", quality)
+    monkeypatch.setattr(posthoc_ema, "fast_sampling", lambda *a: contextlib.nullcontext(types.SimpleNamespace()))
+    images = torch.rand(10, 1, 28, 28)
+
+    def pipeline(batch_size, num_inference_steps, generator, output_type):
+        return types.SimpleNamespace(images=torch.rand(batch_size, 1, 28, 28))
+
+    posthoc_ema.score(pipeline, images, 4, seeds=[0], num_samples=3, steps=2)
+    assert torch.equal(seen["bound"], images[:4]) and torch.equal(seen["reference"], images)
