@@ -17,6 +17,7 @@ over the seeds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -94,6 +95,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "posthoc_ema.json")
     args = parser.parse_args()
+    if args.num_bound_images is not None and args.num_bound_images < 1:
+        parser.error(f"--num_bound_images must be >= 1 (or left out for all t10k), got {args.num_bound_images}")
 
     run = json.loads((args.run_dir / "eval_results.json").read_text())
     if "posthoc_ema" not in run:
@@ -120,11 +123,9 @@ def main() -> None:
     }
     baseline = None  # use_ema's bound: every other arm's difference to it, image by image (the same draws)
     for label, weights in arms.items():
-        if weights is None:
+        # the chosen arm's weights are the pipeline's own, as saved
+        with contextlib.nullcontext() if weights is None else loaded_weights(network, weights):
             result, bound = score(pipeline, images, bound_images, args.seeds, args.num_samples, args.steps)
-        else:
-            with loaded_weights(network, weights):
-                result, bound = score(pipeline, images, bound_images, args.seeds, args.num_samples, args.steps)
         baseline = bound if baseline is None else baseline
         difference, error = mean_and_standard_error(bound.per_image - baseline.per_image)
         result["nll_minus_use_ema"] = {"mean": difference, "standard_error": error}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def test_the_benchmark_bounds_the_first_images_and_scores_samples_against_all(mo
 
     posthoc_ema.score(pipeline, images, 4, seeds=[0], num_samples=3, steps=2)
     assert torch.equal(seen["bound"], images[:4]) and torch.equal(seen["reference"], images)
+
+
+@pytest.mark.parametrize("count", ["0", "-5"])
+def test_the_benchmark_refuses_a_bound_on_no_images_before_loading_the_run(tmp_path, monkeypatch, capsys, count):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import posthoc_ema
+
+    monkeypatch.setattr(sys, "argv", ["posthoc_ema.py", str(tmp_path / "no_run"), "--num_bound_images", count])
+    with pytest.raises(SystemExit):
+        posthoc_ema.main()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"--num_bound_images must be >= 1 (or left out for all t10k), got {count}")
