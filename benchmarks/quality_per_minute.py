@@ -51,7 +51,9 @@ PINNED_0_2_0 = [
 #: the continuous-time VDM (``--model vdm``) with the default's everything else, for its row at the same minutes
 RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": [], "vdm": ["--model", "vdm"]}
 #: the recipe re-tune's candidates: the default with one choice changed (a batch with its learning rate, scaled by
-#: the square root of the batch), each trained for the same minutes; run with ``--recipes default CANDIDATE ...``
+#: the square root of the batch), each trained for the same minutes; run with ``--recipes default CANDIDATE ...``.
+#: ``widths_16_32_32`` became the cpu recipe's default on 2026-12-07 (kept for the commands run before it);
+#: ``widths_32_64_64`` is the network before it, with everything else today's default.
 CANDIDATES = {
     "v_prediction": ["--prediction_type", "v_prediction"],
     "lr_2e-3": ["--learning_rate", "2e-3"],
@@ -61,6 +63,7 @@ CANDIDATES = {
     "widths_48_96_96": ["--block_out_channels", "48", "96", "96"],
     "widths_16_32_32": ["--block_out_channels", "16", "32", "32"],
     "widths_24_48_48": ["--block_out_channels", "24", "48", "48"],
+    "widths_32_64_64": ["--block_out_channels", "32", "64", "64"],
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 

@@ -61,6 +61,10 @@ def test_default_unet_layout_is_todays_mnist_default_and_refuses_what_it_cannot_
         default_unet_layout(32, 2)
     with pytest.raises(ValueError, match="resolution must be a positive"):
         default_unet_layout(0, 1)
+    assert default_unet_layout(28, 1, base_width=16) == ((16, 32, 32), (7,))
+    assert default_unet_layout(64, 3, base_width=24) == ((24, 48, 48, 48), (8,))
+    with pytest.raises(ValueError, match="base_width must be a positive"):
+        default_unet_layout(28, 1, base_width=0)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -82,21 +86,31 @@ def test_a_unet_from_the_rule_maps_rgb_images_to_a_prediction_and_a_variance(res
 
 # ---------------------------------------------------------------------------------------------- train.py's arguments
 def parse(tmp_path: Path, *flags: str):
-    return training_args.parse_arguments(["--output_dir", str(tmp_path / "out"), "--logger", "none", *flags])
+    """train.py's arguments on a CPU (the cpu recipe unless ``flags`` name another)."""
+    recipe = [] if "--recipe" in flags else ["--recipe", "cpu"]
+    return training_args.parse_arguments([*recipe, "--output_dir", str(tmp_path / "out"), "--logger", "none", *flags])
 
 
 def test_unset_network_flags_follow_the_rule_and_explicit_ones_win(tmp_path):
-    model_args, _, _ = parse(tmp_path)
+    # the gpu recipe: default_unet_layout as it is
+    model_args, _, _ = parse(tmp_path, "--recipe", "gpu")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([32, 64, 64], [7])
-    model_args, _, _ = parse(tmp_path, "--resolution", "32", "--channels", "3")
+    model_args, _, _ = parse(tmp_path, "--recipe", "gpu", "--resolution", "32", "--channels", "3")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([48, 96, 96], [8])
-    model_args, _, _ = parse(tmp_path, "--resolution", "64", "--channels", "3")
+    model_args, _, _ = parse(tmp_path, "--recipe", "gpu", "--resolution", "64", "--channels", "3")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([48, 96, 96, 96], [8])
+    # the cpu recipe's DDPM: half the base width, the same levels and attention; its VAE and VDM: the full width
+    model_args, _, _ = parse(tmp_path, "--recipe", "cpu")
+    assert (model_args.block_out_channels, model_args.attention_resolutions) == ([16, 32, 32], [7])
+    model_args, _, _ = parse(tmp_path, "--recipe", "cpu", "--resolution", "64", "--channels", "3")
+    assert (model_args.block_out_channels, model_args.attention_resolutions) == ([24, 48, 48, 48], [8])
+    model_args, _, _ = parse(tmp_path, "--recipe", "cpu", "--model", "vdm")
+    assert model_args.block_out_channels == [32, 64, 64]
     # explicit widths: attention at their coarsest level; explicit attention: kept
     model_args, _, _ = parse(tmp_path, "--resolution", "32", "--block_out_channels", "8", "16")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([8, 16], [16])
     model_args, _, _ = parse(tmp_path, "--resolution", "32", "--channels", "3", "--attention_resolutions", "16", "8")
-    assert (model_args.block_out_channels, model_args.attention_resolutions) == ([48, 96, 96], [16, 8])
+    assert model_args.attention_resolutions == [16, 8]
     # the VAE halves twice: two widths even where the rule has one level, and a resolution divisible by 4
     model_args, _, _ = parse(tmp_path, "--model", "vae", "--resolution", "12")
     assert model_args.block_out_channels == [32, 64]
@@ -107,19 +121,26 @@ def test_unset_network_flags_follow_the_rule_and_explicit_ones_win(tmp_path):
         parse(tmp_path, "--resolution", "30", "--block_out_channels", "8", "16", "16")
     (tmp_path / "run.yaml").write_text("block_out_channels: null\nresolution: 16\nchannels: 3\n")
     model_args, _, _ = parse(tmp_path, "--config", str(tmp_path / "run.yaml"))
+    assert (model_args.block_out_channels, model_args.attention_resolutions) == ([24, 48], [8])
+    model_args, _, _ = parse(tmp_path, "--config", str(tmp_path / "run.yaml"), "--recipe", "gpu")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([48, 96], [8])
     # what the run's start log line says
-    model_args, data_args, _ = parse(tmp_path, "--model", "vae", "--resolution", "32", "--channels", "3")
-    assert training_args.describe_network_layout(model_args, data_args) == (
+    model_args, data_args, train_args = parse(tmp_path, "--model", "vae", "--resolution", "32", "--channels", "3")
+    assert training_args.describe_network_layout(model_args, data_args, train_args.recipe) == (
         "VAE widths [48, 96] (the first two of [48, 96, 96], default_unet_layout(32, 3))"
     )
-    model_args, data_args, _ = parse(tmp_path, "--block_out_channels", "8", "16")
-    assert training_args.describe_network_layout(model_args, data_args) == (
+    model_args, data_args, _ = parse(tmp_path, "--recipe", "cpu")
+    assert training_args.describe_network_layout(model_args, data_args, "cpu") == (
+        "UNet levels [28, 14, 7] with widths [16, 32, 32], self-attention at [7] (default_unet_layout(28, 1, 16) of "
+        "the cpu recipe)"
+    )
+    model_args, data_args, train_args = parse(tmp_path, "--block_out_channels", "8", "16")
+    assert training_args.describe_network_layout(model_args, data_args, train_args.recipe) == (
         "UNet levels [28, 14] with widths [8, 16], self-attention at [14] (--block_out_channels / "
         "--attention_resolutions)"
     )
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(training_args.ModelArguments)}
-    assert "default_unet_layout" in helps["block_out_channels"] and "32 64 64" in helps["block_out_channels"]
+    assert "default_unet_layout" in helps["block_out_channels"] and "16 32 32" in helps["block_out_channels"]
     assert "coarsest level" in helps["attention_resolutions"]
 
 
@@ -135,8 +156,8 @@ def test_every_model_kind_builds_trains_and_samples_rgb_at_32(tmp_path, model):
     assert (config.in_channels, config.sample_size) == (3, 32)
     if kind == "vae":
         assert tuple(config.block_out_channels) == (48, 96)
-    else:
-        assert tuple(config.block_out_channels) == (48, 96, 96)
+    else:  # the cpu recipe's DDPM at half the width (the tests run the cpu recipe)
+        assert tuple(config.block_out_channels) == ((24, 48, 48) if kind == "ddpm" else (48, 96, 96))
     images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     assert torch.isfinite(objective.loss(network, images).loss).all()
     pipeline = objective.pipeline(network)
@@ -212,19 +233,18 @@ def test_a_train_py_run_on_rgb_emoji_writes_an_rgb_pipeline_bound_grid_and_card(
     with caplog.at_level(logging.INFO):
         # 64 emoji: 4 held out (also the bound-by-time plot's images: its T = 50 evaluations cost most of the run)
         train.main(["--output_dir", str(out), *flags, "--max_train_images", "64", "--num_eval_images", "4"])
-    assert "UNet levels [32, 16, 8] with widths [48, 96, 96], self-attention at [8] (default_unet_layout(32, 3))" in (
-        caplog.text
-    )
+    layout = "UNet levels [32, 16, 8] with widths [24, 48, 48], self-attention at [8] (default_unet_layout(32, 3, 24)"
+    assert f"{layout} of the cpu recipe)" in caplog.text  # on a CPU: the cpu recipe's DDPM, half the width
     arguments = json.loads((out / "training_args.json").read_text())
-    assert (arguments["block_out_channels"], arguments["attention_resolutions"]) == ([48, 96, 96], [8])
-    repeated, _, _ = training_args.parse_arguments(["--config", str(out / "training_args.json")])
-    assert (repeated.block_out_channels, repeated.attention_resolutions) == ([48, 96, 96], [8])
+    assert (arguments["block_out_channels"], arguments["attention_resolutions"]) == ([24, 48, 48], [8])
+    repeated, _, _ = training_args.parse_arguments(["--config", str(out / "training_args.json"), "--recipe", "gpu"])
+    assert (repeated.block_out_channels, repeated.attention_resolutions) == ([24, 48, 48], [8])
 
     pipeline = HFDDPMPipeline.from_pretrained(out)
     pipeline.set_progress_bar_config(disable=True)
     config = pipeline.unet.config
     assert (config.in_channels, config.sample_size, config.learn_variance) == (3, 32, True)
-    assert (tuple(config.block_out_channels), tuple(config.attention_resolutions)) == default_unet_layout(32, 3)
+    assert (tuple(config.block_out_channels), tuple(config.attention_resolutions)) == default_unet_layout(32, 3, 24)
     generator = torch.Generator().manual_seed(0)
     samples = pipeline(batch_size=2, num_inference_steps=3, generator=generator, output_type="np").images
     assert samples.shape == (2, 32, 32, 3)

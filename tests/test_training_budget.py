@@ -107,6 +107,22 @@ def test_the_budget_says_what_it_measured_and_how_to_get_the_same_run():
     )
 
 
+def test_the_budget_says_how_long_its_steps_took_and_by_how_much_the_loop_ran_slower():
+    budget = StepBudget(15, 0.0821, 155, 1.9, 15.4, 10437)
+    assert budget.outcome(880.0) == "--train_minutes 15: 10,437 steps trained in 14.7 minutes (98% of the budget)"
+    # 1112.6 s: the loop's steps and evaluations took (1112.6 - 15.4) / (0.99 * 900 - 15.4) = 1.25x their plan
+    assert budget.outcome(1112.6) == (
+        "--train_minutes 15: 10,437 steps trained in 18.5 minutes (124% of the budget): the loop ran 1.25x as long "
+        "as the 0.0821 s step timed predicted (the machine slowed after its calibration: other work on its cores, "
+        "or its clock)"
+    )
+    # a budget its calibration used up: the one step every run trains
+    assert StepBudget(0.2, 0.5382, 5, 0.0, 16.4, 1).outcome(17.0) == (
+        "--train_minutes 0.2: 1 steps trained in 0.3 minutes (142% of the budget): its calibration alone took 16.4 s "
+        "of the 12 s"
+    )
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
@@ -149,6 +165,7 @@ def test_a_budgeted_run_fits_its_minutes_and_equals_the_run_of_the_steps_it_logs
     assert results["train_seconds_this_run"] <= 0.2 * 60 * 1.5
     assert budgeted_run(budgeted / f"checkpoint-{steps}") == (steps, False)  # 0.2 minutes cannot pay to compile
     assert "torch.compile off (--compile unset: 0.2 minutes cannot pay for compiling)" in line
+    assert any(m.startswith(f"--train_minutes 0.2: {steps:,} steps trained in ") for m in caplog.messages)
 
     fixed = train.main(["--output_dir", str(tmp_path / "fixed"), *flags, "--max_train_steps", str(steps)])
     a, b = unet(budgeted), unet(fixed)

@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> Path:
     start_time = time.time()  # the budget's clock
     updates_per_epoch = math.ceil(len(batches) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or (train_args.num_epochs or 0) * updates_per_epoch
+    budget = None  # the StepBudget of a run of --train_minutes, measured here
     if not max_train_steps:
         cycle = itertools.chain.from_iterable(batches.epoch(e) for e in itertools.count())
         budget = measure_step_budget(
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"batch {train_args.train_batch_size} per process, {global_batch} per optimizer step; {max_train_steps} steps "
         f"({num_epochs} epochs); training step {step_kind}; loss read back every "
         f"{train_args.logging_steps} step(s); {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{describe_network_layout(model_args, data_args)}."
+        f"{describe_network_layout(model_args, data_args, train_args.recipe)}."
     )
 
     # ---- resume
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
             break
     progress.close()
     train_seconds = time.time() - start_time
+    if budget is not None and start_step == 0:  # a budgeted run, not resumed: the minutes it took against its own
+        logger.info(budget.outcome(train_seconds))
     if posthoc is not None:
         posthoc.snapshot()  # the run's last step (a no-op where it was just saved)
 

@@ -80,6 +80,27 @@ class StepBudget:
             f"{self.steps:,} steps (the same run: {same_run})"
         )
 
+    def outcome(self, train_seconds: float) -> str:
+        """One line for the log once the steps are trained in ``train_seconds`` (the budget's clock): the minutes
+        they took against the budget's, and where they ran over by more than BUDGET_MARGIN, by how much the loop's
+        step was slower than the one timed (the machine's speed changed after the calibration: other work on its
+        cores, or its clock)."""
+        budget_seconds = 60 * self.minutes
+        line = (
+            f"--train_minutes {self.minutes:g}: {self.steps:,} steps trained in {train_seconds / 60:.1f} minutes "
+            f"({train_seconds / budget_seconds:.0%} of the budget)"
+        )
+        if train_seconds <= (1 + BUDGET_MARGIN) * budget_seconds:
+            return line
+        planned = budget_seconds * (1 - BUDGET_MARGIN) - self.seconds_spent  # the steps' and evaluations' share
+        if planned <= 0:  # the one step a run always trains
+            return f"{line}: its calibration alone took {self.seconds_spent:.1f} s of the {budget_seconds:g} s"
+        slower = (train_seconds - self.seconds_spent) / planned
+        return (
+            f"{line}: the loop ran {slower:.2f}x as long as the {self.seconds_per_step:.4f} s step timed predicted "
+            "(the machine slowed after its calibration: other work on its cores, or its clock)"
+        )
+
 
 def compile_pays(
     budget_seconds: float,

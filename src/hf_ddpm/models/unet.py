@@ -35,25 +35,34 @@ class DenoisingUNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
-def default_unet_layout(resolution: int, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+#: b of :func:`default_unet_layout`'s widths (b, 2b, 2b, ...) by image channels: 1 (grayscale) and 3 (RGB).
+BASE_WIDTHS = {1: 32, 3: 48}
+
+
+def default_unet_layout(
+    resolution: int, channels: int, base_width: int | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The default network for images of ``resolution`` pixels a side and ``channels`` channels:
     ``(block_out_channels, attention_resolutions)``.
 
     The rule: halve the resolution while the half is an integer of at least 7 (28 -> 28, 14, 7; 32 -> 32, 16, 8;
-    64 -> 64, 32, 16, 8; 16 -> 16, 8), one level per size; widths (b, 2b, 2b, ...) with b = 32 for grayscale
-    (1 channel) and b = 48 for RGB (3 channels); self-attention at the coarsest level only (the middle block has it
-    too). ``default_unet_layout(28, 1) == ((32, 64, 64), (7,))``, the MNIST default of :class:`DenoisingUNet`.
+    64 -> 64, 32, 16, 8; 16 -> 16, 8), one level per size; widths (b, 2b, 2b, ...) with b = ``base_width``, by
+    default :data:`BASE_WIDTHS` (32 for grayscale, 48 for RGB); self-attention at the coarsest level only (the
+    middle block has it too). ``default_unet_layout(28, 1) == ((32, 64, 64), (7,))``, the MNIST default of
+    :class:`DenoisingUNet`.
 
-    Raises ``ValueError`` for a resolution below 1 or channels other than 1 and 3.
+    Raises ``ValueError`` for a resolution below 1, channels other than 1 and 3, or a base width below 1.
     """
     if resolution < 1:
         raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
-    if channels not in (1, 3):
+    if channels not in BASE_WIDTHS:
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    base = BASE_WIDTHS[channels] if base_width is None else base_width
+    if base < 1:
+        raise ValueError(f"base_width must be a positive number of channels, got {base_width}.")
     sizes = [resolution]
     while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 7:
         sizes.append(sizes[-1] // 2)
-    base = 32 if channels == 1 else 48
     return (base, *(2 * base for _ in sizes[1:])), coarsest_level_attention(resolution, len(sizes))
 
 
