@@ -110,7 +110,7 @@ def test_unset_network_flags_follow_the_rule_and_explicit_ones_win(tmp_path):
     model_args, _, _ = parse(tmp_path, "--resolution", "32", "--block_out_channels", "8", "16")
     assert (model_args.block_out_channels, model_args.attention_resolutions) == ([8, 16], [16])
     model_args, _, _ = parse(tmp_path, "--resolution", "32", "--channels", "3", "--attention_resolutions", "16", "8")
-    assert model_args.attention_resolutions == [16, 8]
+    assert (model_args.block_out_channels, model_args.attention_resolutions) == ([24, 48, 48], [16, 8])
     # the VAE halves twice: two widths even where the rule has one level, and a resolution divisible by 4
     model_args, _, _ = parse(tmp_path, "--model", "vae", "--resolution", "12")
     assert model_args.block_out_channels == [32, 64]

@@ -132,6 +132,8 @@ def test_the_budget_says_how_long_its_steps_took_and_by_how_much_the_loop_ran_sl
         (["--train_minutes", "2.5"], (None, None, 2.5)),
         (["--recipe", "gpu"], (2000, None, None)),
         (["--recipe", "gpu", "--train_minutes", "1"], (None, None, 1.0)),
+        (["--recipe", "gpu", "--recipe", "cpu"], (None, None, 15.0)),  # the last one given, as argparse reads it
+        (["--recipe", "cpu", "--recipe", "gpu"], (2000, None, None)),
     ],
 )
 def test_how_long_a_run_is_comes_from_the_first_length_given_else_the_recipe(argv, expected):

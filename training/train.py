@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> Path:
             break
     progress.close()
     train_seconds = time.time() - start_time
-    if budget is not None and start_step == 0:  # a budgeted run, not resumed: the minutes it took against its own
+    if budget is not None:  # a budgeted run (a resumed one has its steps from its checkpoint, no budget)
         logger.info(budget.outcome(train_seconds))
     if posthoc is not None:
         posthoc.snapshot()  # the run's last step (a no-op where it was just saved)

@@ -550,8 +550,9 @@ def describe_network_layout(model_args: ModelArguments, data_args: DataArguments
     resolution, channels, model = data_args.resolution, data_args.channels, model_args.model
     widths, attention = list(model_args.block_out_channels), list(model_args.attention_resolutions)
     base_width = default_base_width(model, channels, recipe)
-    rule = f"default_unet_layout({resolution}, {channels}{'' if base_width is None else f', {base_width}'})"
-    rule += f" of the {recipe} recipe" if base_width is not None else ""
+    rule = f"default_unet_layout({resolution}, {channels})"
+    if base_width is not None:
+        rule = f"default_unet_layout({resolution}, {channels}, {base_width}) of the {recipe} recipe"
     if model == "vae":
         source = rule if widths == default_widths("vae", resolution, channels, recipe) else "--block_out_channels"
         return f"VAE widths {widths[:2]} (the first two of {widths}, {source})"

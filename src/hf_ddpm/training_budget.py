@@ -92,7 +92,7 @@ class StepBudget:
         )
         if train_seconds <= (1 + BUDGET_MARGIN) * budget_seconds:
             return line
-        planned = budget_seconds * (1 - BUDGET_MARGIN) - self.seconds_spent  # the steps' and evaluations' share
+        planned = seconds_for_steps(budget_seconds, self.seconds_spent)  # what steps_within_budget filled
         if planned <= 0:  # the one step a run always trains
             return f"{line}: its calibration alone took {self.seconds_spent:.1f} s of the {budget_seconds:g} s"
         slower = (train_seconds - self.seconds_spent) / planned
@@ -146,6 +146,15 @@ def compile_refusal(
     return ""
 
 
+def seconds_for_steps(budget_seconds: float, seconds_spent: float, margin: float = BUDGET_MARGIN) -> float:
+    """The seconds of a budget left for its optimizer steps and mid-run evaluations:
+
+        (1 - margin) * budget_seconds - seconds_spent,
+
+    ``seconds_spent`` being what the budget's clock counted before the first step (the calibration)."""
+    return (1 - margin) * budget_seconds - seconds_spent
+
+
 def steps_within_budget(
     budget_seconds: float,
     seconds_spent: float,
@@ -162,7 +171,7 @@ def steps_within_budget(
     the evaluations being the mid-run ones (every ``eval_steps`` steps, none at the last step)."""
     if seconds_per_step <= 0 or not math.isfinite(seconds_per_step):
         raise ValueError(f"seconds_per_step must be a finite number > 0, got {seconds_per_step}")
-    left = (1 - margin) * budget_seconds - seconds_spent
+    left = seconds_for_steps(budget_seconds, seconds_spent, margin)
     evaluation = seconds_per_evaluation if eval_steps and seconds_per_evaluation > 0 else 0.0
 
     def cost(n: int) -> float:
