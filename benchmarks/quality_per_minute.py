@@ -64,6 +64,9 @@ CANDIDATES = {
     "widths_16_32_32": ["--block_out_channels", "16", "32", "32"],
     "widths_24_48_48": ["--block_out_channels", "24", "48", "48"],
     "widths_32_64_64": ["--block_out_channels", "32", "64", "64"],
+    "warmup_stable_decay": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.2"],
+    "warmup_stable_decay_0.4": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.4"],
+    "warmup_stable_decay_0.6": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.6"],
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 

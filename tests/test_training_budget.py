@@ -18,22 +18,29 @@ from hf_ddpm import training_args
 from hf_ddpm.training_budget import (
     CALIBRATION_MIN_STEPS,
     CALIBRATION_WARMUP_STEPS,
+    REPLAN_STEPS,
+    LateDecidedSteps,
     StepBudget,
     budgeted_run,
     compile_pays,
     compile_refusal,
+    decay_start_step,
+    fewest_steps_decaying_after,
     measure_step_budget,
     steps_within_budget,
     time_steps_and_restore,
+    warmup_stable_decay_factor,
+    warmup_stable_decay_schedule,
 )
 
 
-def brute_force_steps(budget, spent, per_step, per_evaluation, eval_steps, margin):
-    """The largest N whose time (N steps, an evaluation after every eval_steps-th step but the last) fits."""
-    best = 1
-    for n in range(1, 10_000):
-        evaluations = (n - 1) // eval_steps if eval_steps else 0
-        if spent + n * per_step + evaluations * per_evaluation <= (1 - margin) * budget:
+def brute_force_steps(budget, spent, per_step, per_evaluation, eval_steps, margin, done=0):
+    """The largest N whose time from step ``done`` on (N - done steps, an evaluation after every eval_steps-th step
+    but the last) fits."""
+    best = done + 1
+    for n in range(done + 1, done + 10_000):
+        evaluations = sum(1 for k in range(done + 1, n) if eval_steps and k % eval_steps == 0)
+        if spent + (n - done) * per_step + evaluations * per_evaluation <= (1 - margin) * budget:
             best = n
     return best
 
@@ -56,6 +63,110 @@ import train  # noqa: E402  (importable once helpers put training/ on sys.path)
 def test_the_steps_within_a_budget_are_the_most_that_fit(budget, spent, per_step, per_evaluation, eval_steps):
     steps = steps_within_budget(budget, spent, per_step, per_evaluation, eval_steps, margin=0.01)
     assert steps == brute_force_steps(budget, spent, per_step, per_evaluation, eval_steps, 0.01)
+
+
+@pytest.mark.parametrize("done", [1, 99, 100, 101, 250])
+def test_the_steps_within_a_budget_count_from_the_steps_already_trained(done):
+    for per_evaluation, eval_steps in [(0.0, None), (3.0, 100), (0.7, 7)]:
+        steps = steps_within_budget(300, 120, 0.21, per_evaluation, eval_steps, margin=0.01, steps_done=done)
+        assert steps == brute_force_steps(300, 120, 0.21, per_evaluation, eval_steps, 0.01, done)
+
+
+def test_the_warmup_stable_decay_factor_is_its_closed_form():
+    # N = 100, D = 0.2: the decay starts at S = 80; W = 10 warm-up steps
+    values = {s: warmup_stable_decay_factor(s, 10, 100, 0.2) for s in (0, 5, 10, 50, 79, 80, 85, 95, 99, 100, 120)}
+    assert values == pytest.approx(
+        {0: 0, 5: 0.5, 10: 1, 50: 1, 79: 1, 80: 1, 85: 1 - 0.5, 95: 1 - 0.75**0.5, 99: 1 - 0.95**0.5, 100: 0, 120: 0}
+    )
+    assert warmup_stable_decay_factor(3, 10, 5, 0.2) == pytest.approx(0.3)  # S = 4: still warming up at 3
+    assert warmup_stable_decay_factor(4.5, 10, 5, 0.2) == pytest.approx(0.45 * (1 - 0.5**0.5))  # both at once
+    assert warmup_stable_decay_factor(4, 0, 5, 1.0) == pytest.approx(1 - (4 / 5) ** 0.5)  # all decay, no warm-up
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.37, 0.9])
+def test_every_step_is_some_length_s_decay_start_and_the_fewest_steps_still_stable_there_are_found(fraction):
+    starts = [decay_start_step(n, fraction) for n in range(1, 3000)]
+    assert all(0 <= b - a <= 1 for a, b in zip(starts, starts[1:]))  # non-decreasing by 0 or 1: every S is reached
+    for step in range(0, 1500):
+        fewest = fewest_steps_decaying_after(step, fraction)
+        assert decay_start_step(fewest, fraction) > step >= decay_start_step(fewest - 1, fraction)
+        # before its decay, the factor does not depend on N
+        stable = warmup_stable_decay_factor(step, 7, 10**6, fraction)
+        assert warmup_stable_decay_factor(step, 7, fewest, fraction) == stable
+
+
+def test_the_warmup_stable_decay_scheduler_reads_its_length_at_every_call_and_counts_calls_per_step():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    length = [40]
+    scheduler = warmup_stable_decay_schedule(optimizer, 4, lambda: length[0], 0.25, calls_per_step=2)
+    rates = [scheduler.get_last_lr()[0]]
+    for call in range(1, 80):
+        if call == 20:
+            length[0] = 30
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    expected = [0.5 * warmup_stable_decay_factor(c / 2, 4, 40 if c < 20 else 30, 0.25) for c in range(80)]
+    assert rates == pytest.approx(expected)
+
+
+def run_late_decided(seconds_of_step, steps_planned=8000, eval_steps=1000, evaluation_seconds=4.0):
+    """A --train_minutes 15 run's loop simulated on a clock: the budget planned ``steps_planned`` steps after 20 s of
+    calibration; ``seconds_of_step(s)`` is what step s takes. (steps trained, seconds, learning-rate factors used)."""
+    budget = StepBudget(15, 880 / steps_planned, 100, evaluation_seconds, 20.0, steps_planned)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    late = LateDecidedSteps(budget, 0.2, started=0.0, eval_steps=eval_steps)
+    scheduler = warmup_stable_decay_schedule(optimizer, 100, lambda: late.steps, 0.2)
+    now, step, factors = 20.0, 0, []
+    late.start(now)
+    while step < late.steps:
+        factors.append(scheduler.get_last_lr()[0])  # the rate step + 1 trains with
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        now += seconds_of_step(step)
+        if step % eval_steps == 0 and step < late.steps:
+            now += evaluation_seconds
+            late.evaluated(evaluation_seconds)
+        late.observe(step, now)
+    return late, now, factors
+
+
+@pytest.mark.parametrize("slower_after, slowdown", [(500, 1.25), (3000, 1.5), (100, 0.8), (0, 1.0)])
+def test_late_decided_steps_keep_the_budget_when_the_machine_changes_speed_and_equal_a_fixed_length_run(
+    slower_after, slowdown
+):
+    planned = 0.11  # the calibration's seconds per step: 8,000 steps planned
+    late, seconds, factors = run_late_decided(lambda s: planned * (slowdown if s > slower_after else 1.0))
+    assert late.decided_at is not None and late.decided_at < late.steps
+    assert seconds <= 900 * 0.99 + REPLAN_STEPS * planned * slowdown  # within one re-estimate of the plan
+    assert seconds >= 900 * 0.97
+    if slowdown != 1.0:
+        assert (late.steps < 8000) == (slowdown > 1)
+    # the rates it trained with are those of --max_train_steps late.steps from the start
+    assert factors == [warmup_stable_decay_factor(s, 100, late.steps, 0.2) for s in range(late.steps)]
+
+
+def test_a_stall_of_the_machine_shorter_than_the_pace_window_before_the_decay_costs_little_of_the_budget():
+    # 200 steps at 3x (44 s lost) around step 4,000 of a 15-minute run: its 90 s window dilutes the stall
+    late, seconds, _ = run_late_decided(lambda s: 0.11 * (3 if 4000 < s <= 4200 else 1))
+    assert 900 * 0.97 <= seconds <= 900 * 0.99 + REPLAN_STEPS * 0.11
+    assert late.decided_at > 4200
+
+
+def test_late_decided_steps_stop_re_estimating_where_the_decay_starts_and_say_so():
+    # the machine halves its speed in the decay: the steps stay those decided, the budget is overrun and it says so
+    late, seconds, _ = run_late_decided(lambda s: 0.11 if s < 6400 else 0.22)
+    decided_at = late.decided_at
+    assert late.steps - decided_at <= 0.2 * late.steps + REPLAN_STEPS
+    assert decay_start_step(late.steps, 0.2) > decided_at
+    assert late.describe() == (
+        f"--train_minutes 15: {late.steps:,} steps decided at step {decided_at:,} from the loop's pace, where the "
+        f"learning rate's decay starts (the calibration planned 8,000; the same run: --max_train_steps {late.steps})"
+    )
+    assert late.budget.outcome(seconds, late.steps).endswith(
+        "of the budget): the loop slowed after its steps were decided (within the learning rate's decay)"
+    )
 
 
 def test_a_non_positive_step_time_is_refused():
@@ -142,6 +253,33 @@ def test_how_long_a_run_is_comes_from_the_first_length_given_else_the_recipe(arg
     assert (args.max_train_steps, args.num_epochs, args.train_minutes) == expected
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--recipe", "cpu"], ("warmup_stable_decay", 0.4)),  # its steps decided as late as the decay allows
+        (["--recipe", "gpu"], ("cosine", 0.4)),  # the schedule its H200 figures were measured with
+        (["--recipe", "cpu", "--lr_scheduler", "linear", "--lr_decay_fraction", "1"], ("linear", 1.0)),
+    ],
+)
+def test_each_recipe_has_its_learning_rate_schedule_and_flags_override_it(argv, expected):
+    *_, args = training_args.parse_arguments(["--output_dir", "x", *argv])
+    assert (args.lr_scheduler, args.lr_decay_fraction) == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_scheduler", "wsd"], "--lr_scheduler must be one of warmup_stable_decay, linear, cosine, "),
+        (["--lr_decay_fraction", "0"], "--lr_decay_fraction must be in (0, 1], got 0.0."),
+        (["--lr_decay_fraction", "1.5"], "--lr_decay_fraction must be in (0, 1], got 1.5."),
+    ],
+)
+def test_an_unknown_schedule_or_a_decay_fraction_outside_0_1_is_refused_in_one_line(flags, message):
+    with pytest.raises(SystemExit) as error:
+        training_args.parse_arguments(["--output_dir", "x", *flags])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
 def test_a_budget_that_is_not_a_positive_number_of_minutes_is_refused(value):
     with pytest.raises(SystemExit) as error:
@@ -154,7 +292,8 @@ def unet(folder):
 
 
 def test_a_budgeted_run_fits_its_minutes_and_equals_the_run_of_the_steps_it_logs_even_resumed(tmp_path, caplog):
-    flags = [*TINY_TRAIN, "--eval_steps", "4", "--checkpointing_steps", "4"]
+    # a schedule that decays from the first step: the calibration's steps are the run's (warmup_stable_decay: below)
+    flags = [*TINY_TRAIN, "--lr_scheduler", "cosine", "--eval_steps", "4", "--checkpointing_steps", "4"]
     budgeted = tmp_path / "budgeted"
     with caplog.at_level(logging.INFO):
         train.main(["--output_dir", str(budgeted), *flags, "--train_minutes", "0.2"])
@@ -180,6 +319,24 @@ def test_a_budgeted_run_fits_its_minutes_and_equals_the_run_of_the_steps_it_logs
     assert json.loads((budgeted / "eval_results.json").read_text())["steps"] == steps
     c = unet(budgeted)
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_budget_decided_late_trains_exactly_the_run_of_the_steps_it_logs(tmp_path, caplog):
+    flags = [*TINY_TRAIN, "--eval_steps", "60", "--checkpointing_steps", "1000"]  # the cpu recipe's schedule
+    budgeted = tmp_path / "budgeted"
+    with caplog.at_level(logging.INFO):
+        train.main(["--output_dir", str(budgeted), *flags, "--train_minutes", "0.25"])
+    line = next(m for m in caplog.messages if " steps decided at step " in m)
+    steps = int(re.search(r"the same run: --max_train_steps (\d+)\)", line).group(1))
+    assert json.loads((budgeted / "eval_results.json").read_text())["steps"] == steps > 60
+    assert json.loads((budgeted / "training_args.json").read_text())["max_train_steps"] == steps
+    logged = [json.loads(row) for row in (budgeted / "train_log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in logged] == pytest.approx(
+        [1e-3 * warmup_stable_decay_factor(row["step"], 1, steps, 0.4) for row in logged]
+    )
+    fixed = train.main(["--output_dir", str(tmp_path / "fixed"), *flags, "--max_train_steps", str(steps)])
+    a, b = unet(budgeted), unet(fixed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,14 @@ from hf_ddpm.training_args import (
     resolved_arguments,
     run_cli,
 )
-from hf_ddpm.training_budget import budgeted_run, compile_refusal, measure_step_budget
+from hf_ddpm.training_budget import (
+    WARMUP_STABLE_DECAY,
+    LateDecidedSteps,
+    budgeted_run,
+    compile_refusal,
+    measure_step_budget,
+    warmup_stable_decay_schedule,
+)
 from hf_ddpm.training_utils import (
     FINITE_CHECK_STEPS,
     PIPELINE_PREFIX,
@@ -268,6 +275,10 @@ def main(argv: list[str] | None = None) -> Path:
     updates_per_epoch = math.ceil(len(batches) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or (train_args.num_epochs or 0) * updates_per_epoch
     budget = None  # the StepBudget of a run of --train_minutes, measured here
+
+    def agree(seconds: float) -> float:  # the processes' largest estimate: every process decides the same steps
+        return accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()
+
     if not max_train_steps:
         cycle = itertools.chain.from_iterable(batches.epoch(e) for e in itertools.count())
         budget = measure_step_budget(
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> Path:
             start_time,
             evaluation=evaluate_mid_run if accelerator.is_main_process else (lambda: None),
             eval_steps=train_args.eval_steps,
-            agree=lambda x: accelerator.gather(torch.tensor([x], device=accelerator.device)).max().item(),
+            agree=agree,
             synchronize=torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None),
             rng_devices=[accelerator.device] if accelerator.device.type == "cuda" else [],
             use_compiled=use_compiled if train_args.compile is None and not refusal else None,
@@ -285,14 +296,26 @@ def main(argv: list[str] | None = None) -> Path:
         max_train_steps = budget.steps
         arguments["compile"] = budget.compiled if train_args.compile is None else train_args.compile
         logger.info(budget.describe())
+    late = None  # under warmup_stable_decay, the budget's steps re-estimated from the loop's pace until the decay
+    if budget is not None and train_args.lr_scheduler == WARMUP_STABLE_DECAY:
+        late = LateDecidedSteps(budget, train_args.lr_decay_fraction, start_time, train_args.eval_steps, agree)
     arguments["max_train_steps"] = max_train_steps  # in training_args.json and every checkpoint's: resumable
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        train_args.lr_scheduler,
-        optimizer=optimizer.optimizer,
-        num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    if train_args.lr_scheduler == WARMUP_STABLE_DECAY:  # N read at every step: the loop may change it (late)
+        lr_scheduler = warmup_stable_decay_schedule(
+            optimizer.optimizer,
+            train_args.lr_warmup_steps,
+            lambda: max_train_steps,
+            train_args.lr_decay_fraction,
+            calls_per_step=accelerator.num_processes,
+        )
+    else:
+        lr_scheduler = get_scheduler(
+            train_args.lr_scheduler,
+            optimizer=optimizer.optimizer,
+            num_warmup_steps=train_args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+        )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     if train_args.posthoc_ema:  # its snapshots spread over the steps the run has, the last at its end
         posthoc = PostHocEMA(
@@ -347,8 +370,10 @@ def main(argv: list[str] | None = None) -> Path:
     train_log = None
     if accelerator.is_main_process:  # appended and flushed step by step; a resume drops the steps after its checkpoint
         train_log = TrainLog(output_dir / "train_log.jsonl", resume_step=global_step if resume_path else None)
-    last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # a finished run trains no step
-    for epoch in range(first_epoch, last_epoch):
+    if late is not None:
+        late.start(loop_start)
+    epochs = itertools.count(first_epoch) if global_step < max_train_steps else ()  # a finished run trains no step
+    for epoch in epochs:
         epoch_batches = batches.epoch(epoch, start=skip_batches)
         skip_batches = 0
         for clean in epoch_batches:
@@ -414,6 +439,7 @@ def main(argv: list[str] | None = None) -> Path:
                 and global_step < max_train_steps
                 and accelerator.is_main_process
             ):
+                evaluation_start = time.time()
                 bound, grid = evaluate_mid_run()
                 finite_guard.check_bound(bound, global_step)  # a NaN or inf held-out bound stops the run
                 if grid is not None:
@@ -424,6 +450,13 @@ def main(argv: list[str] | None = None) -> Path:
                     f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
                     f"bits/dim ({bound.estimator})"
                 )
+                if late is not None:
+                    late.evaluated(time.time() - evaluation_start)
+            if late is not None and late.decided_at is None:  # the steps re-estimated until the decay starts
+                max_train_steps = late.observe(global_step, time.time())
+                arguments["max_train_steps"] = progress.total = max_train_steps
+                if late.decided_at is not None:
+                    logger.info(late.describe())
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -431,7 +464,9 @@ def main(argv: list[str] | None = None) -> Path:
     progress.close()
     train_seconds = time.time() - start_time
     if budget is not None:  # a budgeted run (a resumed one has its steps from its checkpoint, no budget)
-        logger.info(budget.outcome(train_seconds))
+        logger.info(budget.outcome(train_seconds, global_step))
+        if accelerator.is_main_process:  # the steps decided (late) or planned, as --max_train_steps gives the run
+            (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
     if posthoc is not None:
         posthoc.snapshot()  # the run's last step (a no-op where it was just saved)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from diffusers.optimization import SchedulerType
 from huggingface_hub import get_token
 
 try:
@@ -42,6 +43,7 @@ from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .hub.push import check_repo_id
 from .models.unet import coarsest_level_attention, default_unet_layout
 from .posthoc_ema import MAX_SIGMA_REL
+from .training_budget import WARMUP_STABLE_DECAY
 from .training_utils import release_run_locks
 from .vdm.noise_schedule import VDM_SCHEDULE_INTERIOR_OBJECTIVES, VDM_SCHEDULE_TYPES
 
@@ -226,8 +228,18 @@ class TrainingArguments:
     )
     gradient_accumulation_steps: int = field(default=1)
     learning_rate: float = field(default=1e-3)
-    lr_scheduler: str = field(default="cosine", metadata={"help": "diffusers get_scheduler name."})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": "warmup_stable_decay (warm-up, constant, then a 1 - sqrt decay over the last --lr_decay_fraction "
+            "of the steps: a --train_minutes run re-times its own loop and decides its steps when the decay starts) "
+            "or a diffusers get_scheduler name (cosine, linear, constant_with_warmup, ...)."
+        },
+    )
     lr_warmup_steps: int = field(default=100)
+    lr_decay_fraction: float = field(
+        default=0.4, metadata={"help": "The share of the steps --lr_scheduler warmup_stable_decay decays over."}
+    )
     adam_beta1: float = field(default=0.9)
     adam_beta2: float = field(default=0.99)
     adam_weight_decay: float = field(default=0.0)
@@ -317,11 +329,13 @@ class TrainingArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-#: Each recipe's defaults (flags and --config values override them). cpu: the 15-minute CPU job; gpu: the same
-#: model on 8x the images at a batch that keeps a GPU busy, its step replayed as CUDA graphs (torch.compile costs
-#: more than the whole job there), reading the loss back every 100 steps only.
+#: Each recipe's defaults (flags and --config values override them). cpu: the 15-minute CPU job, its learning rate
+#: constant until a decay over the last 40% of the steps, whose number it decides from its own loop's pace until then
+#: (hf_ddpm.training_budget.LateDecidedSteps); gpu: the same model on 8x the images at a batch that keeps a GPU busy,
+#: its step replayed as CUDA graphs (torch.compile costs more than the whole job there), reading the loss back every
+#: 100 steps only, with the cosine decay it was measured with.
 RECIPES = {
-    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "logging_steps": 1},
+    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "logging_steps": 1, "lr_scheduler": WARMUP_STABLE_DECAY},
     "gpu": {"train_batch_size": 512, "max_train_steps": 2000, "cuda_graphs": True, "logging_steps": 100},
 }
 #: b of the cpu recipe's DDPM widths (b, 2b, 2b, ...) by image channels, half of default_unet_layout's (a quarter
@@ -330,6 +344,9 @@ RECIPES = {
 #: +0.021 bits/dim (benchmarks/README.md, quality_per_minute.py). Measured on 28x28 grayscale only; the gpu recipe,
 #: the VAE and the VDM keep default_unet_layout's widths.
 CPU_DDPM_BASE_WIDTHS = {1: 16, 3: 24}
+
+#: --lr_scheduler's names: hf_ddpm's schedule whose length a budget decides late, and diffusers' get_scheduler's.
+LR_SCHEDULERS = (WARMUP_STABLE_DECAY, *(kind.value for kind in SchedulerType))
 
 #: How long a run is: the first of these that is set decides (--max_train_steps, else --num_epochs, else the budget).
 RUN_LENGTH_FIELDS = ("max_train_steps", "num_epochs", "train_minutes")
@@ -610,6 +627,10 @@ def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_
         raise SystemExit(f"--learning_rate must be a finite number > 0, got {train_args.learning_rate}.")
     if train_args.lr_warmup_steps < 0:
         raise SystemExit(f"--lr_warmup_steps must be >= 0, got {train_args.lr_warmup_steps}.")
+    if train_args.lr_scheduler not in LR_SCHEDULERS:
+        raise SystemExit(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {train_args.lr_scheduler!r}.")
+    if not 0 < train_args.lr_decay_fraction <= 1:
+        raise SystemExit(f"--lr_decay_fraction must be in (0, 1], got {train_args.lr_decay_fraction}.")
     if model_args.model == "ddpm":
         T = model_args.num_train_timesteps
         if T < 2:

@@ -4,7 +4,12 @@
 in its own process, before training: it runs a few steps on the run's real model, optimizer, EMA and objective, times
 them, and then puts every piece of state back (weights, optimizer and EMA state, the objective's history, the random
 number generators), so the run that follows is exactly the run ``--max_train_steps N`` gives for the ``N`` chosen.
-The learning-rate schedule (warm-up and cosine decay) and the EMA's warm-up are laid out over those ``N`` steps.
+The learning-rate schedule is laid out over those ``N`` steps. Under ``--lr_scheduler warmup_stable_decay`` (warm-up,
+a constant rate, then a decay over the last 20% of the steps) N is decided late: the loop re-times its own steps and
+re-estimates N until the decay would start (:class:`LateDecidedSteps`), so a machine whose speed changes after the
+calibration (other work on its cores, its clock) still trains for the budget's minutes, and the run is still exactly
+the one ``--max_train_steps N`` gives for the N it logs. Under a schedule that decays from the start (cosine), N is
+fixed by the calibration. The EMA's warm-up depends on the step only.
 The budget counts from the start of the calibration to the end of the last optimizer step: the calibration itself,
 the compilation (``--compile``), the mid-run evaluations and the checkpoints are inside it; loading data before and
 writing the outputs after (the held-out bound, samples, plots, card) are not.
@@ -18,6 +23,7 @@ compiler, say) leaves the run eager, with the reason in the log.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -80,18 +86,21 @@ class StepBudget:
             f"{self.steps:,} steps (the same run: {same_run})"
         )
 
-    def outcome(self, train_seconds: float) -> str:
-        """One line for the log once the steps are trained in ``train_seconds`` (the budget's clock): the minutes
-        they took against the budget's, and where they ran over by more than BUDGET_MARGIN, by how much the loop's
-        step was slower than the one timed (the machine's speed changed after the calibration: other work on its
-        cores, or its clock)."""
+    def outcome(self, train_seconds: float, steps: int | None = None) -> str:
+        """One line for the log once ``steps`` (the budget's unless given: a :class:`LateDecidedSteps` may decide
+        others) are trained in ``train_seconds`` (the budget's clock): the minutes they took against the budget's,
+        and where they ran over by more than BUDGET_MARGIN, by how much the loop's step was slower than the one
+        timed (the machine's speed changed after the calibration: other work on its cores, or its clock)."""
         budget_seconds = 60 * self.minutes
+        steps = self.steps if steps is None else steps
         line = (
-            f"--train_minutes {self.minutes:g}: {self.steps:,} steps trained in {train_seconds / 60:.1f} minutes "
+            f"--train_minutes {self.minutes:g}: {steps:,} steps trained in {train_seconds / 60:.1f} minutes "
             f"({train_seconds / budget_seconds:.0%} of the budget)"
         )
         if train_seconds <= (1 + BUDGET_MARGIN) * budget_seconds:
             return line
+        if steps != self.steps:  # decided late, from the loop's own pace: it slowed after that, within the decay
+            return f"{line}: the loop slowed after its steps were decided (within the learning rate's decay)"
         planned = seconds_for_steps(budget_seconds, self.seconds_spent)  # what steps_within_budget filled
         if planned <= 0:  # the one step a run always trains
             return f"{line}: its calibration alone took {self.seconds_spent:.1f} s of the {budget_seconds:g} s"
@@ -100,6 +109,34 @@ class StepBudget:
             f"{line}: the loop ran {slower:.2f}x as long as the {self.seconds_per_step:.4f} s step timed predicted "
             "(the machine slowed after its calibration: other work on its cores, or its clock)"
         )
+
+
+#: The learning-rate schedule whose length a budget may decide late (``--lr_scheduler warmup_stable_decay``).
+WARMUP_STABLE_DECAY = "warmup_stable_decay"
+
+
+def decay_start_step(total_steps: int, decay_fraction: float) -> int:
+    """The step S at which a warm-up/stable/decay schedule of ``total_steps`` N starts its decay:
+
+        S = N - ceil(decay_fraction * N),
+
+    non-decreasing in N by 0 or 1 per step, so that every S >= 0 is the decay start of some N."""
+    return total_steps - math.ceil(decay_fraction * total_steps)
+
+
+def warmup_stable_decay_factor(step: float, warmup_steps: int, total_steps: int, decay_fraction: float) -> float:
+    """The learning rate's factor at optimizer step ``step`` of a warm-up/stable/decay schedule (Hägele et al. 2024,
+    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", its 1 - sqrt cool-down):
+
+        f(s) = min(1, s / W) * (1 if s < S else 1 - sqrt((s - S) / (N - S))),   S = decay_start_step(N, D),
+
+    with W = ``warmup_steps``, N = ``total_steps`` and D = ``decay_fraction``; f is 0 from N on. Before S the factor
+    does not depend on N: a run may choose N as late as its decay start (:class:`LateDecidedSteps`)."""
+    warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    start = decay_start_step(total_steps, decay_fraction)
+    if step < start:
+        return warmup
+    return warmup * (1.0 - math.sqrt(min(1.0, (step - start) / (total_steps - start))))
 
 
 def compile_pays(
@@ -162,26 +199,30 @@ def steps_within_budget(
     seconds_per_evaluation: float = 0.0,
     eval_steps: int | None = None,
     margin: float = BUDGET_MARGIN,
+    steps_done: int = 0,
 ) -> int:
-    """The most optimizer steps ``N`` (at least 1) with
+    """The most optimizer steps ``N`` (at least ``steps_done`` + 1) with
 
-        seconds_spent + N * seconds_per_step + floor((N - 1) / eval_steps) * seconds_per_evaluation
+        seconds_spent + (N - d) * seconds_per_step
+            + (floor((N - 1) / eval_steps) - floor(d / eval_steps)) * seconds_per_evaluation
             <= (1 - margin) * budget_seconds,
 
-    the evaluations being the mid-run ones (every ``eval_steps`` steps, none at the last step)."""
+    ``d`` = ``steps_done`` being the steps trained when ``seconds_spent`` were counted, and the evaluations the
+    mid-run ones still to come (every ``eval_steps`` steps after ``d``, none at the last step)."""
     if seconds_per_step <= 0 or not math.isfinite(seconds_per_step):
         raise ValueError(f"seconds_per_step must be a finite number > 0, got {seconds_per_step}")
     left = seconds_for_steps(budget_seconds, seconds_spent, margin)
     evaluation = seconds_per_evaluation if eval_steps and seconds_per_evaluation > 0 else 0.0
 
-    def cost(n: int) -> float:
-        return n * seconds_per_step + ((n - 1) // eval_steps if evaluation else 0) * evaluation
+    def cost(n: int) -> float:  # of the n steps after steps_done
+        evaluations = (steps_done + n - 1) // eval_steps - steps_done // eval_steps if evaluation else 0
+        return n * seconds_per_step + evaluations * evaluation
 
     low, high = 1, max(1, int(left // seconds_per_step))  # cost(high) <= left without evaluations
     while low < high:  # the largest n in [low, high] with cost(n) <= left (cost grows with n), else 1
         middle = (low + high + 1) // 2
         low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
-    return low
+    return steps_done + low
 
 
 def time_steps_and_restore(
@@ -318,3 +359,111 @@ def budgeted_run(checkpoint: Path, compile_requested: bool | None = None) -> tup
             "with the --max_train_steps the run logged."
         )
     return steps, arguments.get("compile") if compile_requested is None else compile_requested
+
+
+#: A --train_minutes run under warmup_stable_decay re-estimates its steps every REPLAN_STEPS optimizer steps from
+#: its loop's pace over the last PACE_WINDOW_SHARE of the budget's seconds (the mid-run evaluations timed apart):
+#: long enough that a pause of a few seconds does not decide the run, short enough to follow a lasting change.
+REPLAN_STEPS = 25
+PACE_WINDOW_SHARE = 0.1
+
+
+def fewest_steps_decaying_after(step: int, decay_fraction: float) -> int:
+    """The fewest total steps N whose warm-up/stable/decay schedule is still stable at ``step``:
+
+    min {N : decay_start_step(N, D) > step},   D = decay_fraction < 1."""
+    if not 0 < decay_fraction < 1:
+        raise ValueError(f"decay_fraction must be in (0, 1) for the decay to start after step {step}")
+    steps = max(step + 1, math.floor((step + 1) / (1 - decay_fraction)) - 2)  # decay_start_step(N) <= N (1 - D)
+    while decay_start_step(steps, decay_fraction) <= step:
+        steps += 1
+    return steps
+
+
+class LateDecidedSteps:
+    """The optimizer steps of a ``--train_minutes`` run under ``warmup_stable_decay``, decided as late as the
+    schedule allows: the calibration's :class:`StepBudget` first, then re-estimated every REPLAN_STEPS steps from the
+    loop's own pace (over the last PACE_WINDOW_SHARE of the budget, mid-run evaluations timed apart) until the
+    decay would start before the next re-estimate, and fixed from there. Every learning rate used before that is the
+    stable phase's, which does not depend on N (:func:`warmup_stable_decay_factor`), so the run is exactly the one
+    ``--max_train_steps N`` gives for the N decided. A machine that slows down or speeds up after the calibration
+    changes N instead of the run's minutes; only a change within the decay (its last ``decay_fraction`` of the
+    steps) still does. ``agree`` as in :func:`time_steps_and_restore`: every process decides the same steps."""
+
+    def __init__(
+        self,
+        budget: StepBudget,
+        decay_fraction: float,
+        started: float,
+        eval_steps: int | None = None,
+        agree: Callable[[float], float] = lambda seconds: seconds,
+    ) -> None:
+        self.budget, self.decay_fraction, self.started = budget, decay_fraction, started
+        self.eval_steps, self.agree = eval_steps, agree
+        self.steps = budget.steps
+        stable = decay_fraction < 1 and decay_start_step(budget.steps, decay_fraction) > REPLAN_STEPS
+        self.decided_at: int | None = None if stable else 0  # the step at which self.steps was fixed
+        self.marks: collections.deque[tuple[int, float]] = collections.deque()  # (step, clock without evaluations)
+        self.evaluations: list[float] = []  # seconds of each mid-run evaluation
+
+    def start(self, now: float) -> None:
+        """The loop's first step starts at ``now`` (``time.time()``)."""
+        self.marks.append((0, now))
+
+    def evaluated(self, seconds: float) -> None:
+        """A mid-run evaluation took ``seconds``: kept out of the step's pace, and its cost of those to come."""
+        self.evaluations.append(seconds)
+
+    def observe(self, step: int, now: float) -> int:
+        """The run's steps after its optimizer step ``step`` ended at ``now`` (``time.time()``): every REPLAN_STEPS
+        steps until decided, the most that fit in the budget's seconds left at the loop's pace (as
+        :func:`steps_within_budget` with ``steps_done=step``); decided once their decay would start before the next
+        re-estimate, at no fewer than :func:`fewest_steps_decaying_after` ``step``."""
+        if self.decided_at is not None or step % REPLAN_STEPS or not self.marks:
+            return self.steps
+        clock = now - sum(self.evaluations)
+        window = PACE_WINDOW_SHARE * 60 * self.budget.minutes
+        while len(self.marks) > 1 and self.marks[1][1] <= clock - window:  # the last mark at or before the window
+            self.marks.popleft()
+        first_step, first_clock = self.marks[0]
+        self.marks.append((step, clock))
+        pace = self.agree((clock - first_clock) / (step - first_step))
+        evaluation = sum(self.evaluations) / len(self.evaluations) if self.evaluations else None
+        estimate = steps_within_budget(
+            60 * self.budget.minutes,
+            self.agree(now - self.started),
+            pace,
+            self.agree(self.budget.seconds_per_evaluation if evaluation is None else evaluation),  # main process's
+            self.eval_steps,
+            steps_done=step,
+        )
+        if decay_start_step(estimate, self.decay_fraction) > step + REPLAN_STEPS:
+            self.steps = estimate
+        else:
+            self.steps = max(estimate, fewest_steps_decaying_after(step, self.decay_fraction))
+            self.decided_at = step
+        return self.steps
+
+    def describe(self) -> str:
+        """One line for the log once decided: the steps, and against the calibration's."""
+        return (
+            f"--train_minutes {self.budget.minutes:g}: {self.steps:,} steps decided at step {self.decided_at:,} from "
+            f"the loop's pace, where the learning rate's decay starts (the calibration planned "
+            f"{self.budget.steps:,}; the same run: --max_train_steps {self.steps})"
+        )
+
+
+def warmup_stable_decay_schedule(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: Callable[[], int],
+    decay_fraction: float,
+    calls_per_step: int = 1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate scheduler of :func:`warmup_stable_decay_factor`, its N read from ``total_steps()`` at every
+    call (a :class:`LateDecidedSteps` may change it until the decay starts). ``calls_per_step``: the scheduler's
+    calls per optimizer step (accelerate steps a prepared scheduler once per process)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda call: warmup_stable_decay_factor(call / calls_per_step, warmup_steps, total_steps(), decay_fraction),
+    )
