@@ -5,11 +5,11 @@ in its own process, before training: it runs a few steps on the run's real model
 them, and then puts every piece of state back (weights, optimizer and EMA state, the objective's history, the random
 number generators), so the run that follows is exactly the run ``--max_train_steps N`` gives for the ``N`` chosen.
 The learning-rate schedule is laid out over those ``N`` steps. Under ``--lr_scheduler warmup_stable_decay`` (warm-up,
-a constant rate, then a decay over the last 20% of the steps) N is decided late: the loop re-times its own steps and
-re-estimates N until the decay would start (:class:`LateDecidedSteps`), so a machine whose speed changes after the
-calibration (other work on its cores, its clock) still trains for the budget's minutes, and the run is still exactly
-the one ``--max_train_steps N`` gives for the N it logs. Under a schedule that decays from the start (cosine), N is
-fixed by the calibration. The EMA's warm-up depends on the step only.
+a constant rate, then a decay over the last ``--lr_decay_fraction`` of the steps, 40% by default) N is decided late:
+the loop re-times its own steps and re-estimates N until the decay would start (:class:`LateDecidedSteps`), so a
+machine whose speed changes after the calibration (other work on its cores, its clock) still trains for the budget's
+minutes, and the run is still exactly the one ``--max_train_steps N`` gives for the N it logs. Under a schedule that
+decays from the start (cosine), N is fixed by the calibration. The EMA's warm-up depends on the step only.
 The budget counts from the start of the calibration to the end of the last optimizer step: the calibration itself,
 the compilation (``--compile``), the mid-run evaluations and the checkpoints are inside it; loading data before and
 writing the outputs after (the held-out bound, samples, plots, card) are not.
