@@ -67,6 +67,10 @@ CANDIDATES = {
     "warmup_stable_decay": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.2"],
     "warmup_stable_decay_0.4": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.4"],
     "warmup_stable_decay_0.6": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.6"],
+    "fourier_7_8": ["--fourier_features", "7", "8"],
+    "loss_vlb": ["--loss_type", "vlb"],
+    "hybrid_decoder": ["--loss_type", "hybrid_decoder"],
+    "hybrid_decoder_oversampled": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "decoder-oversampled"],
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 

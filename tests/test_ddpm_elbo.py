@@ -304,7 +304,7 @@ def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb()
         [torch.randn(x0.shape, generator=generator), torch.rand(x0.shape, generator=generator) * 2 - 1], dim=1
     )
     grads = {}
-    for kind in ("simple", "vlb", "hybrid"):
+    for kind in ("simple", "vlb", "hybrid", "hybrid_decoder"):
         output = raw.clone().requires_grad_(True)
         elbo.training_loss(kind, chain, lambda x_t, _, output=output: output, x0, t, noise=noise).loss.sum().backward()
         grads[kind] = output.grad
@@ -312,10 +312,16 @@ def test_hybrid_gradient_trains_the_mean_like_simple_and_the_variance_like_vlb()
     torch.testing.assert_close(grads["hybrid"][:, mean], grads["simple"][:, mean], rtol=1e-6, atol=0)
     # float32 rounding, amplified where a gradient nearly cancels: relative to the gradient's scale
     expected = elbo.HYBRID_VLB_WEIGHT * grads["vlb"][:, var]
-    torch.testing.assert_close(grads["hybrid"][:, var], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for kind in ("hybrid", "hybrid_decoder"):
+        torch.testing.assert_close(grads[kind][:, var], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert grads["simple"][:, var].abs().max() == 0  # the squared error does not see the variance
     assert grads["vlb"][:, mean].abs().min() > 0  # ... and the bound does see the mean: hybrid detaches it
     assert grads["hybrid"][:, var].abs().min() > 0
+    # hybrid_decoder: the same, except that the decoder's term L_0 (timestep 0) trains the mean as the bound does
+    torch.testing.assert_close(grads["hybrid_decoder"][1:], grads["hybrid"][1:], rtol=0, atol=0)
+    decoder = grads["simple"][:1, mean] + elbo.HYBRID_VLB_WEIGHT * grads["vlb"][:1, mean]
+    torch.testing.assert_close(grads["hybrid_decoder"][:1, mean], decoder, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(grads["hybrid_decoder"][:1, mean], grads["hybrid"][:1, mean])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -352,9 +358,9 @@ def test_min_snr_weight_weights_the_x0_error_by_min_snr_gamma(prediction_type):
 
 def test_unknown_loss_type_is_rejected_with_the_choices():
     chain = HFDDPMScheduler(num_train_timesteps=20).train_chain
-    with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid"):
+    with pytest.raises(ValueError, match="'l2'.*simple, vlb, hybrid, hybrid_decoder"):
         elbo.training_loss("l2", chain, lambda x, t: x, -torch.ones(1, 1, 2, 2), torch.tensor([3]))
-    assert elbo.LOSS_TYPES == ("simple", "vlb", "hybrid") and elbo.HYBRID_VLB_WEIGHT == 0.001
+    assert elbo.LOSS_TYPES == ("simple", "vlb", "hybrid", "hybrid_decoder") and elbo.HYBRID_VLB_WEIGHT == 0.001
 
 
 @pytest.mark.parametrize("timesteps_per_forward", [3, 20])

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_ddpm.ddpm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler, make_timestep_sampler
+from hf_ddpm.ddpm.timestep_sampling import (
+    DecoderOversampler,
+    LossSecondMomentSampler,
+    UniformTimestepSampler,
+    make_timestep_sampler,
+)
 
 
 def test_uniform_sampler_has_unit_weights_and_covers_all_timesteps():
@@ -46,6 +51,33 @@ def test_importance_weights_keep_the_mean_unbiased():
     assert abs(values.mean().item() - f.mean().item()) < 5 * values.std().item() / np.sqrt(len(values))
 
 
+def test_decoder_oversampler_draws_the_decoder_term_its_share_on_top_of_uniform_weighted_back():
+    sampler = make_timestep_sampler("decoder-oversampled", 1000)
+    assert isinstance(sampler, DecoderOversampler) and sampler.share == 1 / 32
+    p = sampler.probabilities()
+    assert p[0] == pytest.approx(1 / 32 + (31 / 32) / 1000) and np.all(p[1:] == (31 / 32) / 1000)
+    assert p.sum() == pytest.approx(1.0, abs=1e-12)
+    t, w = sampler.sample(100_000, "cpu", torch.Generator().manual_seed(0))
+    share = (t == 0).double().mean().item()  # Binomial: sd sqrt(p0 (1 - p0) / n) = 0.00056
+    assert abs(share - p[0]) < 5 * 0.00056
+    torch.testing.assert_close(w, torch.from_numpy(1 / (1000 * p[t.numpy()])).float())
+    assert abs((w.double() * (t == 0)).mean().item() - 1 / 1000) < 5 * 0.00056 / (1000 * p[0])  # E[w 1{t=0}] = 1/T
+    with pytest.raises(ValueError, match=r"share must be in \[0, 1\), got 1"):
+        DecoderOversampler(10, share=1)
+
+
+def test_auto_picks_the_sampler_of_the_loss():
+    kinds = {
+        loss: type(make_timestep_sampler("auto", 10, loss)) for loss in ("simple", "hybrid", "vlb", "hybrid_decoder")
+    }
+    assert kinds == {
+        "simple": UniformTimestepSampler,
+        "hybrid": UniformTimestepSampler,
+        "vlb": LossSecondMomentSampler,
+        "hybrid_decoder": DecoderOversampler,
+    }
+
+
 def test_sampler_state_round_trip_and_history_window():
     sampler = LossSecondMomentSampler(3, history=2)
     for loss in (1.0, 2.0, 3.0):
@@ -58,5 +90,5 @@ def test_sampler_state_round_trip_and_history_window():
 
 
 def test_unknown_sampler_name_is_rejected():
-    with pytest.raises(ValueError, match="uniform, loss-second-moment"):
+    with pytest.raises(ValueError, match="uniform, loss-second-moment, decoder-oversampled"):
         make_timestep_sampler("importance", 10)

@@ -34,7 +34,7 @@ def test_loss_by_quartile_averages_each_quarter_of_the_timesteps_present():
     assert read_logs(logs) == {"loss_q0": 2.0, "loss_q1": 8.0, "loss_q3": 3.0}
 
 
-@pytest.mark.parametrize("loss_type", ["hybrid", "vlb"])
+@pytest.mark.parametrize("loss_type", ["hybrid", "vlb", "hybrid_decoder"])
 def test_diffusion_objective_is_the_training_loss_at_the_samplers_timesteps(loss_type):
     scheduler = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range")
     scheduler.set_timesteps(5)  # training reads only the frozen training chain
@@ -65,7 +65,7 @@ def test_diffusion_objective_is_the_training_loss_at_the_samplers_timesteps(loss
     assert not out.feedback["losses"].requires_grad and out.loss.requires_grad
     logged = read_logs(out.logs)
     assert logged["vlb_bits_per_dim"] == pytest.approx(expected.vlb_bits_per_dim.mean().item(), rel=1e-7)
-    assert ("mse" in logged) == (loss_type == "hybrid")
+    assert ("mse" in logged) == (loss_type != "vlb")
     assert {k: v for k, v in logged.items() if k.startswith("loss_q")} == pytest.approx(
         read_logs(loss_by_quartile(timesteps, expected.per_timestep_loss, T))
     )

@@ -144,6 +144,26 @@ def test_unset_network_flags_follow_the_rule_and_explicit_ones_win(tmp_path):
     assert "coarsest level" in helps["attention_resolutions"]
 
 
+def test_fourier_features_default_to_the_vdms_and_reach_the_ddpms_unet_when_asked(tmp_path):
+    model_args, data_args, train_args = parse(tmp_path, "--model", "vdm")
+    assert model_args.fourier_features == [7, 8]
+    assert build_model_and_objective(model_args, data_args, train_args)[0].unet.config.fourier_features == (7, 8)
+    model_args, data_args, train_args = parse(tmp_path)
+    assert model_args.fourier_features == []
+    assert build_model_and_objective(model_args, data_args, train_args)[0].conv_in.in_channels == 1
+    model_args, data_args, train_args = parse(tmp_path, "--fourier_features", "7", "8")
+    unet = build_model_and_objective(model_args, data_args, train_args)[0]
+    assert unet.config.fourier_features == (7, 8) and unet.conv_in.in_channels == 1 + 2 * 2  # x, 2 sines, 2 cosines
+    assert training_args.describe_network_layout(model_args, data_args, "cpu") == (
+        "UNet levels [28, 14, 7] with widths [16, 32, 32], self-attention at [7], Fourier features [7, 8] "
+        "(default_unet_layout(28, 1, 16) of the cpu recipe)"
+    )
+    with pytest.raises(SystemExit, match=r"^--fourier_features feeds a DenoisingUNet .*diffusers_unet2d"):
+        parse(tmp_path, "--fourier_features", "8", "--architecture", "diffusers_unet2d")
+    with pytest.raises(SystemExit, match=r"^--fourier_features must be exponents >= 0, got \[-1\]"):
+        parse(tmp_path, "--fourier_features", "-1")
+
+
 @pytest.mark.parametrize("model", ["ddpm", "diffusers_unet2d", "vdm", "vae"])
 def test_every_model_kind_builds_trains_and_samples_rgb_at_32(tmp_path, model):
     architecture = ["--architecture", "diffusers_unet2d"] if model == "diffusers_unet2d" else []

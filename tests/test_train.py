@@ -214,7 +214,7 @@ def test_ten_skipped_updates_in_a_row_stop_the_run_naming_the_steps_and_the_last
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--loss_type", "l2"], "--loss_type 'l2' is not one of: simple, vlb, hybrid"),
+        (["--loss_type", "l2"], "--loss_type 'l2' is not one of: simple, vlb, hybrid, hybrid_decoder"),
         (["--prediction_type", "noise"], "--prediction_type 'noise' is not one of: epsilon, sample, v_prediction"),
         (["--variance_type", "learned"], "--variance_type 'learned' is not one of"),
         (["--beta_schedule", "not_a_schedule"], "--beta_schedule 'not_a_schedule' is not one of"),

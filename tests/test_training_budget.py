@@ -164,7 +164,7 @@ def test_late_decided_steps_stop_re_estimating_where_the_decay_starts_and_say_so
         f"--train_minutes 15: {late.steps:,} steps decided at step {decided_at:,} from the loop's pace, where the "
         f"learning rate's decay starts (the calibration planned 8,000; the same run: --max_train_steps {late.steps})"
     )
-    assert late.budget.outcome(seconds, late.steps).endswith(
+    assert late.budget.outcome(seconds, late.steps, decided_late=True).endswith(
         "of the budget): the loop slowed after its steps were decided (within the learning rate's decay)"
     )
 

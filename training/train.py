@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> Path:
             num_training_steps=max_train_steps * accelerator.num_processes,
         )
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    if train_args.posthoc_ema:  # its snapshots spread over the steps the run has, the last at its end
+    if train_args.posthoc_ema:  # its snapshots spread over the steps the run has (or plans), the last at its end
         posthoc = PostHocEMA(
             unwrapped.parameters(),
             [name for name, _ in unwrapped.named_parameters()],
@@ -434,29 +434,28 @@ def main(argv: list[str] | None = None) -> Path:
                 finite_guard.check(global_step)
                 with ema_weights(ema, unwrapped):
                     objective.pipeline(unwrapped).save_pretrained(output_dir / f"{PIPELINE_PREFIX}{global_step}")
-            if (
-                global_step % train_args.eval_steps == 0
-                and global_step < max_train_steps
-                and accelerator.is_main_process
-            ):
+            if global_step % train_args.eval_steps == 0 and global_step < max_train_steps:
                 evaluation_start = time.time()
-                bound, grid = evaluate_mid_run()
-                finite_guard.check_bound(bound, global_step)  # a NaN or inf held-out bound stops the run
-                if grid is not None:
-                    log_sample_grid(accelerator, grid, global_step)
-                eval_logs = {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error}
-                accelerator.log(eval_logs, step=global_step)
-                logger.info(
-                    f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
-                    f"bits/dim ({bound.estimator})"
-                )
-                if late is not None:
-                    late.evaluated(time.time() - evaluation_start)
+                if accelerator.is_main_process:
+                    bound, grid = evaluate_mid_run()
+                    finite_guard.check_bound(bound, global_step)  # a NaN or inf held-out bound stops the run
+                    if grid is not None:
+                        log_sample_grid(accelerator, grid, global_step)
+                    eval_logs = {"eval/bits_per_dim": bound.bits_per_dim, "eval/standard_error": bound.standard_error}
+                    accelerator.log(eval_logs, step=global_step)
+                    logger.info(
+                        f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
+                        f"bits/dim ({bound.estimator})"
+                    )
+                if late is not None:  # every process keeps it out of its pace: the others wait for the main one
+                    late.evaluated(agree(time.time() - evaluation_start))
             if late is not None and late.decided_at is None:  # the steps re-estimated until the decay starts
                 max_train_steps = late.observe(global_step, time.time())
                 arguments["max_train_steps"] = progress.total = max_train_steps
                 if late.decided_at is not None:
                     logger.info(late.describe())
+                    if posthoc is not None:  # the snapshots after the decision spread over the steps decided
+                        posthoc.snapshot_every = math.ceil(max_train_steps / train_args.posthoc_ema_snapshots)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -464,8 +463,9 @@ def main(argv: list[str] | None = None) -> Path:
     progress.close()
     train_seconds = time.time() - start_time
     if budget is not None:  # a budgeted run (a resumed one has its steps from its checkpoint, no budget)
-        logger.info(budget.outcome(train_seconds, global_step))
-        if accelerator.is_main_process:  # the steps decided (late) or planned, as --max_train_steps gives the run
+        decided_late = late is not None and bool(late.decided_at)  # not at step 0: a run too short to decide late
+        logger.info(budget.outcome(train_seconds, global_step, decided_late=decided_late))
+        if late is not None and accelerator.is_main_process:  # the steps decided, as --max_train_steps gives them
             (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
     if posthoc is not None:
         posthoc.snapshot()  # the run's last step (a no-op where it was just saved)

@@ -258,7 +258,7 @@ def build_model_and_objective(
         dropout=model_args.dropout,
     )
     if model_args.model == "vdm":
-        unet = DenoisingUNet(**unet_layout, learn_variance=False, fourier_features=(7, 8))
+        unet = DenoisingUNet(**unet_layout, learn_variance=False, fourier_features=tuple(model_args.fourier_features))
         model = VDMModel(unet, NoiseSchedule(schedule_type=model_args.noise_schedule), model_args.schedule_interior)
         return model, VDMObjective(options, sample_steps=train_args.sample_steps)
     scheduler = HFDDPMScheduler(
@@ -275,11 +275,11 @@ def build_model_and_objective(
         bound_options=options,
         sample_steps=train_args.sample_steps,
     )
-    learn_variance = model_args.variance_type == "learned_range"
+    learn_variance, features = model_args.variance_type == "learned_range", tuple(model_args.fourier_features)
     if model_args.architecture == "diffusers_unet2d":
         return diffusers_unet2d(unet_layout, out_channels=data_args.channels * (2 if learn_variance else 1)), objective
     if model_args.model_config_name_or_path is None:
-        return DenoisingUNet(**unet_layout, learn_variance=learn_variance), objective
+        return DenoisingUNet(**unet_layout, learn_variance=learn_variance, fourier_features=features), objective
     try:  # diffusers' flag: the network from a saved config
         unet = DenoisingUNet.from_config(DenoisingUNet.load_config(model_args.model_config_name_or_path))
     except (OSError, ValueError) as error:

@@ -41,7 +41,7 @@ from .ddpm.elbo import LOSS_TYPES
 from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 from .hub.push import check_repo_id
-from .models.unet import coarsest_level_attention, default_unet_layout
+from .models.unet import VDM_FOURIER_FEATURES, coarsest_level_attention, default_unet_layout
 from .posthoc_ema import MAX_SIGMA_REL
 from .training_budget import WARMUP_STABLE_DECAY
 from .training_utils import release_run_locks
@@ -86,7 +86,13 @@ class ModelArguments:
             "attention)."
         },
     )
-    loss_type: str = field(default="hybrid", metadata={"help": f"DDPM loss: {' | '.join(LOSS_TYPES)}."})
+    loss_type: str = field(
+        default="hybrid",
+        metadata={
+            "help": f"DDPM loss: {' | '.join(LOSS_TYPES)}; hybrid_decoder (the cpu recipe's) is hybrid with the "
+            "decoder term -log p(x_0 | x_1) training the mean too."
+        },
+    )
     prediction_type: str = field(default="epsilon", metadata={"help": f"{' | '.join(PREDICTION_TYPES)}."})
     variance_type: str = field(default="learned_range", metadata={"help": f"{' | '.join(VARIANCE_TYPES)}."})
     beta_schedule: str = field(
@@ -103,8 +109,9 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": f"auto | {' | '.join(TIMESTEP_SAMPLERS)}; auto = loss-second-moment for vlb (where "
-            "improved-diffusion found it pays), uniform for simple and hybrid (whose squared error dominates the "
-            "per-t loss)."
+            "improved-diffusion found it pays), decoder-oversampled for hybrid_decoder (its decoder term, 1 image "
+            "in T under uniform draws, drawn 1/32 of the time), uniform for simple and hybrid (whose squared error "
+            "dominates the per-t loss)."
         },
     )
     snr_gamma: float | None = field(
@@ -131,6 +138,14 @@ class ModelArguments:
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout in the residual blocks."})
+    fourier_features: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Exponents n of the Fourier features sin(2^n pi x), cos(2^n pi x) of every pixel concatenated to "
+            "the UNet's input (Kingma et al. 2021: they let it resolve the last bits of 8-bit data). Default: "
+            f"{' '.join(map(str, VDM_FOURIER_FEATURES))} for the VDM, none for the DDPM."
+        },
+    )
     latent_dim: int = field(default=32, metadata={"help": "VAE only: dimension of each latent layer."})
     num_latent_layers: int = field(default=1, metadata={"help": "VAE only: >1 trains a Markovian hierarchical VAE."})
     iwae_samples: int = field(default=64, metadata={"help": "VAE only: K of the held-out importance-weighted bound."})
@@ -331,11 +346,18 @@ class TrainingArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 #: Each recipe's defaults (flags and --config values override them). cpu: the 15-minute CPU job, its learning rate
 #: constant until a decay over the last 40% of the steps, whose number it decides from its own loop's pace until then
-#: (hf_ddpm.training_budget.LateDecidedSteps); gpu: the same model on 8x the images at a batch that keeps a GPU busy,
-#: its step replayed as CUDA graphs (torch.compile costs more than the whole job there), reading the loss back every
-#: 100 steps only, with the cosine decay it was measured with.
+#: (hf_ddpm.training_budget.LateDecidedSteps), the DDPM's decoder term training its mean (hybrid_decoder: -0.09
+#: bits/dim at the same samples, benchmarks/README.md); gpu: the same model on 8x the images at a batch that keeps a
+#: GPU busy, its step replayed as CUDA graphs (torch.compile costs more than the whole job there), reading the loss
+#: back every 100 steps only, with the cosine decay and the hybrid loss it was measured with.
 RECIPES = {
-    "cpu": {"train_batch_size": 32, "train_minutes": 15.0, "logging_steps": 1, "lr_scheduler": WARMUP_STABLE_DECAY},
+    "cpu": {
+        "train_batch_size": 32,
+        "train_minutes": 15.0,
+        "logging_steps": 1,
+        "lr_scheduler": WARMUP_STABLE_DECAY,
+        "loss_type": "hybrid_decoder",
+    },
     "gpu": {"train_batch_size": 512, "max_train_steps": 2000, "cuda_graphs": True, "logging_steps": 100},
 }
 #: b of the cpu recipe's DDPM widths (b, 2b, 2b, ...) by image channels, half of default_unet_layout's (a quarter
@@ -505,6 +527,13 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             "--schedule_interior variance trains a learned noise schedule: use it with --model vdm "
             "--noise_schedule learned."
         )
+    if model_args.fourier_features and (model_args.model == "vae" or model_args.architecture == "diffusers_unet2d"):
+        raise SystemExit(
+            "--fourier_features feeds a DenoisingUNet (--model ddpm --architecture hf_ddpm, or --model vdm); drop it "
+            f"for --model {model_args.model} --architecture {model_args.architecture}."
+        )
+    if any(n < 0 for n in model_args.fourier_features):
+        raise SystemExit(f"--fourier_features must be exponents >= 0, got {model_args.fourier_features}.")
     if data_args.dataset_name and data_args.train_data_dir:
         raise SystemExit("Give either --dataset_name or --train_data_dir, not both.")
     if train_args.compile and train_args.cuda_graphs:
@@ -544,6 +573,8 @@ def resolve_unet_layout(model_args: ModelArguments, data_args: DataArguments, re
     if model_args.attention_resolutions is None:
         levels = len(model_args.block_out_channels)
         model_args.attention_resolutions = list(coarsest_level_attention(data_args.resolution, levels))
+    if model_args.fourier_features is None:
+        model_args.fourier_features = list(VDM_FOURIER_FEATURES) if model_args.model == "vdm" else []
 
 
 def default_base_width(model: str, channels: int, recipe: str) -> int | None:
@@ -577,7 +608,8 @@ def describe_network_layout(model_args: ModelArguments, data_args: DataArguments
     given = (tuple(widths), tuple(attention)) != default
     source = "--block_out_channels / --attention_resolutions" if given else rule
     sizes = [resolution // 2**level for level in range(len(widths))]
-    return f"UNet levels {sizes} with widths {widths}, self-attention at {attention} ({source})"
+    fourier = f", Fourier features {model_args.fourier_features}" if model_args.fourier_features else ""
+    return f"UNet levels {sizes} with widths {widths}, self-attention at {attention}{fourier} ({source})"
 
 
 def validate_counts(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:

@@ -86,11 +86,12 @@ class StepBudget:
             f"{self.steps:,} steps (the same run: {same_run})"
         )
 
-    def outcome(self, train_seconds: float, steps: int | None = None) -> str:
-        """One line for the log once ``steps`` (the budget's unless given: a :class:`LateDecidedSteps` may decide
-        others) are trained in ``train_seconds`` (the budget's clock): the minutes they took against the budget's,
-        and where they ran over by more than BUDGET_MARGIN, by how much the loop's step was slower than the one
-        timed (the machine's speed changed after the calibration: other work on its cores, or its clock)."""
+    def outcome(self, train_seconds: float, steps: int | None = None, decided_late: bool = False) -> str:
+        """One line for the log once ``steps`` (the budget's unless given) are trained in ``train_seconds`` (the
+        budget's clock): the minutes they took against the budget's, and where they ran over by more than
+        BUDGET_MARGIN, why: with ``decided_late`` (a :class:`LateDecidedSteps` decided them from the loop's pace) the
+        loop slowed after the decision; otherwise by how much the loop's step was slower than the one timed (the
+        machine's speed changed after the calibration: other work on its cores, or its clock)."""
         budget_seconds = 60 * self.minutes
         steps = self.steps if steps is None else steps
         line = (
@@ -99,7 +100,7 @@ class StepBudget:
         )
         if train_seconds <= (1 + BUDGET_MARGIN) * budget_seconds:
             return line
-        if steps != self.steps:  # decided late, from the loop's own pace: it slowed after that, within the decay
+        if decided_late:  # from the loop's own pace: it slowed after that, within the decay
             return f"{line}: the loop slowed after its steps were decided (within the learning rate's decay)"
         planned = seconds_for_steps(budget_seconds, self.seconds_spent)  # what steps_within_budget filled
         if planned <= 0:  # the one step a run always trains
@@ -411,7 +412,8 @@ class LateDecidedSteps:
         self.marks.append((0, now))
 
     def evaluated(self, seconds: float) -> None:
-        """A mid-run evaluation took ``seconds``: kept out of the step's pace, and its cost of those to come."""
+        """A mid-run evaluation took ``seconds``: kept out of the step's pace, and its cost of those to come. Every
+        process passes the same seconds (the main one evaluates, the others wait for it), ``agree``'d."""
         self.evaluations.append(seconds)
 
     def observe(self, step: int, now: float) -> int:
@@ -433,7 +435,7 @@ class LateDecidedSteps:
             60 * self.budget.minutes,
             self.agree(now - self.started),
             pace,
-            self.agree(self.budget.seconds_per_evaluation if evaluation is None else evaluation),  # main process's
+            self.budget.seconds_per_evaluation if evaluation is None else evaluation,  # both agreed already
             self.eval_steps,
             steps_done=step,
         )

@@ -32,7 +32,7 @@ from ..distributions import (
 )
 from .chain import DiffusionChain, check_choice
 
-LOSS_TYPES = ("simple", "vlb", "hybrid")
+LOSS_TYPES = ("simple", "vlb", "hybrid", "hybrid_decoder")
 #: Weight of the variational term in the hybrid loss, L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal, 2021).
 HYBRID_VLB_WEIGHT = 0.001
 
@@ -79,10 +79,11 @@ def variational_terms(
     timesteps: torch.Tensor,
     detach_mean: bool = False,
     clip_denoised: bool = False,
+    decoder_mean_trained: bool = False,
 ) -> torch.Tensor:
     """The bound's term at each image's timestep, per image, nats: L_0 where the timestep is the chain's first
     (the decoder), else L_{t-1}. ``detach_mean`` stops the gradient through the model's mean (hybrid loss: the
-    variational term then trains the variance only).
+    variational term then trains the variance only); with ``decoder_mean_trained`` too, everywhere but in L_0.
 
     ``clip_denoised``: in the denoising-matching terms, the model's x_0 estimate is clipped to the data's range
     [-1, 1] before it enters the posterior mean mu~_t(x_t, x0_hat) = c1_t x0_hat + c2_t x_t, as the sampler with
@@ -101,7 +102,10 @@ def variational_terms(
     if clip_denoised:  # the mean p_mean_variance(clip_denoised=True) gives, from the one x0_hat computed above
         matching_mean, _, _ = chain.q_posterior_mean_variance(x0_hat.clamp(-1.0, 1.0), x_t, timesteps)
     kl = denoising_matching_term(posterior_mean, posterior_log_variance, matching_mean, model_log_variance)
-    nll = reconstruction_term(x_start, model_mean, model_log_variance)
+    decoder_mean = model_mean
+    if detach_mean and decoder_mean_trained:
+        decoder_mean = chain.p_mean_variance(model_output, x_t, timesteps)[0]
+    nll = reconstruction_term(x_start, decoder_mean, model_log_variance)
     is_first = (chain.chain_position(timesteps) == 0).to(device=kl.device)
     return torch.where(is_first, nll, kl)
 
@@ -168,6 +172,10 @@ def training_loss(
       L_prior carries no gradient; it makes the value comparable to the bound).
     * ``hybrid``: L_simple + 0.001 * L_vlb with the model's mean detached in L_vlb, so the bound trains only the
       learned variance (Nichol & Dhariwal, 2021).
+    * ``hybrid_decoder``: ``hybrid`` with the mean detached in every term but the decoder's, L_0 = -log
+      p_theta(x_0 | x_1): the reconstruction term trains the mean at timestep 0 as the bound does. Its discretized
+      Gaussian is nearly as wide as a bin there, so a mean the squared error puts exactly on a saturated pixel
+      (-1 or 1, most of a digit) leaves much of the bin's probability outside it; the bound moves it beyond.
 
     ``timestep_weights`` (B,) are the importance weights w_t = 1 / (T p(t)) of timesteps drawn from p(t) (ones,
     the default, for uniform sampling); they multiply every per-image term, so each loss stays an unbiased
@@ -185,16 +193,22 @@ def training_loss(
     model_output = model_fn(x_t, timesteps)
     num_dims = x_start[0].numel()
     mse = vlb = term_bpd = None
-    if loss_type in ("simple", "hybrid"):
+    if loss_type in ("simple", "hybrid", "hybrid_decoder"):
         prediction, _ = chain.split_model_output(model_output, x_t)
         target = training_target(chain, x_start, noise, timesteps)
         mse = ((prediction.float() - target.float()) ** 2).reshape(x_start.shape[0], -1).mean(dim=1)
         if snr_gamma is not None:
             mse = mse * min_snr_weight(chain, timesteps, snr_gamma).to(mse)
     T = chain.num_train_timesteps
-    if loss_type in ("vlb", "hybrid"):
+    if loss_type in ("vlb", "hybrid", "hybrid_decoder"):
         terms = variational_terms(
-            chain, model_output.float(), x_start.float(), x_t.float(), timesteps, detach_mean=loss_type == "hybrid"
+            chain,
+            model_output.float(),
+            x_start.float(),
+            x_t.float(),
+            timesteps,
+            detach_mean=loss_type != "vlb",
+            decoder_mean_trained=loss_type == "hybrid_decoder",
         )
         term_bpd = nats_to_bits_per_dim(terms, num_dims)
         prior_bpd = nats_to_bits_per_dim(prior_term(chain, x_start.float()), num_dims)

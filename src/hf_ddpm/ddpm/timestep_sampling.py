@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment", "decoder-oversampled")
 
 
 class UniformTimestepSampler:
@@ -87,13 +87,33 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self.counts = state["counts"].numpy().copy()
 
 
+class DecoderOversampler(UniformTimestepSampler):
+    """p(0) = share + (1 - share) / T, p(t) = (1 - share) / T for t > 0: the reconstruction term L_0 (the decoder,
+    timestep 0) drawn ``share`` of the time on top of uniform, every loss weighted by w_t = 1 / (T p(t)), so each
+    is still an unbiased estimate of its expectation under uniform t. A uniform draw reaches L_0 once in T images."""
+
+    def __init__(self, num_timesteps: int, share: float = 1 / 32):
+        super().__init__(num_timesteps)
+        if not 0 <= share < 1:
+            raise ValueError(f"share must be in [0, 1), got {share}")
+        self.share = share
+
+    def probabilities(self) -> np.ndarray:
+        p = np.full(self.num_timesteps, (1 - self.share) / self.num_timesteps)
+        p[0] += self.share
+        return p
+
+
 def make_timestep_sampler(name: str, num_timesteps: int, loss_type: str = "hybrid") -> UniformTimestepSampler:
     """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`); ``auto`` is importance sampling by the loss's
-    second moment for the ``vlb`` loss (improved-diffusion's choice for it) and uniform for the others."""
+    second moment for the ``vlb`` loss (improved-diffusion's choice for it), the decoder oversampled for
+    ``hybrid_decoder`` (whose decoder term trains the mean) and uniform for the others."""
     if name == "auto":
-        name = "loss-second-moment" if loss_type == "vlb" else "uniform"
+        name = {"vlb": "loss-second-moment", "hybrid_decoder": "decoder-oversampled"}.get(loss_type, "uniform")
     if name == "uniform":
         return UniformTimestepSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentSampler(num_timesteps)
+    if name == "decoder-oversampled":
+        return DecoderOversampler(num_timesteps)
     raise ValueError(f"Unknown timestep sampler {name!r}: choose one of {', '.join(TIMESTEP_SAMPLERS)}.")

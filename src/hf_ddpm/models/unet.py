@@ -137,6 +137,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+#: The exponents of VDM's Fourier features (Kingma et al. 2021): on [-1, 1], sin(2^8 pi x) turns a whole period
+#: over about one intensity level of 8-bit data (2/255), so the network sees the last bits the likelihood counts.
+VDM_FOURIER_FEATURES = (7, 8)
+
+
 def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> torch.Tensor:
     """VDM's Fourier features of the input: [sin(2^n pi x), cos(2^n pi x)] for every channel c and exponent n.
 
