@@ -92,19 +92,15 @@ def variational_terms(
     (2 sigma_t^2) at the same variance. L_0 keeps the unclipped mean (its edge bins reach to +-infinity, so
     clipping the decoder's mean to [-1, 1] could lower their probability).
     """
-    prediction, variance_output = chain.split_model_output(model_output, x_t)
-    if detach_mean:
-        prediction = prediction.detach()
-    frozen_output = prediction if variance_output is None else torch.cat([prediction, variance_output], dim=1)
-    model_mean, model_log_variance, x0_hat = chain.p_mean_variance(frozen_output, x_t, timesteps)
+    model_mean, model_log_variance, x0_hat = chain.p_mean_variance(model_output, x_t, timesteps)
+    decoder_mean = model_mean.detach() if detach_mean and not decoder_mean_trained else model_mean
+    if detach_mean:  # the mean and x0_hat depend on the prediction only, the log variance on the variance output
+        model_mean, x0_hat = model_mean.detach(), x0_hat.detach()
     posterior_mean, _, posterior_log_variance = chain.q_posterior_mean_variance(x_start, x_t, timesteps)
     matching_mean = model_mean
     if clip_denoised:  # the mean p_mean_variance(clip_denoised=True) gives, from the one x0_hat computed above
         matching_mean, _, _ = chain.q_posterior_mean_variance(x0_hat.clamp(-1.0, 1.0), x_t, timesteps)
     kl = denoising_matching_term(posterior_mean, posterior_log_variance, matching_mean, model_log_variance)
-    decoder_mean = model_mean
-    if detach_mean and decoder_mean_trained:
-        decoder_mean = chain.p_mean_variance(model_output, x_t, timesteps)[0]
     nll = reconstruction_term(x_start, decoder_mean, model_log_variance)
     is_first = (chain.chain_position(timesteps) == 0).to(device=kl.device)
     return torch.where(is_first, nll, kl)
