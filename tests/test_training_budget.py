@@ -18,6 +18,7 @@ from hf_ddpm import training_args
 from hf_ddpm.training_budget import (
     CALIBRATION_MIN_STEPS,
     CALIBRATION_WARMUP_STEPS,
+    PACE_SLACK,
     REPLAN_STEPS,
     LateDecidedSteps,
     StepBudget,
@@ -152,6 +153,15 @@ def test_a_stall_of_the_machine_shorter_than_the_pace_window_before_the_decay_co
     late, seconds, _ = run_late_decided(lambda s: 0.11 * (3 if 4000 < s <= 4200 else 1))
     assert 900 * 0.97 <= seconds <= 900 * 0.99 + REPLAN_STEPS * 0.11
     assert late.decided_at > 4200
+
+
+def test_a_drift_within_the_pace_slack_after_the_decision_keeps_the_budget():
+    # 4% slower from step 6,500 on, after the steps were decided: within PACE_SLACK, so within the budget
+    late, seconds, _ = run_late_decided(lambda s: 0.11 * (1 + (PACE_SLACK - 0.01) * (s > 6500)))
+    assert late.decided_at < 6500
+    assert 900 * 0.97 <= seconds <= 900
+    steady, steady_seconds, _ = run_late_decided(lambda s: 0.11)
+    assert steady_seconds < seconds and steady.steps == late.steps  # the same steps, decided before the drift
 
 
 def test_late_decided_steps_stop_re_estimating_where_the_decay_starts_and_say_so():

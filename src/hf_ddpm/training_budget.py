@@ -367,6 +367,11 @@ def budgeted_run(checkpoint: Path, compile_requested: bool | None = None) -> tup
 #: long enough that a pause of a few seconds does not decide the run, short enough to follow a lasting change.
 REPLAN_STEPS = 25
 PACE_WINDOW_SHARE = 0.1
+#: The steps still to come are planned at the window's pace taken PACE_SLACK slower: once decided they run through
+#: the decay with no re-estimate, and a 2-core host's step drifted by up to 10% over minutes (2026-12-07, Zen 4, the
+#: README's command on AVX2 kernels: 0.18 s a step at the decision, 0.19-0.22 s within the decay, 102% of the budget
+#: with no slack; the same loop's step time measured in 200-step spans, nothing else running: 0.19-0.23 s, no trend).
+PACE_SLACK = 0.05
 
 
 def fewest_steps_decaying_after(step: int, decay_fraction: float) -> int:
@@ -384,12 +389,13 @@ def fewest_steps_decaying_after(step: int, decay_fraction: float) -> int:
 class LateDecidedSteps:
     """The optimizer steps of a ``--train_minutes`` run under ``warmup_stable_decay``, decided as late as the
     schedule allows: the calibration's :class:`StepBudget` first, then re-estimated every REPLAN_STEPS steps from the
-    loop's own pace (over the last PACE_WINDOW_SHARE of the budget, mid-run evaluations timed apart) until the
-    decay would start before the next re-estimate, and fixed from there. Every learning rate used before that is the
-    stable phase's, which does not depend on N (:func:`warmup_stable_decay_factor`), so the run is exactly the one
-    ``--max_train_steps N`` gives for the N decided. A machine that slows down or speeds up after the calibration
-    changes N instead of the run's minutes; only a change within the decay (its last ``decay_fraction`` of the
-    steps) still does. ``agree`` as in :func:`time_steps_and_restore`: every process decides the same steps."""
+    loop's own pace (over the last PACE_WINDOW_SHARE of the budget, mid-run evaluations timed apart, PACE_SLACK
+    slower for the steps to come) until the decay would start before the next re-estimate, and fixed from there.
+    Every learning rate used before that is the stable phase's, which does not depend on N
+    (:func:`warmup_stable_decay_factor`), so the run is exactly the one ``--max_train_steps N`` gives for the N
+    decided. A machine that slows down or speeds up after the calibration changes N instead of the run's minutes;
+    only a change within the decay (its last ``decay_fraction`` of the steps) by more than PACE_SLACK still does.
+    ``agree`` as in :func:`time_steps_and_restore`: every process decides the same steps."""
 
     def __init__(
         self,
@@ -429,7 +435,7 @@ class LateDecidedSteps:
             self.marks.popleft()
         first_step, first_clock = self.marks[0]
         self.marks.append((step, clock))
-        pace = self.agree((clock - first_clock) / (step - first_step))
+        pace = self.agree((clock - first_clock) / (step - first_step)) * (1 + PACE_SLACK)
         evaluation = sum(self.evaluations) / len(self.evaluations) if self.evaluations else None
         estimate = steps_within_budget(
             60 * self.budget.minutes,
