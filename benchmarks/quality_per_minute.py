@@ -69,8 +69,10 @@ CANDIDATES = {
     "warmup_stable_decay_0.6": ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.6"],
     "fourier_7_8": ["--fourier_features", "7", "8"],
     "loss_vlb": ["--loss_type", "vlb"],
-    "hybrid_decoder": ["--loss_type", "hybrid_decoder"],
+    "hybrid_decoder": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "uniform"],
     "hybrid_decoder_oversampled": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "decoder-oversampled"],
+    "decoder_share_1_16": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.0625"],
+    "decoder_share_1_8": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.125"],
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 

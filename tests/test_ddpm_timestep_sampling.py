@@ -64,6 +64,8 @@ def test_decoder_oversampler_draws_the_decoder_term_its_share_on_top_of_uniform_
     assert abs((w.double() * (t == 0)).mean().item() - 1 / 1000) < 5 * 0.00056 / (1000 * p[0])  # E[w 1{t=0}] = 1/T
     with pytest.raises(ValueError, match=r"share must be in \[0, 1\), got 1"):
         DecoderOversampler(10, share=1)
+    other = make_timestep_sampler("auto", 1000, "hybrid_decoder", decoder_share=1 / 8)
+    assert other.probabilities()[0] == pytest.approx(1 / 8 + (7 / 8) / 1000)
 
 
 def test_auto_picks_the_sampler_of_the_loss():

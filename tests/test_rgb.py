@@ -164,6 +164,17 @@ def test_fourier_features_default_to_the_vdms_and_reach_the_ddpms_unet_when_aske
         parse(tmp_path, "--fourier_features", "-1")
 
 
+def test_decoder_share_reaches_the_oversampler_and_is_refused_where_nothing_oversamples_the_decoder(tmp_path):
+    objective = build_model_and_objective(*parse(tmp_path))[1]  # the cpu recipe: hybrid_decoder, auto
+    assert objective.timestep_sampler.probabilities()[0] == pytest.approx(1 / 32 + (31 / 32) / 1000)
+    objective = build_model_and_objective(*parse(tmp_path, "--decoder_share", "0.125"))[1]
+    assert objective.timestep_sampler.probabilities()[0] == pytest.approx(1 / 8 + (7 / 8) / 1000)
+    with pytest.raises(SystemExit, match=r"^--decoder_share is the share of .* draws timesteps 'uniform' for"):
+        parse(tmp_path, "--decoder_share", "0.125", "--loss_type", "hybrid")
+    with pytest.raises(SystemExit, match=r"^--decoder_share must be in \[0, 1\), got 1.0\.$"):
+        parse(tmp_path, "--decoder_share", "1")
+
+
 @pytest.mark.parametrize("model", ["ddpm", "diffusers_unet2d", "vdm", "vae"])
 def test_every_model_kind_builds_trains_and_samples_rgb_at_32(tmp_path, model):
     architecture = ["--architecture", "diffusers_unet2d"] if model == "diffusers_unet2d" else []

@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 
 from .ddpm.elbo import training_loss
 from .ddpm.scheduler import HFDDPMScheduler
-from .ddpm.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
+from .ddpm.timestep_sampling import DEFAULT_DECODER_SHARE, UniformTimestepSampler, make_timestep_sampler
 from .evaluation import BoundOptions
 from .models.unet import DenoisingUNet
 from .pipelines.ddpm import HFDDPMPipeline
@@ -270,7 +270,12 @@ def build_model_and_objective(
     objective = DiffusionObjective(
         scheduler,
         model_args.loss_type,
-        make_timestep_sampler(model_args.timestep_sampler, model_args.num_train_timesteps, model_args.loss_type),
+        make_timestep_sampler(
+            model_args.timestep_sampler,
+            model_args.num_train_timesteps,
+            model_args.loss_type,
+            DEFAULT_DECODER_SHARE if model_args.decoder_share is None else model_args.decoder_share,
+        ),
         snr_gamma=model_args.snr_gamma,
         bound_options=options,
         sample_steps=train_args.sample_steps,

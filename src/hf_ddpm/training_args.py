@@ -39,7 +39,7 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
 from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
 from .ddpm.elbo import LOSS_TYPES
 from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
-from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS
+from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS, resolve_timestep_sampler
 from .hub.push import check_repo_id
 from .models.unet import VDM_FOURIER_FEATURES, coarsest_level_attention, default_unet_layout
 from .posthoc_ema import MAX_SIGMA_REL
@@ -112,6 +112,13 @@ class ModelArguments:
             "improved-diffusion found it pays), decoder-oversampled for hybrid_decoder (its decoder term, 1 image "
             "in T under uniform draws, drawn 1/32 of the time), uniform for simple and hybrid (whose squared error "
             "dominates the per-t loss)."
+        },
+    )
+    decoder_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "decoder-oversampled's share of draws at timestep 0, the decoder's term (default 1/32), in [0, "
+            "1); every loss is weighted back to uniform t."
         },
     )
     snr_gamma: float | None = field(
@@ -532,6 +539,15 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             "--fourier_features feeds a DenoisingUNet (--model ddpm --architecture hf_ddpm, or --model vdm); drop it "
             f"for --model {model_args.model} --architecture {model_args.architecture}."
         )
+    if model_args.decoder_share is not None:
+        sampler = resolve_timestep_sampler(model_args.timestep_sampler, model_args.loss_type)
+        if model_args.model != "ddpm" or sampler != "decoder-oversampled":
+            raise SystemExit(
+                "--decoder_share is the share of --timestep_sampler decoder-oversampled (auto's for --loss_type "
+                f"hybrid_decoder) of the DDPM; this run draws timesteps {sampler!r} for --model {model_args.model}."
+            )
+        if not 0 <= model_args.decoder_share < 1:
+            raise SystemExit(f"--decoder_share must be in [0, 1), got {model_args.decoder_share}.")
     if any(n < 0 for n in model_args.fourier_features):
         raise SystemExit(f"--fourier_features must be exponents >= 0, got {model_args.fourier_features}.")
     if data_args.dataset_name and data_args.train_data_dir:

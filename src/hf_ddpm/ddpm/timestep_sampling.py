@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment", "decoder-oversampled")
+#: The reconstruction term's share of DecoderOversampler's draws where --decoder_share is not given.
+DEFAULT_DECODER_SHARE = 1 / 32
 
 
 class UniformTimestepSampler:
@@ -92,7 +94,7 @@ class DecoderOversampler(UniformTimestepSampler):
     timestep 0) drawn ``share`` of the time on top of uniform, every loss weighted by w_t = 1 / (T p(t)), so each
     is still an unbiased estimate of its expectation under uniform t. A uniform draw reaches L_0 once in T images."""
 
-    def __init__(self, num_timesteps: int, share: float = 1 / 32):
+    def __init__(self, num_timesteps: int, share: float = DEFAULT_DECODER_SHARE):
         super().__init__(num_timesteps)
         if not 0 <= share < 1:
             raise ValueError(f"share must be in [0, 1), got {share}")
@@ -104,16 +106,25 @@ class DecoderOversampler(UniformTimestepSampler):
         return p
 
 
-def make_timestep_sampler(name: str, num_timesteps: int, loss_type: str = "hybrid") -> UniformTimestepSampler:
-    """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`); ``auto`` is importance sampling by the loss's
-    second moment for the ``vlb`` loss (improved-diffusion's choice for it), the decoder oversampled for
-    ``hybrid_decoder`` (whose decoder term trains the mean) and uniform for the others."""
-    if name == "auto":
-        name = {"vlb": "loss-second-moment", "hybrid_decoder": "decoder-oversampled"}.get(loss_type, "uniform")
+def resolve_timestep_sampler(name: str, loss_type: str = "hybrid") -> str:
+    """``auto`` -> importance sampling by the loss's second moment for the ``vlb`` loss (improved-diffusion's choice
+    for it), the decoder oversampled for ``hybrid_decoder`` (whose decoder term trains the mean), uniform for the
+    others; any other name as it is."""
+    if name != "auto":
+        return name
+    return {"vlb": "loss-second-moment", "hybrid_decoder": "decoder-oversampled"}.get(loss_type, "uniform")
+
+
+def make_timestep_sampler(
+    name: str, num_timesteps: int, loss_type: str = "hybrid", decoder_share: float = DEFAULT_DECODER_SHARE
+) -> UniformTimestepSampler:
+    """The sampler called ``name`` (one of :data:`TIMESTEP_SAMPLERS`, or ``auto``: :func:`resolve_timestep_sampler`);
+    ``decoder_share`` is the decoder-oversampled sampler's share of draws at timestep 0."""
+    name = resolve_timestep_sampler(name, loss_type)
     if name == "uniform":
         return UniformTimestepSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentSampler(num_timesteps)
     if name == "decoder-oversampled":
-        return DecoderOversampler(num_timesteps)
+        return DecoderOversampler(num_timesteps, decoder_share)
     raise ValueError(f"Unknown timestep sampler {name!r}: choose one of {', '.join(TIMESTEP_SAMPLERS)}.")
