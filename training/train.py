@@ -317,12 +317,16 @@ def main(argv: list[str] | None = None) -> Path:
             num_training_steps=max_train_steps * accelerator.num_processes,
         )
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    if train_args.posthoc_ema:  # its snapshots spread over the steps the run has (or plans), the last at its end
+
+    def snapshot_every(steps: int) -> int:  # --posthoc_ema_snapshots spread over the run's steps, the last at its end
+        return math.ceil(steps / train_args.posthoc_ema_snapshots)
+
+    if train_args.posthoc_ema:  # over the steps the run has (or plans: a late decision spreads them again)
         posthoc = PostHocEMA(
             unwrapped.parameters(),
             [name for name, _ in unwrapped.named_parameters()],
             output_dir / POSTHOC_EMA_FOLDER,
-            snapshot_every=math.ceil(max_train_steps / train_args.posthoc_ema_snapshots),
+            snapshot_every=snapshot_every(max_train_steps),
             save=accelerator.is_main_process,
         )
         accelerator.register_for_checkpointing(posthoc)
@@ -447,15 +451,15 @@ def main(argv: list[str] | None = None) -> Path:
                         f"step {global_step}: held-out NLL {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f} "
                         f"bits/dim ({bound.estimator})"
                     )
-                if late is not None:  # every process keeps it out of its pace: the others wait for the main one
-                    late.evaluated(agree(time.time() - evaluation_start))
+                if late is not None and late.decided_at is None:  # kept out of every process's pace (the others
+                    late.evaluated(agree(time.time() - evaluation_start))  # wait for the main one) until decided
             if late is not None and late.decided_at is None:  # the steps re-estimated until the decay starts
                 max_train_steps = late.observe(global_step, time.time())
                 arguments["max_train_steps"] = progress.total = max_train_steps
                 if late.decided_at is not None:
                     logger.info(late.describe())
                     if posthoc is not None:  # the snapshots after the decision spread over the steps decided
-                        posthoc.snapshot_every = math.ceil(max_train_steps / train_args.posthoc_ema_snapshots)
+                        posthoc.snapshot_every = snapshot_every(max_train_steps)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
