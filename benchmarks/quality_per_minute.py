@@ -71,10 +71,10 @@ CANDIDATES = {
     "loss_vlb": ["--loss_type", "vlb"],
     "hybrid_decoder": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "uniform"],
     "hybrid_decoder_oversampled": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "decoder-oversampled"],
-    "decoder_share_1_128": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.0078125"],
-    "decoder_share_1_64": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.015625"],
-    "decoder_share_1_16": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.0625"],
-    "decoder_share_1_8": ["--loss_type", "hybrid_decoder", "--decoder_share", "0.125"],
+    **{
+        f"decoder_share_1_{n}": ["--loss_type", "hybrid_decoder", "--decoder_share", str(1 / n)]
+        for n in (128, 64, 16, 8)
+    },
 }
 AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
