@@ -36,12 +36,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from budget import NEVER, REPO, train  # noqa: E402
 from throughput import cpu_name  # noqa: E402
 
+#: sqrt(beta~_2) of the cosine schedule at T = 1000, the learned decoder's smallest standard deviation before
+#: --decoder_min_std (improved-diffusion's clip): the same float64 log-variance as the clip.
+IMPROVED_DIFFUSION_DECODER_MIN_STD = "0.0046679220372336785"
 #: hf_ddpm 0.2.0's CPU recipe, every flag that shapes the model or its training written out, so that a change of
 #: the defaults leaves it as it was.
 PINNED_0_2_0 = [
     *("--model", "ddpm", "--architecture", "hf_ddpm", "--block_out_channels", "32", "64", "64"),
     *("--layers_per_block", "1", "--attention_resolutions", "7", "--dropout", "0.0"),
     *("--loss_type", "hybrid", "--prediction_type", "epsilon", "--variance_type", "learned_range"),
+    *("--decoder_min_std", IMPROVED_DIFFUSION_DECODER_MIN_STD),
     *("--beta_schedule", "cosine", "--num_train_timesteps", "1000", "--timestep_sampler", "auto"),
     *("--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100"),
     *("--adam_beta1", "0.9", "--adam_beta2", "0.99", "--adam_weight_decay", "0.0", "--max_grad_norm", "1.0"),
@@ -71,6 +75,7 @@ CANDIDATES = {
     "loss_vlb": ["--loss_type", "vlb"],
     "hybrid_decoder": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "uniform"],
     "hybrid_decoder_oversampled": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "decoder-oversampled"],
+    "decoder_min_std_improved_diffusion": ["--decoder_min_std", IMPROVED_DIFFUSION_DECODER_MIN_STD],
     **{
         f"decoder_share_1_{n}": ["--loss_type", "hybrid_decoder", "--decoder_share", str(1 / n)]
         for n in (128, 64, 16, 8)

@@ -14,7 +14,8 @@ from diffusers import DDPMScheduler
 import hf_ddpm
 from helpers import diffusers_in_float64
 from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES, DiffusionChain
+from hf_ddpm.ddpm.chain import DECODER_MIN_STD, PREDICTION_TYPES, VARIANCE_TYPES, DiffusionChain
+from hf_ddpm.ddpm.elbo import reconstruction_term
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -295,6 +296,53 @@ def test_p_mean_variance_plugs_the_clipped_x0_estimate_into_the_posterior_mean()
         torch.testing.assert_close(x0, expected_x0, rtol=0, atol=0)
         torch.testing.assert_close(mean, chain.q_posterior_mean_variance(expected_x0, x_t, t)[0], rtol=0, atol=0)
         torch.testing.assert_close(log_variance, chain.model_log_variance(v, x_t, t), rtol=0, atol=0)
+
+
+def test_decoder_min_std_moves_the_smallest_learned_log_variance_of_the_decoder_only():
+    cosine = np.cumprod(1.0 - HFDDPMScheduler(beta_schedule="cosine").betas.numpy())
+    clip = DiffusionChain.from_alphas_cumprod(cosine, variance_type="learned_range")
+    floor = DiffusionChain.from_alphas_cumprod(cosine, variance_type="learned_range", decoder_min_std=1 / 1020)
+    generator = torch.Generator().manual_seed(5)
+    v = torch.rand(4, 1, 2, 2, generator=generator, dtype=torch.float64) * 2 - 1
+    x = torch.zeros_like(v)
+    first = torch.zeros(4, dtype=torch.long)
+    expected = (v + 1) / 2 * math.log(1 - cosine[0]) + (1 - v) / 2 * 2 * math.log(1 / 1020)
+    torch.testing.assert_close(floor.model_log_variance(v, x, first), expected, rtol=1e-14, atol=0)
+    beta_tilde_2 = (1 - cosine[1] / cosine[0]) * (1 - cosine[0]) / (1 - cosine[1])
+    expected_clip = (v + 1) / 2 * math.log(1 - cosine[0]) + (1 - v) / 2 * math.log(beta_tilde_2)
+    torch.testing.assert_close(clip.model_log_variance(v, x, first), expected_clip, rtol=1e-14, atol=0)
+    later = torch.tensor([1, 2, 500, 999])
+    assert torch.equal(floor.model_log_variance(v, x, later), clip.model_log_variance(v, x, later))
+    respaced = floor.respaced(np.array([0, 250, 999]))
+    assert respaced.decoder_min_std == 1 / 1020
+    assert respaced.learned_range_min_log_variance[0] == 2 * math.log(1 / 1020)
+
+
+def test_a_decoder_at_the_floor_keeps_phi_4_of_an_edge_pixels_probability():
+    """The closed form of DECODER_MIN_STD's docstring: a pixel at -1 decoded with mean -1 and standard deviation
+    1/1020 keeps Phi((1/255) / (1/1020)) = Phi(4) of its probability, improved-diffusion's floor Phi(0.84)."""
+    cosine = np.cumprod(1.0 - HFDDPMScheduler(beta_schedule="cosine").betas.numpy())
+    x0 = -torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    for std, bits in ((DECODER_MIN_STD, 4.569e-5), (None, 0.32269)):
+        chain = DiffusionChain.from_alphas_cumprod(cosine, variance_type="learned_range", decoder_min_std=std)
+        log_variance = chain.model_log_variance(-torch.ones_like(x0), x0, torch.zeros(1, dtype=torch.long))
+        nats = reconstruction_term(x0, x0, log_variance)
+        phi = 0.5 * (1 + math.erf((1 / 255) / math.exp(float(log_variance) / 2) / math.sqrt(2)))
+        assert float(nats) == pytest.approx(-math.log(phi), rel=1e-9)
+        assert float(nats) / math.log(2) == pytest.approx(bits, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"variance_type": "fixed_small", "decoder_min_std": 1e-3}, "applies to variance_type='learned_range' only"),
+        ({"variance_type": "learned_range", "decoder_min_std": 0.0}, r"must lie in \(0, sqrt\(beta_1\) = 0.01\)"),
+        ({"variance_type": "learned_range", "decoder_min_std": 0.02}, r"must lie in \(0, sqrt\(beta_1\) = 0.01\)"),
+    ],
+)
+def test_a_decoder_min_std_that_is_no_floor_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionChain.from_alphas_cumprod(LINEAR_ABAR, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

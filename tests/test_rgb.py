@@ -19,6 +19,7 @@ from helpers import TINY_TRAIN, randomized, without_flags  # first: it makes tra
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, default_unet_layout, training_args
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.data.emoji import EMOJI_CODE_POINTS, NOTO_COLOR_EMOJI, main, render_emoji_folder
+from hf_ddpm.ddpm.chain import DECODER_MIN_STD
 from hf_ddpm.ddpm.elbo import prior_term, term_at
 from hf_ddpm.models.unet import SelfAttention
 from hf_ddpm.objectives import build_model_and_objective
@@ -173,6 +174,23 @@ def test_decoder_share_reaches_the_oversampler_and_is_refused_where_nothing_over
         parse(tmp_path, "--decoder_share", "0.125", "--loss_type", "hybrid")
     with pytest.raises(SystemExit, match=r"^--decoder_share must be in \[0, 1\), got 1.0\.$"):
         parse(tmp_path, "--decoder_share", "1")
+
+
+def test_decoder_min_std_reaches_the_scheduler_and_is_refused_where_no_decoder_learns_its_variance(tmp_path):
+    scheduler = build_model_and_objective(*parse(tmp_path))[1].scheduler  # learned_range: hf_ddpm's floor
+    assert scheduler.config.decoder_min_std == DECODER_MIN_STD == 1 / 1020
+    scheduler = build_model_and_objective(*parse(tmp_path, "--decoder_min_std", "0.002"))[1].scheduler
+    assert scheduler.train_chain.learned_range_min_log_variance[0] == 2 * math.log(0.002)
+    fixed = build_model_and_objective(*parse(tmp_path, "--variance_type", "fixed_small", "--loss_type", "simple"))
+    assert fixed[1].scheduler.config.decoder_min_std is None
+    with pytest.raises(SystemExit, match=r"^--decoder_min_std is the .* --model ddpm --variance_type fixed_small:"):
+        parse(tmp_path, "--decoder_min_std", "0.002", "--variance_type", "fixed_small", "--loss_type", "simple")
+    with pytest.raises(SystemExit, match=r"^--decoder_min_std is the .* --model vdm --variance_type learned_range:"):
+        parse(tmp_path, "--decoder_min_std", "0.002", "--model", "vdm")
+    with pytest.raises(
+        SystemExit, match=r"^--decoder_min_std must lie in \(0, sqrt\(beta_1\) = 0.006425\), got 0.01\.$"
+    ):
+        parse(tmp_path, "--decoder_min_std", "0.01")
 
 
 @pytest.mark.parametrize("model", ["ddpm", "diffusers_unet2d", "vdm", "vae"])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from diffusers import DiffusionPipeline
 
+from .ddpm.chain import DECODER_MIN_STD
 from .ddpm.elbo import training_loss
 from .ddpm.scheduler import HFDDPMScheduler
 from .ddpm.timestep_sampling import DEFAULT_DECODER_SHARE, UniformTimestepSampler, make_timestep_sampler
@@ -266,6 +267,11 @@ def build_model_and_objective(
         beta_schedule=model_args.beta_schedule,
         variance_type=model_args.variance_type,
         prediction_type=model_args.prediction_type,
+        decoder_min_std=(
+            (DECODER_MIN_STD if model_args.decoder_min_std is None else model_args.decoder_min_std)
+            if model_args.variance_type == "learned_range"
+            else None
+        ),
     )
     objective = DiffusionObjective(
         scheduler,

@@ -36,9 +36,9 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
-from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES
+from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES, check_decoder_min_std
 from .ddpm.elbo import LOSS_TYPES
-from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS
+from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS, make_betas
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS, resolve_timestep_sampler
 from .hub.push import check_repo_id
 from .models.unet import VDM_FOURIER_FEATURES, coarsest_level_attention, default_unet_layout
@@ -119,6 +119,14 @@ class ModelArguments:
         metadata={
             "help": "decoder-oversampled's share of draws at timestep 0, the decoder's term (default 1/32), in [0, "
             "1); every loss is weighted back to uniform t."
+        },
+    )
+    decoder_min_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "learned_range's smallest standard deviation of the decoder p(x_0 | x_1), the data in [-1, 1] "
+            "(default 1/1020, a quarter of half an 8-bit bin), below sqrt(beta_1); improved-diffusion's is "
+            "sqrt(beta~_2)."
         },
     )
     snr_gamma: float | None = field(
@@ -548,6 +556,17 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             )
         if not 0 <= model_args.decoder_share < 1:
             raise SystemExit(f"--decoder_share must be in [0, 1), got {model_args.decoder_share}.")
+    if model_args.decoder_min_std is not None:
+        if model_args.model != "ddpm" or model_args.variance_type != "learned_range":
+            raise SystemExit(
+                "--decoder_min_std is the smallest standard deviation of a DDPM's learned_range decoder; this run "
+                f"has --model {model_args.model} --variance_type {model_args.variance_type}: drop it."
+            )
+        first_beta = make_betas(model_args.beta_schedule, model_args.num_train_timesteps)[0]
+        try:
+            check_decoder_min_std(model_args.decoder_min_std, "learned_range", first_beta)
+        except ValueError as error:
+            raise SystemExit(f"--{error}") from None
     if any(n < 0 for n in model_args.fourier_features):
         raise SystemExit(f"--fourier_features must be exponents >= 0, got {model_args.fourier_features}.")
     if data_args.dataset_name and data_args.train_data_dir:

@@ -27,6 +27,7 @@ and device when used.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,11 @@ REFUSED_VARIANCE_TYPES = {
     "fixed_large_log": "diffusers' step takes the square root of log beta_t < 0 (NaN samples): use 'fixed_large'",
     "learned": "an unbounded raw variance output gives no valid decoder or bound: use 'learned_range'",
 }
+#: The decoder p(x_0 | x_1)'s smallest standard deviation under ``learned_range`` that hf_ddpm trains with (the
+#: data in [-1, 1]): a quarter of half an 8-bit bin, 1/255 / 4. A pixel at the edge of the range decoded with its
+#: mean at the edge then keeps Phi(4) of its probability in its bin (4.6e-5 bits lost), where improved-diffusion's
+#: floor sqrt(beta~_2) (0.0047 for the cosine schedule) keeps Phi(0.84): 0.32 bits.
+DECODER_MIN_STD = 1 / 1020
 
 
 def broadcast_constant(values: np.ndarray, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,21 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {name} {value!r}: choose one of {', '.join(choices)}.")
 
 
+def check_decoder_min_std(decoder_min_std: float | None, variance_type: str, first_beta: float) -> None:
+    """Raise ``ValueError`` unless ``decoder_min_std`` is None, or a learned-range decoder's positive smallest
+    standard deviation below its largest, sqrt(beta_1) = sqrt(``first_beta``)."""
+    if decoder_min_std is None:
+        return
+    if variance_type != "learned_range":
+        raise ValueError(
+            f"decoder_min_std applies to variance_type='learned_range' only (got {variance_type!r}): drop it."
+        )
+    if not 0.0 < decoder_min_std < math.sqrt(first_beta):
+        raise ValueError(
+            f"decoder_min_std must lie in (0, sqrt(beta_1) = {math.sqrt(first_beta):.4g}), got {decoder_min_std}."
+        )
+
+
 @dataclass(frozen=True)
 class DiffusionChain:
     """Float64 constants of one Markov chain x_0 -> x_{t_1} -> ... -> x_{t_K} (K = len(timesteps)), and the decoder's
@@ -120,6 +141,8 @@ class DiffusionChain:
         prediction_type: what the model predicts: ``epsilon`` (the noise), ``sample`` (x_0) or ``v_prediction``.
         variance_type: variance of p_theta(x_{t-1} | x_t): ``fixed_small`` (beta~_t), ``fixed_large`` (beta_t) or
             ``learned_range`` (the model emits 2C channels; the last C give v in [-1, 1]).
+        decoder_min_std: ``learned_range`` only: the standard deviation of the decoder p(x_0 | x_{t_1}) at v = -1
+            (its largest, at v = +1, is sqrt(beta_1)); None: sqrt(beta~_2), improved-diffusion's clip.
     """
 
     train_alphas_cumprod: np.ndarray
@@ -134,6 +157,7 @@ class DiffusionChain:
     positions: np.ndarray
     prediction_type: str = "epsilon"
     variance_type: str = "fixed_small"
+    decoder_min_std: float | None = None
 
     @classmethod
     def from_alphas_cumprod(
@@ -142,6 +166,7 @@ class DiffusionChain:
         timesteps: np.ndarray | None = None,
         prediction_type: str = "epsilon",
         variance_type: str = "fixed_small",
+        decoder_min_std: float | None = None,
     ) -> DiffusionChain:
         """The chain over the increasing ``timesteps`` (default: all T) of a schedule with cumulative products
         ``train_alphas_cumprod``:
@@ -155,6 +180,9 @@ class DiffusionChain:
         needs no clamping: q(x_T | x_0) = N(0, I), so the prior term is exactly 0, and log beta_T = 0 and
         log beta~_T = log(1 - abar_{T-1}) are finite. Only epsilon prediction is refused there, since
         x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) divides by 0 (diffusers returns inf/NaN).
+
+        ``decoder_min_std`` (``learned_range`` only) replaces that clipped log beta~_1 as the smallest
+        log-variance of the learned decoder by 2 log decoder_min_std, below log beta_1.
         """
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
@@ -172,6 +200,7 @@ class DiffusionChain:
         clip_value = posterior_variance[1] if len(steps) > 1 else betas[0]
         positions = np.full(len(train), -1, dtype=np.int64)
         positions[steps] = np.arange(len(steps))
+        check_decoder_min_std(decoder_min_std, variance_type, betas[0])
         return cls(
             train_alphas_cumprod=train,
             timesteps=steps,
@@ -185,6 +214,7 @@ class DiffusionChain:
             positions=positions,
             prediction_type=prediction_type,
             variance_type=variance_type,
+            decoder_min_std=decoder_min_std,
         )
 
     @classmethod
@@ -196,12 +226,13 @@ class DiffusionChain:
             np.cumprod(1.0 - betas_from_config(config)),
             prediction_type=config.get("prediction_type", "epsilon"),
             variance_type=config.get("variance_type", "fixed_small"),
+            decoder_min_std=config.get("decoder_min_std"),
         )
 
     def respaced(self, timesteps: np.ndarray) -> DiffusionChain:
         """The sub-chain over the increasing original ``timesteps``, with the same schedule and parameterisation."""
         return DiffusionChain.from_alphas_cumprod(
-            self.train_alphas_cumprod, timesteps, self.prediction_type, self.variance_type
+            self.train_alphas_cumprod, timesteps, self.prediction_type, self.variance_type, self.decoder_min_std
         )
 
     @property
@@ -213,6 +244,14 @@ class DiffusionChain:
     def log_betas(self) -> np.ndarray:
         """log beta_k, the largest log-variance of a learned-range decoder (computed once per chain)."""
         return np.log(self.betas)
+
+    @functools.cached_property
+    def learned_range_min_log_variance(self) -> np.ndarray:
+        """The smallest log-variance of a learned-range decoder at each step: log beta~_k, at the first step
+        2 log decoder_min_std where set (else the clipped log beta~_1)."""
+        if self.decoder_min_std is None:
+            return self.posterior_log_variance_clipped
+        return np.append(2.0 * np.log(self.decoder_min_std), self.posterior_log_variance_clipped[1:])
 
     @functools.cached_property
     def fixed_large_log_variance(self) -> np.ndarray:
@@ -333,14 +372,14 @@ class DiffusionChain:
         step, as improved-diffusion does, so the decoder's variance is that of the next step);
         learned_range: (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t with v the model's variance output, at every
         step including the first (between the clipped log beta~_1 and log beta_1 there, as improved-diffusion does,
-        so the decoder's variance is learned too).
+        or between 2 log decoder_min_std and log beta_1, so the decoder's variance is learned too).
         """
         k = self.chain_position(timesteps)
-        min_log = broadcast_constant(self.posterior_log_variance_clipped, k, sample)
         if self.variance_type == "fixed_small":
-            return min_log.expand_as(sample)
+            return broadcast_constant(self.posterior_log_variance_clipped, k, sample).expand_as(sample)
         if self.variance_type == "fixed_large":
             return broadcast_constant(self.fixed_large_log_variance, k, sample).expand_as(sample)
+        min_log = broadcast_constant(self.learned_range_min_log_variance, k, sample)
         max_log = broadcast_constant(self.log_betas, k, sample)
         frac = (variance_output + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log

@@ -8,8 +8,9 @@ config, the chain currently sampled on (:meth:`HFDDPMScheduler.set_timesteps` re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,10 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio (`float`), sample_max_value (`float`): its quantile and largest threshold s.
         rescale_betas_zero_snr (`bool`): rescale the betas to zero terminal SNR
             (:func:`~hf_ddpm.ddpm.schedules.rescale_zero_terminal_snr`); needs ``v_prediction`` or ``sample``.
+        decoder_min_std (`float`, *optional*): ``learned_range`` only: the decoder p(x_0 | x_1)'s standard
+            deviation at v = -1 instead of sqrt(beta~_2) (improved-diffusion's clip, and every model saved without
+            it); train.py uses :data:`~hf_ddpm.ddpm.chain.DECODER_MIN_STD`. It enters the bound only: the last
+            step of sampling adds no noise. diffusers' schedulers ignore the key.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -89,6 +94,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         rescale_betas_zero_snr: bool = False,
+        decoder_min_std: float | None = None,
     ):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_num_train_timesteps(num_train_timesteps)
@@ -101,7 +107,10 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         if beta_schedule == "cosine":  # recorded under diffusers' name, so every diffusers scheduler reads the config
             self.register_to_config(beta_schedule="squaredcos_cap_v2")
         self.train_chain = DiffusionChain.from_alphas_cumprod(
-            np.cumprod(1.0 - betas64), prediction_type=prediction_type, variance_type=variance_type
+            np.cumprod(1.0 - betas64),
+            prediction_type=prediction_type,
+            variance_type=variance_type,
+            decoder_min_std=decoder_min_std,
         )
         #: float64 tensors, for users and for diffusers-style code that reads them.
         self.betas = torch.from_numpy(betas64)
@@ -232,3 +241,17 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev_sample, pred_original
         return HFDDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+
+
+#: HFDDPMScheduler's config keys that no diffusers scheduler has (see :func:`scheduler_from_config`).
+HF_DDPM_ONLY_CONFIG_KEYS = ("decoder_min_std",)
+
+
+def scheduler_from_config(cls: type[SchedulerMixin], config: Mapping[str, Any]) -> SchedulerMixin:
+    """``cls.from_config(config)`` for any scheduler class, whose config keeps :data:`HF_DDPM_ONLY_CONFIG_KEYS` (a
+    pipeline's bound reads them whatever it samples with) without diffusers' warning that it ignores them."""
+    if issubclass(cls, HFDDPMScheduler):
+        return cls.from_config(config)
+    scheduler = cls.from_config({key: value for key, value in config.items() if key not in HF_DDPM_ONLY_CONFIG_KEYS})
+    scheduler.register_to_config(**{key: config[key] for key in HF_DDPM_ONLY_CONFIG_KEYS if key in config})
+    return scheduler

@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..ddpm.chain import DiffusionChain
 from ..ddpm.elbo import full_elbo, stratified_elbo
-from ..ddpm.scheduler import HFDDPMScheduler
+from ..ddpm.scheduler import HFDDPMScheduler, scheduler_from_config
 from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
@@ -136,8 +136,11 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     @property
     def scheduler_choices(self) -> dict[str, Callable[[], SchedulerMixin]]:
         """The samplers this pipeline can be given by name (:func:`hf_ddpm.pipelines.auto.with_scheduler`), each
-        a factory of a new scheduler built from this one's config: :data:`DDPM_SCHEDULERS`, the model's own first."""
-        return {name: partial(cls.from_config, self.scheduler.config) for name, cls in DDPM_SCHEDULERS.items()}
+        a factory of a new scheduler built from this one's config by :func:`scheduler_from_config`:
+        :data:`DDPM_SCHEDULERS`, the model's own first."""
+        return {
+            name: partial(scheduler_from_config, cls, self.scheduler.config) for name, cls in DDPM_SCHEDULERS.items()
+        }
 
     @property
     def image_channels(self) -> int:
