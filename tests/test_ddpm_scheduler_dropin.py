@@ -4,16 +4,18 @@ config, and every deliberate difference (the table in docs/diffusers_compatibili
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
 
 from hf_ddpm import HFDDPMScheduler
 from hf_ddpm.ddpm.chain import DiffusionChain, dynamic_threshold
 from hf_ddpm.ddpm.elbo import prior_term
+from hf_ddpm.ddpm.scheduler import scheduler_from_config
 from hf_ddpm.ddpm.schedules import BETA_SCHEDULES, make_betas, rescale_zero_terminal_snr, sigmoid_betas
 
 T = 50
@@ -213,6 +215,27 @@ def test_both_arguments_raise_diffusers_error():
 
 
 # ------------------------------------------------------------------------------------------------ config round trip
+def test_decoder_min_std_samples_as_diffusers_and_travels_with_the_config(tmp_path, caplog, monkeypatch):
+    """The decoder's floor enters the bound only (the last step adds no noise): with it, ours samples as diffusers'
+    DDPMScheduler without it; saved and loaded, and through diffusers' schedulers' configs (without their warning
+    that they ignore the key), the bound still reads it."""
+    ours, theirs = pair(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+    ours = HFDDPMScheduler.from_config(ours.config, decoder_min_std=1e-3)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    for t, a, b in sample_both(ours, theirs, learned=True):
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=0, atol=1e-6, msg=f"t={t}")
+    ours.save_config(tmp_path)
+    loaded = HFDDPMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.decoder_min_std == 1e-3 and loaded.train_chain.decoder_min_std == 1e-3
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers' loggers stop at its root
+    for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler):
+        with caplog.at_level(logging.WARNING, logger="diffusers"):
+            built = scheduler_from_config(cls, ours.config)
+        assert isinstance(built, cls) and DiffusionChain.from_config(built.config).decoder_min_std == 1e-3
+    assert "not expected" not in caplog.text
+
+
 def test_todays_config_loads_unchanged_and_configs_cross_load(tmp_path):
     old = {
         "_class_name": "HFDDPMScheduler",
