@@ -67,20 +67,27 @@ def score(
         BoundOptions(timesteps_per_image=8),
         generator=torch.Generator().manual_seed(0),
     )
-    result = {"nll": bound.to_dict(), "bound_seconds": time.perf_counter() - start, "samples": []}
+    result = {"nll": bound.to_dict(), "bound_seconds": time.perf_counter() - start}
+    return {**result, **sample_scores(pipeline, images, seeds, num_samples, steps)}, bound
+
+
+def sample_scores(pipeline, images: torch.Tensor, seeds: list[int], num_samples: int, steps: int, **call) -> dict:
+    """The sample metrics of ``num_samples`` samples (``steps`` steps, ``fast_sampling``, the pipeline called with
+    ``call`` too) per sampling seed against all ``images``: per seed, and their mean and spread over the seeds."""
+    result = {"samples": []}
     with fast_sampling(pipeline, len(seeds) * num_samples * steps) as speedup:
         for seed in seeds:
             start = time.perf_counter()
             generator = torch.Generator().manual_seed(seed)
             samples = pipeline(
-                batch_size=num_samples, num_inference_steps=steps, generator=generator, output_type="pt"
+                batch_size=num_samples, num_inference_steps=steps, generator=generator, output_type="pt", **call
             ).images
             quality = vars(sample_quality(samples * 2 - 1, images))
             result["samples"].append({"seed": seed, **quality, "seconds": time.perf_counter() - start})
     result["sampling"] = vars(speedup)
     for metric in ("frechet_distance", "mean_confidence", "class_kl_from_uniform"):
         result[metric] = spread([s[metric] for s in result["samples"]])
-    return result, bound
+    return result
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ PINNED_0_2_0 = [
     *("--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100"),
     *("--adam_beta1", "0.9", "--adam_beta2", "0.99", "--adam_weight_decay", "0.0", "--max_grad_norm", "1.0"),
     *("--use_ema", "true", "--ema_inv_gamma", "1.0", "--ema_power", "0.75", "--ema_max_decay", "0.9999"),
-    *("--compile", "false"),
+    *("--compile", "false", "--guidance_scale", "1"),
 ]
 #: the continuous-time VDM (``--model vdm``) with the default's everything else, for its row at the same minutes
 RECIPES = {"pinned_0.2.0": PINNED_0_2_0, "default": [], "vdm": ["--model", "vdm"]}
@@ -76,6 +76,7 @@ CANDIDATES = {
     "hybrid_decoder": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "uniform"],
     "hybrid_decoder_oversampled": ["--loss_type", "hybrid_decoder", "--timestep_sampler", "decoder-oversampled"],
     "decoder_min_std_improved_diffusion": ["--decoder_min_std", IMPROVED_DIFFUSION_DECODER_MIN_STD],
+    "no_autoguidance": ["--guidance_scale", "1"],
     **{
         f"decoder_share_1_{n}": ["--loss_type", "hybrid_decoder", "--decoder_share", str(1 / n)]
         for n in (128, 64, 16, 8)

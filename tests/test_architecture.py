@@ -32,6 +32,7 @@ LAYERS = {
     "hf_ddpm.training_budget": 9,
     "hf_ddpm.sampling_speedup": 9,
     "hf_ddpm.posthoc_ema": 9,
+    "hf_ddpm.guide_snapshot": 9,
     "hf_ddpm.training_args": 9,
     "hf_ddpm.data": 9,
     "hf_ddpm.data.emoji": 9,

@@ -44,6 +44,7 @@ def test_every_recipe_and_candidate_parses(recipes):
         ("widths_24_48_48", {"block_out_channels": [24, 48, 48]}),
         ("widths_32_64_64", {"block_out_channels": [32, 64, 64]}),
         ("decoder_min_std_improved_diffusion", {"decoder_min_std": 0.0046679220372336785}),
+        ("no_autoguidance", {"guidance_scale": 1.0}),
         ("widths_16_32_32", {}),  # the cpu recipe's own since 2026-12-07, kept for the commands run before
     ],
 )

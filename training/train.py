@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from hf_ddpm.data import ImageTensorDataset, ShuffledBatches, load_training_data
 from hf_ddpm.evaluation import BoundResult, evaluate_bound, has_time_axis
+from hf_ddpm.guide_snapshot import GuideSnapshot
 from hf_ddpm.hub.card import NLLResult, TrainingReport, render_model_card
 from hf_ddpm.hub.push import push_pipeline_to_hub, save_pipeline_repo
 from hf_ddpm.objectives import ObjectiveOutput, build_model_and_objective, read_logs
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator,
             output_dir,
             arguments,
-            model_keys() + ["use_ema", "posthoc_ema"],  # what the checkpoint holds
+            [*model_keys(), "use_ema", "posthoc_ema", "guidance_scale", "guide_fraction"],  # what checkpoints hold
             train_args.overwrite_output_dir,
             train_args.logging_dir,
             train_args.resume_from_checkpoint,
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> Path:
             save=accelerator.is_main_process,
         )
         accelerator.register_for_checkpointing(posthoc)
+    guide = None  # autoguidance (DDPM): the EMA weights at guide_step(N, --guide_fraction), saved as the guide_unet
+    if model_args.model == "ddpm" and train_args.guidance_scale != 1:
+        guide = GuideSnapshot(train_args.guide_fraction, train_args.guide_step)
+        accelerator.register_for_checkpointing(guide)
 
     global_batch = train_args.train_batch_size * accelerator.num_processes * train_args.gradient_accumulation_steps
     logger.info(
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_path is not None:
         try:
             accelerator.load_state(str(resume_path))
-        except (RuntimeError, KeyError, ValueError) as error:  # e.g. 145 "size mismatch" lines: keep the first
+        except (RuntimeError, KeyError, ValueError, OSError) as error:  # 145 "size mismatch" lines: keep the first
             first = str(error).strip().splitlines()[:2]
             raise SystemExit(
                 f"--resume_from_checkpoint {resume_path} does not fit this model ({' '.join(first)[:300]}): resume "
@@ -460,6 +465,10 @@ def main(argv: list[str] | None = None) -> Path:
                     logger.info(late.describe())
                     if posthoc is not None:  # the snapshots after the decision spread over the steps decided
                         posthoc.snapshot_every = snapshot_every(max_train_steps)
+            if guide is not None and guide.due(global_step, max_train_steps):  # of the steps planned so far
+                with ema_weights(ema, unwrapped):
+                    guide.take(unwrapped, global_step)
+                logger.info(f"Kept the EMA weights of step {global_step} as the autoguidance guide (--guide_step).")
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -469,7 +478,13 @@ def main(argv: list[str] | None = None) -> Path:
     if budget is not None:  # a budgeted run (a resumed one has its steps from its checkpoint, no budget)
         decided_late = late is not None and bool(late.decided_at)  # not at step 0: a run too short to decide late
         logger.info(budget.outcome(train_seconds, global_step, decided_late=decided_late))
-        if late is not None and accelerator.is_main_process:  # the steps decided, as --max_train_steps gives them
+    if guide is not None and guide.weights is None:  # a --guide_step past the steps a budget decided
+        logger.warning(f"The run ended at step {global_step}, before --guide_step: its pipeline samples unguided.")
+        guide = None
+    if guide is not None:  # the guide's step, as --guide_step gives it (a budgeted run's depends on its pace)
+        arguments["guide_step"] = guide.step
+    if (budget is not None and late is not None) or guide is not None:  # what repeats the run: steps decided, guide
+        if accelerator.is_main_process:
             (output_dir / "training_args.json").write_text(json.dumps(arguments, indent=2))
     if posthoc is not None:
         posthoc.snapshot()  # the run's last step (a no-op where it was just saved)
@@ -483,6 +498,8 @@ def main(argv: list[str] | None = None) -> Path:
             final_weights, bound, posthoc_results = best_posthoc_weights()
         with final_weights:
             pipeline = objective.pipeline(unwrapped)
+            if guide is not None:
+                pipeline = guide.guided_pipeline(pipeline, train_args.guidance_scale)
             bound = bound if bound is not None else held_out_bound()
             require_finite_bound(bound, "no pipeline, model card or eval_results.json was written")
             with fast_sampling(pipeline, train_args.num_sample_images * train_args.sample_steps):  # training is over
@@ -512,6 +529,15 @@ def main(argv: list[str] | None = None) -> Path:
             }
             if posthoc_results is not None:
                 results["posthoc_ema"] = posthoc_results
+            limitations = []
+            if guide is not None:
+                results["autoguidance"] = {"guidance_scale": train_args.guidance_scale, "guide_step": guide.step}
+                limitations.append(
+                    f"Samples are autoguided by default (`guidance_scale={train_args.guidance_scale:g}`; "
+                    f"`guide_unet`: the EMA weights of step {guide.step} of {global_step}); the likelihood bound is "
+                    "the model's own (`unet`), not the guided sampler's. `guidance_scale=1` samples from the model "
+                    "alone."
+                )
             report = TrainingReport.for_pipeline(
                 pipeline,
                 train_args.hub_model_id or output_dir.name,
@@ -524,6 +550,7 @@ def main(argv: list[str] | None = None) -> Path:
                 hardware=results["hardware"],
                 sampling_kwargs=objective.sampling_kwargs,
                 plots=captions,
+                limitations=limitations,
                 nll=NLLResult(
                     bound,
                     dataset_id=held_out.dataset_id or "local",

@@ -49,12 +49,15 @@ INAPPLICABLE_FLAGS = {
     "evaluate": {
         VAEPipeline: (
             *("exact", "steps", "no_clip_denoised", "timesteps_per_image", "estimator"),
-            *("sampling_precision", "sampling_compile"),
+            *("sampling_precision", "sampling_compile", "guidance_scale"),
         ),
         HFDDPMPipeline: ("elbo_samples", "iwae_samples"),
-        VDMPipeline: ("elbo_samples", "iwae_samples"),
+        VDMPipeline: ("elbo_samples", "iwae_samples", "guidance_scale"),
     },
-    "sample": {VAEPipeline: ("scheduler", "steps", "sampling_precision", "sampling_compile")},
+    "sample": {
+        VAEPipeline: ("scheduler", "steps", "sampling_precision", "sampling_compile", "guidance_scale"),
+        VDMPipeline: ("guidance_scale",),
+    },
 }
 #: evaluate's flags of the probability-flow ODE (--estimator ode) and of the variational bound only.
 ODE_ONLY_FLAGS = frozenset(
@@ -174,8 +177,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def sampling_call(pipeline: DiffusionPipeline, args: argparse.Namespace) -> dict:
     """Arguments of the pipeline's call: the ``--steps`` of a pipeline that samples with a scheduler (a diffusion
-    model), none for one without (a VAE)."""
-    return {"num_inference_steps": args.steps} if pipeline.scheduler_choices else {}
+    model), none for one without (a VAE); ``--guidance_scale`` where given (a DDPM's autoguidance)."""
+    call = {"num_inference_steps": args.steps} if pipeline.scheduler_choices else {}
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
+    return call
 
 
 def add_sample_quality(
@@ -223,6 +229,11 @@ def check_flags_apply(args: argparse.Namespace, pipeline: object) -> None:
     for flag in INAPPLICABLE_FLAGS[args.command].get(kind, ()):
         if flag in args.given:
             raise UsageError(f"--{flag} does not apply to {args.model}, a {kind.__name__}; drop it.")
+    if args.guidance_scale is not None and isinstance(pipeline, HFDDPMPipeline):
+        try:
+            pipeline.check_guidance(args.guidance_scale)
+        except ValueError as error:
+            raise UsageError(f"--{error}") from None
     if args.command != "evaluate":
         return
     ode = args.estimator == "ode"
@@ -349,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
             default="auto",
             help="the network's precision while sampling (the sampler's arithmetic stays float32): auto = bf16 where "
             "the device computes it natively (AVX512-BF16, AMX, CUDA with bf16), else fp32",
+        )
+        command.add_argument(
+            "--guidance_scale",
+            type=float,
+            default=None,
+            help="DDPM: autoguidance's w with the pipeline's guide_unet (1: the model alone); default the "
+            "pipeline's own (model_index.json's guidance_scale)",
         )
         command.add_argument(
             "--sampling_compile",

@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..ddpm.chain import DiffusionChain
 from ..ddpm.elbo import full_elbo, stratified_elbo
+from ..ddpm.guidance import autoguided_output, check_guidance_scale
 from ..ddpm.scheduler import HFDDPMScheduler, scheduler_from_config
 from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
 from ..hub.registration import HFDDPMRegistrationMixin
@@ -35,6 +36,12 @@ DDPM_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 GPU_FORWARD_IMAGES = 4096
 
 
+def network_layout(network: DenoisingUNet) -> dict:
+    """A network's config without diffusers' bookkeeping keys (``_name_or_path``, ``_diffusers_version``, ...):
+    what two networks must share to be the same network with other weights."""
+    return {key: value for key, value in network.config.items() if not key.startswith("_")}
+
+
 class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     r"""Unconditional image generation with a :class:`DenoisingUNet`, and the exact likelihood bound of images.
 
@@ -44,6 +51,10 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             (DDIM, DPM-Solver, ...) can be swapped in; it receives the model's first C channels. For a model with
             a learned variance, keep the :class:`HFDDPMScheduler` and pass fewer ``num_inference_steps`` instead: its
             respacing keeps the learned variances meaningful.
+        guide_unet (:class:`DenoisingUNet`, *optional*): a weaker version of ``unet`` (train.py: the EMA weights of
+            an earlier step of the same run) for autoguidance (:func:`~hf_ddpm.ddpm.guidance.autoguided_output`).
+            Sampling only: the bound is ``unet``'s.
+        guidance_scale (`float`): the default w of ``__call__`` (1: no guidance), saved in ``model_index.json``.
 
     Example:
 
@@ -61,13 +72,47 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
     stratified estimate.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->guide_unet"
     default_bound_options = BoundOptions(exact=True)
     _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
+    _optional_components = ["guide_unet"]
 
-    def __init__(self, unet: DenoisingUNet, scheduler: HFDDPMScheduler):
+    def __init__(
+        self,
+        unet: DenoisingUNet,
+        scheduler: HFDDPMScheduler,
+        guide_unet: DenoisingUNet | None = None,
+        guidance_scale: float = 1.0,
+    ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if guide_unet is not None and network_layout(guide_unet) != network_layout(unet):
+            raise ValueError(
+                "guide_unet must be the same network as unet (the same config: layout, channels, variance); "
+                "autoguidance takes a weaker version of the model, such as an earlier EMA of its training."
+            )
+        self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet)
+        self.check_guidance(guidance_scale)
+        self.register_to_config(guidance_scale=float(guidance_scale))
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Raise ``ValueError`` (one line) unless ``guidance_scale`` is finite and, where it is not 1, this
+        pipeline has a ``guide_unet``."""
+        check_guidance_scale(guidance_scale)
+        if guidance_scale != 1 and self.guide_unet is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a guide_unet (autoguidance); this pipeline has none: "
+                "pass guidance_scale=1."
+            )
+
+    def guided_output(self, model_input: torch.Tensor, t: torch.Tensor | int, guidance_scale: float) -> torch.Tensor:
+        """The network output the sampler steps with: ``unet``'s, autoguided by ``guide_unet`` where
+        ``guidance_scale`` is not 1 (:func:`~hf_ddpm.ddpm.guidance.autoguided_output`)."""
+        self.check_guidance(guidance_scale)
+        output = self.unet(model_input, t).sample
+        if guidance_scale == 1:
+            return output
+        guide = self.guide_unet(model_input, t).sample
+        return autoguided_output(output, guide, guidance_scale, self.unet.config.in_channels)
 
     def _model_output_for(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
         """The part of the model output the scheduler understands: all 2C channels for a HFDDPMScheduler or
@@ -88,6 +133,7 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: StepEndCallback | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Draw images by ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t).
 
@@ -105,8 +151,12 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
                 ``_callback_tensor_inputs``: ``"latents"`` (x_{t-1}, the step's result), ``"sample"`` (x_t, its
                 input) and ``"pred_original_sample"`` (the scheduler's x_0 estimate; for a scheduler that gives none,
                 such as DPM-Solver, the training chain's x_0 from the network's prediction).
+            guidance_scale (`float`, *optional*): autoguidance's w with ``guide_unet`` (1: the model alone); default
+                the pipeline's ``config.guidance_scale``.
         """
         check_output_type(output_type)
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        self.check_guidance(scale)
         names = callback_tensor_names(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         config = self.unet.config
         channels = config.in_channels
@@ -117,7 +167,7 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(image, t)
-            model_output = self._model_output_for(self.unet(model_input, t).sample, channels)
+            model_output = self._model_output_for(self.guided_output(model_input, t, scale), channels)
             step = self.scheduler.step(model_output, t, image, generator=generator)
             if callback_on_step_end is None:
                 image = step.prev_sample
