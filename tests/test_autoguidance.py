@@ -3,8 +3,12 @@ refusals), the guide a training run keeps (its step, its weights, resume) and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -259,3 +263,35 @@ def test_a_checkpoint_without_a_guide_resumes_only_unguided_and_says_so_in_one_l
     assert "\n" not in str(error.value)
     train.main(["--output_dir", str(out), *flags, "--resume_from_checkpoint", "latest"])
     assert (out / "model_index.json").is_file()
+
+
+def test_the_benchmark_scores_a_guided_run_with_its_own_guide_and_without(tmp_path, monkeypatch):
+    """benchmarks/autoguidance.py on an autoguided run, no --guides: the model alone (w = 1) and with its own
+    guide_unet, each scoring the samples the pipeline draws itself with that w and the same seed."""
+    flags = [*TINY_TRAIN, "--max_train_steps", "2", "--guidance_scale", "2"]
+    out = train.main(["--output_dir", str(tmp_path / "run"), *flags])
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import autoguidance
+    import posthoc_ema
+
+    scored = []
+
+    def quality(samples, reference):
+        scored.append(samples)
+        return types.SimpleNamespace(frechet_distance=1.0, mean_confidence=0.5, class_kl_from_uniform=0.0)
+
+    monkeypatch.setattr(posthoc_ema, "sample_quality", quality)
+    monkeypatch.setattr(posthoc_ema, "fast_sampling", lambda *a: contextlib.nullcontext(types.SimpleNamespace()))
+    report = tmp_path / "report.json"
+    argv = ["autoguidance.py", str(out), "--scales", "1", "2", "--num_samples", "3", "--steps", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(report)])
+    autoguidance.main()
+    arms = json.loads(report.read_text())["arms"]
+    assert [(a["guide"], a["guidance_scale"]) for a in arms] == [("the model alone", 1.0), ("its own guide_unet", 2.0)]
+    pipeline = HFDDPMPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    for samples, w in zip(scored, (1.0, 2.0)):
+        generator = torch.Generator().manual_seed(0)
+        call = dict(batch_size=3, num_inference_steps=2, generator=generator, output_type="pt", guidance_scale=w)
+        assert torch.equal(samples, pipeline(**call).images * 2 - 1)
+    assert not torch.equal(scored[0], scored[1])

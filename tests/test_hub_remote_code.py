@@ -133,16 +133,23 @@ def test_private_helpers_of_one_name_in_two_modules_each_keep_their_own(tmp_path
 
 # ============================================================================================ stock diffusers
 @pytest.mark.parametrize(
-    "name, arguments",
-    [(name, "") for name in PIPELINES] + [("HFDDPMPipeline", 'custom_pipeline="hf_ddpm", ')],
-    ids=[*PIPELINES, "pushed-before-one-call-loading"],
+    "name, arguments, guided",
+    [(name, "", False) for name in PIPELINES]
+    + [("HFDDPMPipeline", 'custom_pipeline="hf_ddpm", ', False), ("HFDDPMPipeline", "", True)],
+    ids=[*PIPELINES, "pushed-before-one-call-loading", "autoguided"],
 )
-def test_stock_diffusers_without_hf_ddpm_samples_every_pipeline_like_the_installed_one(name, arguments, tmp_path):
+def test_stock_diffusers_without_hf_ddpm_samples_every_pipeline_like_the_installed_one(
+    name, arguments, guided, tmp_path
+):
     """save_pipeline_repo writes a folder; a fresh interpreter in which hf_ddpm cannot be imported loads it with
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), no other argument, and samples. A repo pushed
     before model_index.json named the remote-code file (``_class_name`` a plain string) still loads with
-    ``custom_pipeline="hf_ddpm"``."""
+    ``custom_pipeline="hf_ddpm"``. An autoguided DDPM brings its guide_unet and samples guided."""
     pipeline, call = tiny_pipeline_of(name)
+    if guided:
+        guide = tiny_pipeline_of(name, seed=1)[0].unet
+        pipeline = type(pipeline)(**{**pipeline.components, "guide_unet": guide}, guidance_scale=2.0)
+        pipeline.set_progress_bar_config(disable=True)
     folder = tmp_path / "repo"
     save_pipeline_repo(pipeline, folder)
     index = json.loads((folder / "model_index.json").read_text())
