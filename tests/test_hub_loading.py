@@ -86,6 +86,7 @@ def test_pickle_weights_in_a_folder_are_refused(tmp_path):
 def test_the_model_index_names_the_components_and_a_folder_without_one_is_refused(tmp_path):
     tiny_ddpm_pipeline(0).save_pretrained(tmp_path / "pipe")
     index = read_model_index(tmp_path / "pipe")
+    assert index["guide_unet"] == [None, None]  # the optional guide, absent: no component
     assert component_entries(index) == {
         "unet": ("hf_ddpm", "DenoisingUNet"),
         "scheduler": ("hf_ddpm", "HFDDPMScheduler"),

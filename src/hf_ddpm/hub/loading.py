@@ -30,11 +30,12 @@ MODEL_OPTIONS = ("dtype", "torch_dtype", "variant")
 
 
 def component_entries(index: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
-    """The components a ``model_index.json`` records: name -> (library, class name)."""
+    """The components a ``model_index.json`` records: name -> (library, class name); an optional component saved
+    absent (``[null, null]``, such as a pipeline's missing ``guide_unet``) is none."""
     return {
         name: (value[0], value[1])
         for name, value in index.items()
-        if not name.startswith("_") and isinstance(value, list) and len(value) == 2
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value != [None, None]
     }
 
 
