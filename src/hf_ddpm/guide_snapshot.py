@@ -49,8 +49,10 @@ class GuideSnapshot:
         run of ``total_steps`` steps, which may still be an estimate (a ``--train_minutes`` run re-estimates its
         steps until its decay starts): the guide is then the EMA of the first step at or past F times the steps
         planned at that moment."""
+        if self.weights is not None:  # taken: nothing to compute on the steps after it
+            return False
         target = self.fixed_step if self.fixed_step is not None else guide_step(total_steps, self.guide_fraction)
-        return self.weights is None and step >= target
+        return step >= target
 
     def take(self, network: torch.nn.Module, step: int) -> None:
         """Keep a CPU copy of ``network``'s weights (call it inside ``ema_weights`` for the EMA's) as of ``step``."""
