@@ -10,7 +10,8 @@ bound is the model's.
 
     python training/train.py --max_train_steps 8772 --save_pipeline_steps 1096 --output_dir RUN_DIR
     python benchmarks/autoguidance.py RUN_DIR --guides RUN_DIR/pipeline-4384 RUN_DIR/pipeline-5480 \
-        --scales 1 2 3 [--seeds 0] [--num_samples 1000] [--json benchmarks/results/autoguidance_MACHINE_DATE.json]
+        --scales 1 2 3 [--seeds 0] [--num_samples 1000] [--device cuda] \
+        [--json benchmarks/results/autoguidance_MACHINE_DATE.json]
     python benchmarks/autoguidance.py RUN_DIR --scales 1 2 --seeds 0 1 2    # an autoguided run, with and without
 """
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO  # noqa: E402
 from hf_ddpm import HFDDPMPipeline  # noqa: E402
 from hf_ddpm.data import ImageTensorDataset, load_images  # noqa: E402
-from hf_ddpm.pipelines.auto import load_pipeline  # noqa: E402
+from hf_ddpm.pipelines.auto import default_device, load_pipeline  # noqa: E402
 from posthoc_ema import sample_scores  # noqa: E402
 from quality_per_minute import sample_summary  # noqa: E402
 from throughput import cpu_name  # noqa: E402
@@ -42,13 +43,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=100, help="sampling steps")
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "autoguidance.json")
     args = parser.parse_args()
 
-    model = load_pipeline(str(args.model))
+    model = load_pipeline(str(args.model)).to(args.device)
     images = ImageTensorDataset(load_images("embedded", split="test").images)[:]
     report = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "device": args.device,
         "model": str(args.model),
         "steps": json.loads((args.model / "eval_results.json").read_text())["steps"],
         "sampling_steps": args.steps,
@@ -57,7 +62,8 @@ def main() -> None:
     own = getattr(model, "guide_unet", None)
     if not args.guides and own is None:
         parser.error(f"{args.model} has no guide_unet of its own: name the guides with --guides")
-    guides = {str(guide): load_pipeline(str(guide)).unet for guide in args.guides} or {"its own guide_unet": own}
+    guides = {str(guide): load_pipeline(str(guide)).to(args.device).unet for guide in args.guides}
+    guides = guides or {"its own guide_unet": own}
     arms = [("the model alone", None, 1.0)] if 1.0 in args.scales else []
     arms += [(label, guide, w) for label, guide in guides.items() for w in args.scales if w != 1.0]
     for label, guide, w in arms:

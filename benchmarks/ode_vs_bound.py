@@ -21,7 +21,7 @@ import torch
 
 from hf_ddpm.data import ImageTensorDataset, read_embedded_mnist
 from hf_ddpm.evaluation import DEQUANTIZATIONS, BoundOptions, evaluate_bound, mean_and_standard_error
-from hf_ddpm.pipelines.auto import load_pipeline
+from hf_ddpm.pipelines.auto import default_device, load_pipeline
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument(
         "--dequantization", nargs="+", choices=DEQUANTIZATIONS, default=["uniform"], help="one ODE arm each"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     pipeline = load_pipeline(args.model).to(args.device)

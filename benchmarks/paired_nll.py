@@ -1,6 +1,6 @@
 """Which of two diffusion models has the lower NLL? A paired comparison on the same images with the same draws.
 
-    python benchmarks/paired_nll.py MODEL_A MODEL_B --eval_data embedded [--timesteps_per_image 16]
+    python benchmarks/paired_nll.py MODEL_A MODEL_B --eval_data embedded [--timesteps_per_image 16] [--device cuda]
 
 Both bounds are estimated by ``hf_ddpm.evaluation.evaluate_bound`` (the unbiased stratified estimate) on the same first
 --num_images t10k digits with generators of the same seed, so both models see the same timesteps and the same noise
@@ -18,12 +18,12 @@ import torch
 
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.evaluation import BoundOptions, BoundResult, evaluate_bound, mean_and_standard_error
-from hf_ddpm.pipelines.auto import load_pipeline
+from hf_ddpm.pipelines.auto import default_device, load_pipeline
 
 
 def bound_of(model: Path, images: torch.Tensor, timesteps_per_image: int, seed: int) -> BoundResult:
-    """The stratified bound estimate of ``model`` (a saved DDPM or VDM pipeline) on ``images``."""
-    pipe = load_pipeline(model)
+    """The stratified bound estimate of ``model`` (a saved DDPM or VDM pipeline) on ``images``, on their device."""
+    pipe = load_pipeline(model).to(images.device)
     pipe.unet.eval()
     options = BoundOptions(timesteps_per_image=timesteps_per_image)
     return evaluate_bound(pipe, images, options, generator=torch.Generator().manual_seed(seed))
@@ -37,9 +37,13 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=1000)
     parser.add_argument("--timesteps_per_image", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    images = ImageTensorDataset(load_images(args.eval_data, split="test", max_images=args.num_images).images)[:]
+    data = load_images(args.eval_data, split="test", max_images=args.num_images)
+    images = ImageTensorDataset(data.images)[:].to(args.device)
     bounds = {str(m): bound_of(m, images, args.timesteps_per_image, args.seed) for m in (args.model_a, args.model_b)}
     a, b = bounds.values()
     difference, difference_error = mean_and_standard_error(a.per_image - b.per_image)

@@ -4,7 +4,7 @@ scored on all t10k and on samples, so that the comparison is paired and at equal
 
     python training/train.py --posthoc_ema --output_dir RUN_DIR
     python benchmarks/posthoc_ema.py RUN_DIR [--sigma_rels 0.02 0.05 0.10] [--seeds 0 1 2] [--num_samples 1000] \
-        [--num_bound_images N] [--json benchmarks/results/posthoc_ema_MACHINE_DATE.json]
+        [--num_bound_images N] [--device cuda] [--json benchmarks/results/posthoc_ema_MACHINE_DATE.json]
 
 The arms: ``use_ema`` (the EMA in the run's last checkpoint, as a run without ``--posthoc_ema`` saves it), the length
 the run chose (its saved pipeline) and every ``--sigma_rels`` length (reconstructed from ``RUN_DIR/posthoc_ema``). Each
@@ -33,7 +33,7 @@ from hf_ddpm import BoundOptions, evaluate_bound  # noqa: E402
 from hf_ddpm.data import ImageTensorDataset, load_images  # noqa: E402
 from hf_ddpm.evaluation import BoundResult, mean_and_standard_error  # noqa: E402
 from hf_ddpm.metrics import sample_quality  # noqa: E402
-from hf_ddpm.pipelines.auto import load_pipeline  # noqa: E402
+from hf_ddpm.pipelines.auto import default_device, load_pipeline  # noqa: E402
 from hf_ddpm.posthoc_ema import loaded_weights, reconstruct_posthoc_ema  # noqa: E402
 from hf_ddpm.sampling_speedup import fast_sampling  # noqa: E402
 from hf_ddpm.training_utils import POSTHOC_EMA_FOLDER, list_checkpoints  # noqa: E402
@@ -82,7 +82,7 @@ def sample_scores(pipeline, images: torch.Tensor, seeds: list[int], num_samples:
             samples = pipeline(
                 batch_size=num_samples, num_inference_steps=steps, generator=generator, output_type="pt", **call
             ).images
-            quality = vars(sample_quality(samples * 2 - 1, images))
+            quality = vars(sample_quality(samples.cpu() * 2 - 1, images.cpu()))
             result["samples"].append({"seed": seed, **quality, "seconds": time.perf_counter() - start})
     result["sampling"] = vars(speedup)
     for metric in ("frechet_distance", "mean_confidence", "class_kl_from_uniform"):
@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument(
         "--num_bound_images", type=int, default=None, help="the bound on the first N t10k digits (default: all)"
     )
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "posthoc_ema.json")
     args = parser.parse_args()
     if args.num_bound_images is not None and args.num_bound_images < 1:
@@ -111,10 +114,10 @@ def main() -> None:
             f"{args.run_dir} is not a train.py --posthoc_ema run (its eval_results.json has no posthoc_ema)"
         )
     chosen = run["posthoc_ema"]["chosen"]
-    pipeline = load_pipeline(str(args.run_dir))
+    pipeline = load_pipeline(str(args.run_dir)).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
     network = pipeline.unet
-    images = ImageTensorDataset(load_images("embedded", split="test").images)[:]
+    images = ImageTensorDataset(load_images("embedded", split="test").images)[:].to(args.device)
     bound_images = args.num_bound_images or len(images)
     arms = {"use_ema": use_ema_weights(args.run_dir, network), chosen + " (chosen; as saved)": None}
     for sigma_rel in args.sigma_rels:
@@ -122,6 +125,7 @@ def main() -> None:
             arms[f"sigma_rel {sigma_rel:g}"] = reconstruct_posthoc_ema(args.run_dir / POSTHOC_EMA_FOLDER, sigma_rel)
     report = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "device": args.device,
         "run_dir": str(args.run_dir),
         "steps": run["steps"],
         "train_seconds": run["train_seconds_this_run"],

@@ -1,6 +1,7 @@
 """Quality at equal CPU budget: hf_ddpm's default recipe vs the stock diffusers recipe, trained back to back.
 
-    python benchmarks/quality_vs_diffusers.py --eval_data embedded [--ours benchmarks/runs/hf_ddpm_default]
+    python benchmarks/quality_vs_diffusers.py --eval_data embedded [--ours benchmarks/runs/hf_ddpm_default] \
+        [--device cuda]
 
 1. hf_ddpm: `training/train.py` with its defaults (or an existing run folder of it, --ours).
 2. The stock diffusers recipe through the same script, so data, EMA and evaluation are identical: diffusers'
@@ -28,7 +29,7 @@ from diffusers.utils import make_image_grid
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.evaluation import BoundOptions, evaluate_bound
 from hf_ddpm.metrics import sample_quality
-from hf_ddpm.pipelines.auto import load_pipeline
+from hf_ddpm.pipelines.auto import default_device, load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget import REPO, train, train_for_minutes  # noqa: E402
@@ -65,12 +66,12 @@ SMALL_GRID = ["--num_sample_images", "16"]
 def evaluate(
     folder: Path, test_images: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace, stock: bool
 ) -> dict:
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(folder).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval()
     start = time.time()
     options = BoundOptions(timesteps_per_image=args.timesteps_per_image)
-    nll = evaluate_bound(pipe, test_images, options, generator=torch.Generator().manual_seed(0))
+    nll = evaluate_bound(pipe, test_images.to(args.device), options, generator=torch.Generator().manual_seed(0))
     nll_seconds = time.time() - start
     if stock:  # the stock recipe samples with diffusers' DDPMScheduler
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -80,7 +81,7 @@ def evaluate(
         num_inference_steps=args.sample_steps,
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
-    ).images
+    ).images.cpu()
     sample_seconds = time.time() - start
     quality = sample_quality(samples * 2 - 1, reference)
     grid = make_image_grid(pipe.numpy_to_pil(samples[:64].permute(0, 2, 3, 1).numpy()), rows=8, cols=8)
@@ -112,6 +113,9 @@ def main() -> None:
     parser.add_argument("--timesteps_per_image", type=int, default=8)
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--sample_steps", type=int, default=100)
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)

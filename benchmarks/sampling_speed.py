@@ -2,9 +2,9 @@
 trained model as hf_ddpm 0.2.0 ran it (float32, contiguous, eager) against hf_ddpm.sampling_speedup's choice, with the
 sample metrics of each (same seed: the same noise, only the network's arithmetic differs).
 
-    python benchmarks/sampling_speed.py --forward [--batch_size 250] [--emulate_avx2] [--json FILE]
+    python benchmarks/sampling_speed.py --forward [--batch_size 250] [--emulate_avx2] [--device cuda] [--json FILE]
     python benchmarks/sampling_speed.py MODEL_DIR [--arms fp32_eager auto] [--num_samples 1000] [--steps 100] \
-        [--emulate_avx2] [--json benchmarks/results/sampling_speed_MACHINE_DATE.json]
+        [--emulate_avx2] [--device cuda] [--json benchmarks/results/sampling_speed_MACHINE_DATE.json]
 
 ``--forward`` times one forward of ``--batch_size`` images of the default 28x28 network (random weights) in float32
 and bf16 autocast, contiguous, channels_last and torch.compile'd (compile time separate; best of 3 after a warm-up).
@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ from budget import REPO  # noqa: E402
 from hf_ddpm import DenoisingUNet, default_unet_layout  # noqa: E402
 from hf_ddpm.data import ImageTensorDataset, load_images  # noqa: E402
 from hf_ddpm.metrics import sample_quality  # noqa: E402
-from hf_ddpm.pipelines.auto import load_pipeline  # noqa: E402
+from hf_ddpm.pipelines.auto import default_device, load_pipeline  # noqa: E402
 from hf_ddpm.sampling_speedup import SamplingSpeedup, fast_sampling, sped_up_network  # noqa: E402
+from hf_ddpm.training_budget import timed  # noqa: E402
 from quality_per_minute import AVX2_ENVIRONMENT  # noqa: E402
 from throughput import cpu_name  # noqa: E402
 
@@ -56,35 +58,31 @@ FORWARD_SETTINGS = {
 }
 
 
-def forward_rows(batch_size: int) -> dict:
-    """Seconds of one forward of ``batch_size`` images per setting (best of 3 after one untimed call, whose time is
-    the compile time of a compiled setting)."""
+def forward_rows(batch_size: int, device: str) -> dict:
+    """Seconds of one forward of ``batch_size`` images on ``device`` per setting (best of 3 after one untimed call,
+    whose time is the compile time of a compiled setting); the weights and inputs drawn on the CPU."""
     torch.manual_seed(0)
     widths, attention = default_unet_layout(28, 1)
-    network = DenoisingUNet(block_out_channels=widths, attention_resolutions=attention, learn_variance=True).eval()
-    x, t = torch.randn(batch_size, 1, 28, 28), torch.full((batch_size,), 500)
+    network = DenoisingUNet(block_out_channels=widths, attention_resolutions=attention, learn_variance=True)
+    network.eval().to(device)
+    x, t = torch.randn(batch_size, 1, 28, 28).to(device), torch.full((batch_size,), 500, device=device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     rows = {}
     with torch.no_grad():
         for name, speedup in FORWARD_SETTINGS.items():
             torch._dynamo.reset()
             with sped_up_network(network, speedup):
-                start = time.perf_counter()
-                network(x, t)
-                first = time.perf_counter() - start
-                times = []
-                for _ in range(3):
-                    start = time.perf_counter()
-                    network(x, t)
-                    times.append(time.perf_counter() - start)
+                first = timed(partial(network, x, t), synchronize)
+                times = [timed(partial(network, x, t), synchronize) for _ in range(3)]
             rows[name] = {"seconds": min(times), "first_call_seconds": first}
             print(f"{name:20s} {min(times):.3f} s (first call {first:.1f} s)", flush=True)
     return rows
 
 
-def sampling_rows(model: Path, arms: list[str], num_samples: int, steps: int, seed: int) -> dict:
-    """Per arm: seconds to draw ``num_samples`` samples of ``steps`` steps, the settings, and the sample metrics
-    against all t10k."""
-    pipeline = load_pipeline(model)
+def sampling_rows(model: Path, arms: list[str], num_samples: int, steps: int, seed: int, device: str) -> dict:
+    """Per arm: seconds to draw ``num_samples`` samples of ``steps`` steps on ``device`` and copy them to the CPU,
+    the settings, and the sample metrics against all t10k."""
+    pipeline = load_pipeline(model).to(device)
     pipeline.set_progress_bar_config(disable=True)
     reference = ImageTensorDataset(load_images(None, split="test").images)[:]
     rows = {}
@@ -97,7 +95,7 @@ def sampling_rows(model: Path, arms: list[str], num_samples: int, steps: int, se
         with context as speedup:
             samples = pipeline(
                 batch_size=num_samples, generator=generator, num_inference_steps=steps, output_type="pt"
-            ).images
+            ).images.cpu()
         seconds = time.perf_counter() - start
         quality = sample_quality(samples * 2 - 1, reference)
         rows[arm] = {"seconds": seconds, "settings": vars(speedup) if speedup else "fp32, eager", **vars(quality)}
@@ -119,6 +117,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--emulate_avx2", action="store_true", help="AVX2 kernels only (see above)")
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.forward == (args.model is not None):
@@ -133,17 +134,18 @@ def main() -> None:
     result = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": args.device,
         "torch": torch.__version__,
         "command": " ".join(["python", *sys.argv]),
     }
     if args.forward:
-        result["forward"] = {"batch_size": args.batch_size, "rows": forward_rows(args.batch_size)}
+        result["forward"] = {"batch_size": args.batch_size, "rows": forward_rows(args.batch_size, args.device)}
     else:
         result["sampling"] = {
             "model": str(args.model),
             "num_samples": args.num_samples,
             "steps": args.steps,
-            "rows": sampling_rows(args.model, args.arms, args.num_samples, args.steps, args.seed),
+            "rows": sampling_rows(args.model, args.arms, args.num_samples, args.steps, args.seed, args.device),
         }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Sampling steps vs sample quality for one trained model: 1000 ancestral steps, respaced chains with the learned
 and with fixed variances, and DDIM; time per image and the MNIST-classifier metrics (NOT Inception-FID) for each.
 
-    python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data embedded [--num_samples 200]
+    python benchmarks/steps_vs_quality.py MODEL_DIR --eval_data embedded [--num_samples 200] [--device cuda]
 
 Writes the table as JSON and a plot of Fréchet distance and time per image against the number of steps.
 """
@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler
 from hf_ddpm import HFDDPMScheduler
 from hf_ddpm.data import ImageTensorDataset, load_images
 from hf_ddpm.metrics import sample_quality
-from hf_ddpm.pipelines.auto import load_pipeline
+from hf_ddpm.pipelines.auto import default_device, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--eval_data", required=True)
     parser.add_argument("--num_samples", type=int, default=200)
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device to run on (default: cuda where available, else cpu)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "steps_vs_quality.json")
     args = parser.parse_args()
     test = ImageTensorDataset(load_images(args.eval_data, split="test").images)[:]
@@ -99,7 +102,7 @@ def main() -> None:
         f"{floor['frechet_distance_std']:.2f} (std over sets), confidence {floor['mean_confidence']:.3f}",
         flush=True,
     )
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
     rows = []
@@ -111,7 +114,7 @@ def main() -> None:
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(0),
             output_type="pt",
-        ).images
+        ).images.cpu()
         seconds = (time.time() - start) / args.num_samples
         quality = sample_quality(samples * 2 - 1, reference)
         rows.append({"sampler": label, "steps": steps, "seconds_per_image": seconds, **vars(quality)})

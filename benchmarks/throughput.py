@@ -29,6 +29,8 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_ddpm import DenoisingUNet
+from hf_ddpm.pipelines.auto import default_device
 from hf_ddpm.training_utils import flush_denormals, resolve_mixed_precision
 
 
@@ -231,7 +234,8 @@ def step_row(
     loss, bf16 autocast or float32, gradient clipping, fused AdamW, foreach EMA, batches cut on the device from
     resident images), with the network's forward and backward ``eager``, ``compiled`` (torch.compile, default mode)
     or replayed as ``cuda graphs`` (:class:`hf_ddpm.training_utils.CUDAGraphedNetwork`), its weights and inputs
-    channels_last or not, and the seconds of its first 3 steps (with the compilation or capture)."""
+    channels_last or not, the seconds of its first 3 steps (with the compilation or capture) and, on CUDA, its
+    :func:`host_syncs_per_step`."""
     from diffusers.training_utils import EMAModel
 
     from hf_ddpm.data import ShuffledBatches
@@ -264,16 +268,32 @@ def step_row(
 
     start = time.perf_counter()
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    syncs = host_syncs_per_step if device.startswith("cuda") else lambda _: None
     for _ in range(3):
         step()
     synchronize()
     warmup_seconds = time.perf_counter() - start
-    count = min(steps, len(images) // batch_size - 3)
+    count = min(steps, len(images) // batch_size - 6)
     start = time.perf_counter()
     for _ in range(count):
         step()
     synchronize()
-    return {"seconds_per_step": (time.perf_counter() - start) / count, "first_3_steps_seconds": warmup_seconds}
+    seconds = (time.perf_counter() - start) / count
+    return {"seconds_per_step": seconds, "first_3_steps_seconds": warmup_seconds, "host_syncs_per_step": syncs(step)}
+
+
+def host_syncs_per_step(step: Callable[[], None], steps: int = 3) -> float:
+    """The operations per call of ``step`` that make the host wait for the GPU (a read back, a copy from pageable
+    host memory), as torch's CUDA sync debug mode counts them: 0 lets the host queue steps ahead of the GPU."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught) / steps
 
 
 def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
@@ -296,6 +316,7 @@ def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
                     "ms_per_step": 1000 * seconds,
                     "images_per_second": batch_size / seconds,
                     "first_3_steps_seconds": timing["first_3_steps_seconds"],
+                    "host_syncs_per_step": timing["host_syncs_per_step"],
                     "achieved_tflops": gflops / 1000,
                     "fraction_of_bf16_matmul_peak": gflops / peak,
                 }
@@ -303,7 +324,7 @@ def cuda_step_rows(arms: dict[str, list[int]], steps: int) -> dict:
             print(
                 f"batch {batch_size:5d} {forward_kind:11s} {1000 * seconds:7.2f} ms/step {batch_size / seconds:9.0f} "
                 f"img/s {gflops / 1000:6.2f} TFLOP/s ({100 * gflops / peak:.2f}% of peak); first 3 steps "
-                f"{timing['first_3_steps_seconds']:.1f} s",
+                f"{timing['first_3_steps_seconds']:.1f} s; {timing['host_syncs_per_step']:g} host syncs per step",
                 flush=True,
             )
     return {
@@ -377,9 +398,7 @@ def main() -> None:
         "natively, as --mixed_precision auto decides: emulated bf16 runs at a fraction of a GFLOP/s)",
     )
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, or cuda: the GPU step only"
-    )
+    parser.add_argument("--device", default=default_device(), help="cpu, or cuda: the GPU step only")
     parser.add_argument("--cuda_eager_batch_sizes", type=int, nargs="*", default=[32, 512, 1024])
     parser.add_argument("--cuda_graph_batch_sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
     parser.add_argument("--cuda_compiled_batch_sizes", type=int, nargs="*", default=[])

@@ -1,18 +1,37 @@
 """benchmarks/quality_per_minute.py's recipes are flags train.py accepts, and each candidate of the recipe re-tune
-changes the default in the choice its name says and in nothing else."""
+changes the default in the choice its name says and in nothing else; the benchmarks that run on a device run on
+CUDA where there is one unless ``--device`` says otherwise."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
+from hf_ddpm.pipelines.auto import default_device
 from hf_ddpm.training_args import parse_arguments
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+#: The benchmarks that take ``--device``: those that run a saved model in-process, and throughput.py.
+DEVICE_BENCHMARKS = [
+    "autoguidance",
+    "decoder_term",
+    "ode_vs_bound",
+    "paired_nll",
+    "posthoc_ema",
+    "quality_vs_diffusers",
+    "sampling_speed",
+    "steps_vs_quality",
+    "throughput",
+]
 
 
 @pytest.fixture
 def recipes(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     import quality_per_minute
 
     return quality_per_minute
@@ -51,3 +70,29 @@ def test_every_recipe_and_candidate_parses(recipes):
 def test_a_candidate_changes_the_default_in_its_named_choice_only(recipes, name, changed):
     default, candidate = parsed(recipes.RECIPES["default"]), parsed(recipes.CANDIDATES[name])
     assert {key: value for key, value in candidate.items() if default[key] != value} == changed
+
+
+@pytest.mark.parametrize("available, device", [(True, "cuda"), (False, "cpu")])
+def test_default_device_is_cuda_where_torch_sees_one(monkeypatch, available, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert default_device() == device
+
+
+class ParserBuilt(Exception):
+    """Raised in place of parsing the command line, carrying the parser that was to parse it."""
+
+
+@pytest.mark.parametrize("available", [True, False])
+@pytest.mark.parametrize("name", DEVICE_BENCHMARKS)
+def test_a_benchmark_device_flag_defaults_to_cuda_where_available(monkeypatch, name, available):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+    def built(parser, *args, **kwargs):
+        raise ParserBuilt(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", built)
+    with pytest.raises(ParserBuilt) as caught:
+        importlib.import_module(name).main()
+    parser = caught.value.args[0]
+    assert parser.get_default("device") == default_device() == ("cuda" if available else "cpu")

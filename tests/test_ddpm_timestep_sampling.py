@@ -94,3 +94,51 @@ def test_sampler_state_round_trip_and_history_window():
 def test_unknown_sampler_name_is_rejected():
     with pytest.raises(ValueError, match="uniform, loss-second-moment, decoder-oversampled"):
         make_timestep_sampler("importance", 10)
+
+
+def appended_one_by_one(num_timesteps: int, history: int, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The history improved-diffusion keeps, built by appending each loss in turn (the reference for the batched
+    update): per timestep, its last ``history`` losses, oldest first, zeros after them."""
+    losses, counts = np.zeros((num_timesteps, history)), np.zeros(num_timesteps, dtype=np.int64)
+    for timesteps, values in batches:
+        for t, loss in zip(timesteps.tolist(), values.tolist()):
+            if counts[t] == history:
+                losses[t, :-1] = losses[t, 1:]
+                losses[t, -1] = loss
+            else:
+                losses[t, counts[t]] = loss
+                counts[t] += 1
+    return losses, counts
+
+
+@pytest.mark.parametrize("history, batch_size", [(1, 9), (3, 7), (4, 2), (5, 40)])
+def test_the_batched_history_update_equals_appending_the_losses_one_by_one(history, batch_size):
+    """Batches with repeated timesteps (more repeats than the history holds, too) and a history filling up across
+    batches: the batched update keeps exactly the losses, order and counts of the one-by-one loop."""
+    generator = torch.Generator().manual_seed(history)
+    sampler, batches = LossSecondMomentSampler(5, history=history, uniform_prob=0.01), []
+    for _ in range(12):
+        batch = (torch.randint(0, 5, (batch_size,), generator=generator), torch.rand(batch_size, generator=generator))
+        batches.append(batch)
+        sampler.update(*batch)
+        losses, counts = appended_one_by_one(5, history, batches)
+        np.testing.assert_array_equal(sampler.losses.numpy(), losses)
+        np.testing.assert_array_equal(sampler.counts.numpy(), counts)
+        warm = bool((counts == history).all())
+        assert sampler.warmed_up() == warm
+        if warm:  # improved-diffusion's formula, in numpy
+            rms = np.sqrt(np.mean(losses**2, axis=-1))
+            np.testing.assert_allclose(sampler.probabilities(), rms / rms.sum() * 0.99 + 0.01 / 5, rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["uniform", "decoder-oversampled"])
+def test_fixed_samplers_draw_on_the_cpu_exactly_what_a_multinomial_of_their_probabilities_draws(name):
+    """Keeping p(t) on the batch's device changes no CPU draw: the timesteps and weights of a seeded draw are those
+    of ``torch.multinomial`` over the float64 probabilities (the draws of earlier versions)."""
+    sampler = make_timestep_sampler(name, 1000)
+    for _ in range(2):  # the second draw reads the kept p(t)
+        t, w = sampler.sample(64, "cpu", torch.Generator().manual_seed(5))
+        p = torch.from_numpy(sampler.probabilities())
+        expected = torch.multinomial(p, 64, replacement=True, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(t, expected)
+        assert torch.equal(w, (1.0 / (1000 * p[expected])).float())

@@ -8,7 +8,9 @@ import types
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import TINY_TRAIN
 from hf_ddpm import DenoisingUNet
@@ -61,6 +63,77 @@ def test_the_graphed_network_returns_the_networks_sample_and_leaves_no_gradient(
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     assert torch.equal(graphed(x, t).sample, unet(x, t).sample)
     assert list(graphed.parameters()) == list(unet.parameters())  # the optimizer's parameters are the graph's
+
+
+class HostDeviceCrossings(TorchDispatchMode):
+    """Records every operation that moves data between the host and another device, or reads a value back
+    from a device (``.item()``, ``bool(tensor)``): on a GPU each of them makes the host wait for all work queued
+    before it. (Reading a host tensor, such as the step count of the foreach AdamW, waits for nothing.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        devices = {x.device.type for x in pytree.tree_leaves((args, kwargs, out)) if isinstance(x, torch.Tensor)}
+        if len(devices) > 1 or (func is torch.ops.aten._local_scalar_dense.default and devices != {"cpu"}):
+            self.crossings.append(f"{func} on {sorted(devices)}")
+        return out
+
+
+def test_the_crossings_recorder_sees_copies_to_and_from_a_device():
+    with HostDeviceCrossings() as recorder:
+        torch.ones(3).to("meta")
+        torch.ones(3).sum().item()  # a host value: no crossing
+        torch.ones(3, device="meta").sum()
+    assert recorder.crossings == ["aten._to_copy.default on ['cpu', 'meta']"]
+
+
+@pytest.mark.parametrize(
+    "model, loss_type",
+    [
+        ("ddpm", "hybrid"),
+        ("ddpm", "hybrid_decoder"),
+        ("ddpm", "vlb"),
+        ("ddpm", "simple --variance_type fixed_small"),
+        ("vae", "hybrid"),
+    ],
+)
+def test_a_training_step_on_a_device_neither_copies_from_the_host_nor_reads_back(model, loss_type):
+    """train.py's step (the objective's loss at drawn timesteps, backward, clipping, the skipped-update flag, AdamW,
+    the timestep sampler's update and the EMA) on a stand-in accelerator, the meta device, where any host copy or
+    read is visible: after the first step, which copies the chain's constants to the device once, none. (The VDM's
+    forward asks autocast about its device, which meta is not; the fused AdamW kernel has no meta version, so the
+    foreach one stands in for it.)"""
+    from diffusers.training_utils import EMAModel
+
+    from hf_ddpm.objectives import build_model_and_objective
+    from hf_ddpm.training_args import parse_arguments
+    from hf_ddpm.training_utils import SkippedUpdates
+
+    flags = [*TINY_TRAIN, "--model", model, "--loss_type", *loss_type.split(), "--output_dir", "x"]
+    network, objective = build_model_and_objective(*parse_arguments(flags))
+    network.to("meta")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, foreach=True)
+    ema, skipped = EMAModel(network.parameters(), foreach=True), SkippedUpdates("x", torch.device("meta"))
+    images = torch.zeros(16, 1, 28, 28, device="meta")
+    crossings = []
+    for _ in range(2):
+        with HostDeviceCrossings() as recorder:
+            out = objective.loss(network, images)
+            out.loss.mean().backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            fused = types.SimpleNamespace()  # what the fused AdamW would be handed: its skip flag
+            skipped.before_step(fused, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            objective.observe(out.feedback)
+            ema.step(network.parameters())
+        crossings.append(recorder.crossings)
+    assert crossings[1] == [] and fused.found_inf.device.type == "meta"
+    if model == "ddpm":  # the recorder saw the constants' one-time copies
+        assert crossings[0]
 
 
 import train  # noqa: E402  (importable once helpers put training/ on sys.path)

@@ -32,7 +32,7 @@ from .data import ImageTensorDataset, load_images
 from .demo import add_demo_arguments, run_demo
 from .evaluation import DEQUANTIZATIONS, ESTIMATORS, BoundOptions, evaluate_bound
 from .metrics import MNIST_SHAPE, sample_quality
-from .pipelines.auto import open_pipeline, with_scheduler
+from .pipelines.auto import default_device, open_pipeline, with_scheduler
 from .pipelines.ddpm import DDPM_SCHEDULERS, HFDDPMPipeline
 from .pipelines.vae import VAEPipeline
 from .pipelines.vdm import VDMPipeline
@@ -349,9 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--revision", default=None, help="Hub revision: a branch, tag or commit")
         command.add_argument("--seed", type=int, default=0, help="random seed of the noise and the timesteps")
-        command.add_argument(
-            "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device to run on"
-        )
+        command.add_argument("--device", default=default_device(), help="torch device to run on")
         command.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
         command.add_argument("--steps", type=int, default=100, help="sampling steps (respaced; diffusion models)")
         command.add_argument(

@@ -32,7 +32,7 @@ from . import HFDDPMPipeline, VAEPipeline, VDMPipeline, __version__
 from .distributions import nats_to_bits_per_dim
 from .hub.push import check_repo_id
 from .image_utils import images_to_tensor, model_range_to_output
-from .pipelines.auto import open_pipeline, with_scheduler
+from .pipelines.auto import default_device, open_pipeline, with_scheduler
 from .pipelines.vdm import VDM_EXACT_BOUND_STEPS
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def load_for_demo(model: str, revision: str | None) -> DemoPipelines:
     """Load ``model`` (a folder written by ``save_pretrained`` or a Hub repo id ORG/NAME at ``revision``) with the
     pipeline class its ``model_index.json`` names, on the GPU when there is one
     (:func:`hf_ddpm.pipelines.auto.open_pipeline`: a ``ValueError`` of one line when it cannot be loaded)."""
-    return open_pipeline(model, revision, "cuda" if torch.cuda.is_available() else "cpu")
+    return open_pipeline(model, revision, default_device())
 
 
 def max_steps(pipeline: DiffusionPipelines) -> int:

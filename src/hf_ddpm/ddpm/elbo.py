@@ -48,7 +48,7 @@ def prior_term(chain: DiffusionChain, x_start: torch.Tensor) -> torch.Tensor:
     (whose top may be below T-1, e.g. with ``leading`` spacing). No parameter enters it: it measures how well the
     third restriction, q(x_T) ~= N(0, I), holds.
     """
-    last = torch.full((x_start.shape[0],), int(chain.timesteps[-1]), dtype=torch.long)
+    last = torch.full((x_start.shape[0],), int(chain.timesteps[-1]), dtype=torch.long, device=x_start.device)
     mean, _, log_variance = chain.q_mean_variance(x_start, last)
     return kl_to_standard_normal(mean, log_variance)
 

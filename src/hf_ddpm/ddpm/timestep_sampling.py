@@ -18,23 +18,36 @@ DEFAULT_DECODER_SHARE = 1 / 32
 
 
 class UniformTimestepSampler:
-    """p(t) = 1 / T for t = 0..T-1; every weight is 1."""
+    """p(t) = 1 / T for t = 0..T-1; every weight is 1.
+
+    Draws on the device the batch is on, from p(t) kept there: a training step copies nothing from the host and
+    reads nothing back (on a GPU each such copy or read waits for the work queued before it)."""
 
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps
+        self._probabilities_on: dict[str, torch.Tensor] = {}  # device -> p(t) there (a fixed p: copied once)
 
     def probabilities(self) -> np.ndarray:
         """p(t), float64 of shape (T,)."""
         return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
 
+    def probability_tensor(self, device: torch.device | str) -> torch.Tensor:
+        """p(t) as a tensor on ``device``: float64 (float32 on MPS, which has none)."""
+        device = torch.device(device)
+        if str(device) not in self._probabilities_on:
+            p = torch.from_numpy(self.probabilities())
+            self._probabilities_on[str(device)] = p.to(device, torch.float32 if device.type == "mps" else None)
+        return self._probabilities_on[str(device)]
+
     def sample(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw (timesteps (B,) long, weights w_t = 1 / (T p(t)) (B,) float32) on ``device``."""
-        p = torch.from_numpy(self.probabilities())
+        """Draw (timesteps (B,) long, weights w_t = 1 / (T p(t)) (B,) float32) on ``device`` (``generator``, if
+        given, is one of that device)."""
+        p = self.probability_tensor(device)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.float().to(device)
+        return t, weights.float()
 
     def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
         """Record the losses seen at ``timesteps`` (nothing to record for uniform sampling)."""
@@ -50,43 +63,74 @@ class LossSecondMomentSampler(UniformTimestepSampler):
     """p(t) proportional to sqrt(mean of the last ``history`` squared losses at t), mixed with ``uniform_prob`` of
     uniform; uniform until every t has a full history (improved-diffusion's LossSecondMomentResampler).
 
-    In multi-process training pass the losses of all processes (``accelerator.gather``) to :meth:`update` so every
-    process keeps the same history and draws from the same p(t).
+    The history (``losses`` (T, history) float64, oldest first, and ``counts`` (T,)) lives on the device of the
+    timesteps it is given and is updated there in a few batched operations, so neither :meth:`update` nor
+    :meth:`sample` waits for the device. In multi-process training pass the losses of all processes
+    (``accelerator.gather``) to :meth:`update` so every process keeps the same history and draws from the same p(t).
     """
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)
         self.history = history
         self.uniform_prob = uniform_prob
-        self.losses = np.zeros((num_timesteps, history), dtype=np.float64)
-        self.counts = np.zeros(num_timesteps, dtype=np.int64)
+        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64)
 
     def warmed_up(self) -> bool:
-        """True once every timestep has ``history`` recorded losses."""
+        """True once every timestep has ``history`` recorded losses (reads the device)."""
         return bool((self.counts == self.history).all())
 
     def probabilities(self) -> np.ndarray:
-        if not self.warmed_up():
-            return super().probabilities()
-        weights = np.sqrt(np.mean(self.losses**2, axis=-1))
-        weights /= weights.sum()
-        return weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        return self.probability_tensor(self.losses.device).double().cpu().numpy()
+
+    def probability_tensor(self, device: torch.device | str) -> torch.Tensor:
+        """p(t) on ``device`` from the history, computed there: uniform until every t is warm (chosen on the device,
+        not read back)."""
+        self._move_history(device)
+        weights = self.losses.pow(2).mean(dim=-1).sqrt()
+        weights = weights / weights.sum()
+        importance = weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        uniform = torch.full_like(importance, 1.0 / self.num_timesteps)
+        p = torch.where((self.counts == self.history).all(), importance, uniform)
+        return p.float() if p.device.type == "mps" else p
 
     def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
-        for t, loss in zip(timesteps.tolist(), losses.detach().double().cpu().tolist()):
-            if self.counts[t] == self.history:
-                self.losses[t, :-1] = self.losses[t, 1:]
-                self.losses[t, -1] = loss
-            else:
-                self.losses[t, self.counts[t]] = loss
-                self.counts[t] += 1
+        """Append each image's loss to its timestep's history in batch order, keeping the last ``history``: the
+        same history as appending them one by one, computed without a loop or a read of the device."""
+        self._move_history(timesteps.device)
+        t = timesteps.detach().long().reshape(-1)
+        new = losses.detach().reshape(-1).to(self.losses)
+        T, H, B = self.num_timesteps, self.history, t.numel()
+        order = torch.sort(t, stable=True).indices  # each timestep's losses together, in batch order
+        t_sorted = t[order]
+        first = torch.searchsorted(t_sorted, t_sorted)  # where each timestep's run starts
+        rank = torch.arange(B, device=t.device) - first  # the loss's place among its timestep's new ones
+        arrivals = torch.zeros(T, B, dtype=self.losses.dtype, device=t.device)
+        arrivals[t_sorted, rank] = new[order]
+        had = self.counts
+        total = had.index_add(0, t, torch.ones_like(t))  # old and new losses per timestep (bincount would read back)
+        kept = total.clamp(max=H)
+        # slot j of the new history holds loss number m = total - kept + j of the old-then-new sequence
+        m = (total - kept).unsqueeze(1) + torch.arange(H, device=t.device)
+        old = self.losses.gather(1, m.clamp(max=H - 1))
+        fresh = arrivals.gather(1, (m - had.unsqueeze(1)).clamp(0, B - 1))
+        history = torch.where(m < had.unsqueeze(1), old, fresh)
+        self.losses = torch.where(torch.arange(H, device=t.device) < kept.unsqueeze(1), history, 0.0)
+        self.counts = kept
+
+    def _move_history(self, device: torch.device | str) -> None:
+        device = torch.device(device)
+        if self.losses.device != device:
+            float_type = torch.float32 if device.type == "mps" else torch.float64
+            self.losses, self.counts = self.losses.to(device, float_type), self.counts.to(device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": torch.from_numpy(self.losses.copy()), "counts": torch.from_numpy(self.counts.copy())}
+        return {"losses": self.losses.double().cpu().clone(), "counts": self.counts.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.losses = state["losses"].numpy().copy()
-        self.counts = state["counts"].numpy().copy()
+        device = self.losses.device
+        self.losses, self.counts = state["losses"].double().clone(), state["counts"].long().clone()
+        self._move_history(device)
 
 
 class DecoderOversampler(UniformTimestepSampler):

@@ -31,6 +31,12 @@ PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
 }
 
 
+def default_device() -> str:
+    """``"cuda"`` where torch sees a CUDA device, else ``"cpu"``: what the command line and the benchmarks run on
+    unless ``--device`` says otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_pipeline(model: str | Path, revision: str | None = None, **kwargs: Any) -> DiffusionPipeline:
     """``model`` (a folder written by ``save_pretrained``, or a Hub repo id ``ORG/NAME`` at ``revision``) loaded
     with the hf_ddpm pipeline class its ``model_index.json`` names; ``kwargs`` go to that class's
