@@ -24,9 +24,14 @@ def guide_step(total_steps: int, guide_fraction: float) -> int:
         S = max(1, N - ceil((1 - F) N)),   F = ``guide_fraction`` in (0, 1]
 
     (:func:`~hf_ddpm.training_budget.decay_start_step` with decay fraction 1 - F: about F N, at least 1)."""
+    check_guide_fraction(guide_fraction)
+    return max(1, decay_start_step(total_steps, 1 - guide_fraction))
+
+
+def check_guide_fraction(guide_fraction: float) -> None:
+    """Raise ``ValueError`` (one line) unless ``guide_fraction`` is in (0, 1]."""
     if not 0 < guide_fraction <= 1:
         raise ValueError(f"guide_fraction must be in (0, 1], got {guide_fraction}.")
-    return max(1, decay_start_step(total_steps, 1 - guide_fraction))
 
 
 class GuideSnapshot:
@@ -39,7 +44,7 @@ class GuideSnapshot:
     """
 
     def __init__(self, guide_fraction: float, fixed_step: int | None = None):
-        guide_step(1, guide_fraction)  # checks the fraction
+        check_guide_fraction(guide_fraction)
         self.guide_fraction, self.fixed_step = guide_fraction, fixed_step
         self.step: int | None = None  # the step the weights are of, once taken
         self.weights: dict[str, torch.Tensor] | None = None

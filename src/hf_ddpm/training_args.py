@@ -41,6 +41,7 @@ from .ddpm.elbo import LOSS_TYPES
 from .ddpm.guidance import check_guidance_scale
 from .ddpm.schedules import BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS, make_betas
 from .ddpm.timestep_sampling import TIMESTEP_SAMPLERS, resolve_timestep_sampler
+from .guide_snapshot import check_guide_fraction
 from .hub.push import check_repo_id
 from .models.unet import VDM_FOURIER_FEATURES, coarsest_level_attention, default_unet_layout
 from .posthoc_ema import MAX_SIGMA_REL
@@ -769,10 +770,9 @@ def check_autoguidance(train_args: TrainingArguments) -> None:
     outside the run."""
     try:
         check_guidance_scale(train_args.guidance_scale)
+        check_guide_fraction(train_args.guide_fraction)
     except ValueError as error:
         raise SystemExit(f"--{error}") from None
-    if not 0 < train_args.guide_fraction <= 1:
-        raise SystemExit(f"--guide_fraction must be in (0, 1], got {train_args.guide_fraction}.")
     step, steps = train_args.guide_step, train_args.max_train_steps
     if step is not None and not (step >= 1 and (steps is None or step <= steps)):
         raise SystemExit(f"--guide_step must be a step of the run, in [1, --max_train_steps], got {step}.")
