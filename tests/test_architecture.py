@@ -34,6 +34,7 @@ LAYERS = {
     "hf_ddpm.posthoc_ema": 9,
     "hf_ddpm.guide_snapshot": 9,
     "hf_ddpm.training_args": 9,
+    "hf_ddpm.dataclass_flags": 9,
     "hf_ddpm.data": 9,
     "hf_ddpm.data.emoji": 9,
     "hf_ddpm.metrics": 9,

@@ -29,13 +29,13 @@ from huggingface_hub import get_token
 
 try:
     import accelerate.utils
-    from transformers import HfArgumentParser
 except ImportError as _missing:  # the light install: loading, sampling and the ELBO only
     _package = (_missing.name or "a package").split(".")[0]
     raise ImportError(
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
+from .dataclass_flags import DataclassArgumentParser
 from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES, check_decoder_min_std
 from .ddpm.elbo import LOSS_TYPES
 from .ddpm.guidance import check_guidance_scale
@@ -356,9 +356,7 @@ class TrainingArguments:
         metadata={
             "help": "torch.compile the network's training forward and backward (evaluation stays eager): true, "
             "false, or unset: on where it pays within --train_minutes (one CPU process, the DDPM, float32, "
-            "AVX-512 kernels; hf_ddpm.training_budget.compile_pays), the decision logged.",
-            "nargs": "?",  # a bare --compile is --compile true
-            "const": True,
+            "AVX-512 kernels; hf_ddpm.training_budget.compile_pays), the decision logged."
         },
     )
     cuda_graphs: bool = field(
@@ -432,34 +430,23 @@ SECRET_FIELDS = ("hub_token",)
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse flags; ``--config FILE.yaml|json`` gives defaults that explicit flags override. Validates choices."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = DataclassArgumentParser(ARGUMENT_CLASSES)
     parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
-    config_path = None
-    if "--config" in argv:
-        index = argv.index("--config")
-        config_path = argv[index + 1] if index + 1 < len(argv) else None
-        del argv[index : index + 2]
+    given = parser.given_flags(argv)  # in any spelling: --max-train-steps 5, --recipe=gpu
     values = {}
-    if config_path is not None:
-        path = Path(config_path)
+    if given.get("config") is not None:
+        path = Path(given["config"])
         if not path.is_file():
-            raise SystemExit(f"--config {config_path}: no such file.")
+            raise SystemExit(f"--config {path}: no such file.")
         values = read_config(path)
-    recipe = values.get("recipe", "auto")
-    if "--recipe" in argv:  # the last one given, as argparse reads it
-        last = len(argv) - 1 - argv[::-1].index("--recipe")
-        recipe = argv[last + 1] if last + 1 < len(argv) else recipe
+    recipe = given.get("recipe", values.get("recipe", "auto"))
     if recipe not in ("auto", *RECIPES):
         raise SystemExit(f"--recipe must be one of auto, {', '.join(RECIPES)}, got {recipe!r}.")
     defaults = dict(RECIPES[resolve_recipe(recipe)])
-    if any(
-        key in values or f"--{key}" in argv for key in RUN_LENGTH_FIELDS
-    ):  # the user's length replaces the recipe's
+    if any(key in values or key in given for key in RUN_LENGTH_FIELDS):  # the user's length replaces the recipe's
         defaults = {key: value for key, value in defaults.items() if key not in RUN_LENGTH_FIELDS}
     parser.set_defaults(**{**defaults, **values})
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)[
-        :3
-    ]  # [3]: the --config namespace
+    model_args, data_args, train_args = parser.parse_into_dataclasses(argv)
     train_args.recipe = resolve_recipe(train_args.recipe)
     validate_arguments(model_args, data_args, train_args)
     return model_args, data_args, train_args
