@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +268,10 @@ def test_two_cpu_processes_train_on_different_data_and_save_a_loadable_pipeline(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr + result.stdout  # each takes its share (tests/test_batches.py)
     assert "32 per optimizer step" in result.stderr + result.stdout
+    assert re.search(
+        r"Start-up [0-9.]+ s: accelerate launch [0-9.]+ s, Python and imports [0-9.]+ s, .*, data [0-9.]+ s",
+        result.stderr,
+    )
     assert json.loads((out / "eval_results.json").read_text())["num_processes"] == 2
     pipe = HFDDPMPipeline.from_pretrained(out)
     assert pipe(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 28, 28, 1)

@@ -268,3 +268,27 @@ def test_flush_denormals_reaches_the_threads_torch_starts_after_it():
         pytest.skip("this CPU cannot flush subnormals (not x86 with SSE3)")
     assert outputs["flush"][1] == "0"
     assert outputs["keep"][1] == "1000000"
+
+
+def test_startup_times_are_the_seconds_between_marks_from_the_process_start():
+    clock = iter([12.0, 13.5, 13.75])
+    startup = training_utils.StartupTimes(process_start=5.0, now=lambda: next(clock))
+    for what in ("Python and imports", "accelerator", "data"):
+        startup.mark(what)
+    assert startup.describe() == "Start-up 8.8 s: Python and imports 7.0 s, accelerator 1.5 s, data 0.2 s."
+
+
+def test_startup_times_of_a_process_count_from_its_start():
+    """A process that sleeps 1.5 s before it reads its start finds at least that much before its first mark."""
+    script = (
+        "import time; time.sleep(1.5); from hf_ddpm.training_utils import StartupTimes; "
+        "s = StartupTimes.of_this_process(); s.mark('x'); print(s.points[1][1] - s.points[0][1])"
+    )
+    seconds = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert 1.5 <= seconds < 60
+
+
+def test_startup_times_under_accelerate_launch_begin_with_the_launchers_part():
+    startup = training_utils.StartupTimes(process_start=5.0, now=lambda: 9.0, launcher_start=3.0)
+    startup.mark("Python and imports")
+    assert startup.describe() == "Start-up 6.0 s: accelerate launch 2.0 s, Python and imports 4.0 s."

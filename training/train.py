@@ -69,6 +69,7 @@ from hf_ddpm.training_utils import (
     POSTHOC_EMA_FOLDER,
     FiniteGuard,
     SkippedUpdates,
+    StartupTimes,
     TrainLog,
     checkpoint_step,
     ema_weights,
@@ -92,6 +93,8 @@ logger = get_logger(__name__, log_level="INFO")
 
 # ================================================================================================ main
 def main(argv: list[str] | None = None) -> Path:
+    startup = StartupTimes.of_this_process()  # where the seconds before the first step go, logged
+    startup.mark("Python and imports")
     flush_denormals()  # first: the threads torch starts later inherit it
     model_args, data_args, train_args = parse_arguments(argv)
     output_dir = Path(train_args.output_dir)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
         return output_dir
     if train_args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+    startup.mark("arguments, accelerator and output folder")
 
     # ---- data: the training images on the training device, shuffled there (no DataLoader); each process its share
     train_data, held_out, held_out_description = load_training_data(data_args)
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     held_out_images = ImageTensorDataset(held_out.images)[:]
+    startup.mark("data")
 
     # ---- model, objective, optimizer, EMA
     set_seed(train_args.seed)  # same initial weights in every process
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(objective)
+    startup.mark(f"network, optimizer, EMA and training step ({step_kind.split(' (')[0]})")
+    logger.info(startup.describe())
     finite_guard = FiniteGuard(output_dir)  # weights and EMA weights finite before every save
     skipped = SkippedUpdates(output_dir, accelerator.device)  # updates with NaN or inf gradients: not applied
     posthoc: PostHocEMA | None = None  # --posthoc_ema's EMAs: made once the run's length is known (below)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -648,6 +650,42 @@ def sample_grid(pipeline: DiffusionPipeline, num_images: int, seed: int, **call:
 
 
 # ---------------------------------------------------------------------------------------------- the machine
+class StartupTimes:
+    """Where a run's start-up goes: the seconds from the process's start (as the OS recorded it) to the first
+    :meth:`mark` (Python and the imports), then between marks, in the order marked. ``now`` is the clock
+    (``time.time``, which the OS's start time is on)."""
+
+    def __init__(self, process_start: float, now: Callable[[], float], launcher_start: float | None = None) -> None:
+        self.now = now
+        self.points = [("", process_start)]
+        if launcher_start is not None:  # the launcher's own start-up before it started this process
+            self.points = [("", launcher_start), ("accelerate launch", process_start)]
+
+    @classmethod
+    def of_this_process(cls) -> StartupTimes:
+        """From this process's start (``psutil.Process().create_time()``; psutil comes with accelerate), or from its
+        parent's where that is ``accelerate launch`` of one process."""
+        import psutil
+
+        process = psutil.Process()
+        parent = process.parent()
+        try:  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+            command = parent.cmdline() if parent is not None else []
+            launched = "accelerate" in " ".join(command) and any(a.split(".")[-1] == "launch" for a in command)
+        except psutil.Error:  # a parent that has gone, or that we may not read
+            launched = False
+        return cls(process.create_time(), time.time, parent.create_time() if launched else None)
+
+    def mark(self, what: str) -> None:
+        """``what`` has just finished."""
+        self.points.append((what, self.now()))
+
+    def describe(self) -> str:
+        """'Start-up 9.1 s: Python and imports 6.0 s, data 1.1 s, ...' (each part's seconds since the one before)."""
+        parts = [f"{what} {end - begin:.1f} s" for (_, begin), (what, end) in itertools.pairwise(self.points)]
+        return f"Start-up {self.points[-1][1] - self.points[0][1]:.1f} s: {', '.join(parts)}."
+
+
 def has_accelerator_device() -> bool:
     """True when torch sees a GPU-like device (CUDA/ROCm, XPU or Apple MPS) to train on."""
     xpu = getattr(torch, "xpu", None)
