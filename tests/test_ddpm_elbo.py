@@ -248,6 +248,35 @@ def test_stratified_elbo_is_the_size_weighted_sum_of_one_term_per_stratum():
     torch.testing.assert_close(estimate.bits_per_dim, parts, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("timesteps_per_forward", [2, 3, 8])
+def test_the_stratified_estimate_is_the_same_with_strata_evaluated_together(timesteps_per_forward):
+    """stratified_elbo with m strata per network call (a GPU's width) gives the estimate of one call per stratum:
+    the same timesteps and noise drawn in the same order, one call per m strata plus the reconstruction's."""
+    T, K = 100, 8
+    chain = HFDDPMScheduler(num_train_timesteps=T, variance_type="learned_range").train_chain
+    model_fn, x0 = linear_model(T, learned=True), on_grid(3, 1, 4, 4, seed=4)
+    batches = []
+
+    def recording_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        batches.append(len(t))
+        return model_fn(x_t, t)
+
+    one = elbo.stratified_elbo(chain, model_fn, x0, K, torch.Generator().manual_seed(6), clip_denoised=True)
+    many = elbo.stratified_elbo(
+        chain,
+        recording_model,
+        x0,
+        K,
+        torch.Generator().manual_seed(6),
+        clip_denoised=True,
+        timesteps_per_forward=timesteps_per_forward,
+    )
+    m = timesteps_per_forward
+    assert batches == [3 * min(m, K - start) for start in range(0, K, m)] + [3]  # 3 images; the last: t = 0
+    for part in ("denoising_terms", "reconstruction_term", "prior_term", "bits_per_dim"):
+        torch.testing.assert_close(getattr(many, part), getattr(one, part), rtol=1e-12, atol=0)
+
+
 def test_stratified_elbo_refuses_a_respaced_chain():
     scheduler = HFDDPMScheduler(num_train_timesteps=20)
     scheduler.set_timesteps(5)

@@ -248,3 +248,11 @@ def test_the_removed_output_types_resolve_from_hf_ddpm_with_a_warning_once(monke
             assert getattr(hf_ddpm, name) is resolved  # once
     with pytest.raises(AttributeError, match="has no attribute 'VDMLossTerms'"):
         hf_ddpm.VDMLossTerms  # noqa: B018
+
+
+def test_draws_per_forward_fills_a_gpu_call_and_keeps_one_draw_a_call_elsewhere():
+    from hf_ddpm.evaluation import GPU_FORWARD_IMAGES, draws_per_forward
+
+    assert draws_per_forward(torch.device("cpu"), 256) == 1
+    assert draws_per_forward(torch.device("cuda"), 256) == GPU_FORWARD_IMAGES // 256 == 16
+    assert draws_per_forward(torch.device("cuda", 1), 3 * GPU_FORWARD_IMAGES) == 1

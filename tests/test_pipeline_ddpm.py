@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import hf_ddpm
+from helpers import on_grid
 from hf_ddpm import DenoisingUNet, HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.ddpm.chain import DiffusionChain
 from hf_ddpm.ddpm.elbo import full_elbo
@@ -219,6 +220,22 @@ def test_train_chain_is_the_configs_full_chain_and_bound_terms_name_their_estima
         "+ exact reconstruction and prior terms; x_0 estimate clipped to [-1, 1] in the denoising terms"
     )
     assert all(values.dtype == torch.float64 and values.shape == (2,) for values in stratified.terms.values())
+
+
+def test_a_bound_evaluated_several_timesteps_a_call_is_the_same(pipeline, monkeypatch):
+    """With several timesteps per network call (what ``draws_per_forward`` gives on a CUDA device), the stratified
+    estimate is the same (the same timesteps and noise; float32 network outputs at another batch size)."""
+    from hf_ddpm.pipelines import ddpm
+
+    images, options = on_grid(4, 1, SIZE, SIZE, seed=5), BoundOptions(timesteps_per_image=6)
+    one = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(3))
+    widths = []
+    forward = pipeline.unet.forward
+    monkeypatch.setattr(ddpm, "draws_per_forward", lambda device, batch: 4)
+    monkeypatch.setattr(pipeline.unet, "forward", lambda x, t: widths.append(len(x)) or forward(x, t))
+    many = evaluate_bound(pipeline, images, options, generator=torch.Generator().manual_seed(3))
+    assert widths == [16, 8, 4]  # strata 1-4, strata 5-6, then the reconstruction term's 4 images
+    torch.testing.assert_close(many.per_image, one.per_image, rtol=1e-6, atol=0)
 
 
 def test_elbo_accepts_uint8_arrays_and_pil_images_and_rejects_off_grid_floats(pipeline):

@@ -132,6 +132,30 @@ def test_the_exact_bound_and_elbo_are_the_discrete_bound_with_every_step_summed(
     torch.testing.assert_close(pipe.elbo(x, generator=seeded(1)).per_image, exact.per_image, rtol=0, atol=0)
 
 
+def test_bounds_evaluated_several_draws_a_call_are_the_same(monkeypatch):
+    """With several steps, draws or times per network call (what ``draws_per_forward`` gives on a CUDA device),
+    the exact bound, the estimate and bound_by_time are the same: the same noise in the same order (float32
+    network outputs at another batch size)."""
+    monkeypatch.setattr(vdm_pipeline_module, "VDM_EXACT_BOUND_STEPS", 20)
+    pipe, x = tiny_pipeline(), digits(3)
+
+    def bounds():
+        exact = evaluate_bound(pipe, x, BoundOptions(exact=True), generator=seeded(1)).per_image
+        estimate = evaluate_bound(pipe, x, BoundOptions(timesteps_per_image=5), generator=seeded(2)).per_image
+        return exact, estimate, pipe.bound_by_time(x, generator=seeded(3), num_times=7, draws_per_time=2).bits_per_dim
+
+    one = bounds()
+    widths = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(vdm_pipeline_module, "draws_per_forward", lambda device, batch: 3)
+    monkeypatch.setattr(pipe.unet, "forward", lambda z, t: widths.append(len(z)) or forward(z, t))
+    many = bounds()
+    # 20 steps of 3 images, 3 at a time; 5 draws; bound_by_time: 7 times of 2 draws of 3 images
+    assert widths == [9] * 6 + [6] + [9, 6] + [18, 18, 6]
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 def test_the_t1000_bound_agrees_with_the_continuous_estimate():
     # L_1000 exceeds L_inf by about (gamma_1 - gamma_0) / (2 T) = 0.9% relative, inside the estimate's noise
     torch.manual_seed(0)

@@ -338,6 +338,37 @@ def test_continuous_estimate_matches_a_fine_exact_discrete_sum():
     assert (difference < 4 * estimate.standard_error).all(), (difference, estimate.standard_error)
 
 
+@pytest.mark.parametrize("width", [2, 3, 7])
+def test_both_bounds_are_the_same_with_draws_evaluated_together(width):
+    """discrete_time_bound and continuous_time_bound_estimate with m steps or draws per network call (a GPU's
+    width) give the terms of one call per step or draw: the same noise in the same order, m x B images a call."""
+    schedule = random_learned_schedule(seed=2)
+    x = on_grid(3, 1, 2, 2, seed=19)
+    weights = torch.eye(4, dtype=F64) * 0.6 + 0.2 * randn(4, 4, seed=20)
+    widths = []
+
+    def model_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # each image alone: no batch effect
+        widths.append(len(z))
+        return (z.reshape(-1, 4) @ weights).reshape(z.shape) * (1 - 0.3 * t.reshape(-1, 1, 1, 1))
+
+    with torch.no_grad():
+        one = discrete_time_bound(schedule, model_fn, x, 10, torch.Generator().manual_seed(21))
+        one_estimate = continuous_time_bound_estimate(schedule, model_fn, x, 5, torch.Generator().manual_seed(22))
+        widths.clear()
+        many = discrete_time_bound(schedule, model_fn, x, 10, torch.Generator().manual_seed(21), width)
+        many_estimate = continuous_time_bound_estimate(
+            schedule, model_fn, x, 5, torch.Generator().manual_seed(22), width
+        )
+    calls = [3 * min(width, 10 - start) for start in range(0, 10, width)]
+    assert widths == calls + [3 * min(width, 5 - start) for start in range(0, 5, width)]
+    for part in ("prior", "diffusion", "reconstruction"):
+        torch.testing.assert_close(getattr(many, part), getattr(one, part), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            getattr(many_estimate.terms, part), getattr(one_estimate.terms, part), rtol=1e-12, atol=0
+        )
+    torch.testing.assert_close(many_estimate.standard_error, one_estimate.standard_error, rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------------------------- clipped data estimate
 def test_the_clipped_estimate_is_clip_of_x_hat_and_keeps_eps_hat_inside_the_range():
     gamma = torch.tensor([-8.0, -1.0, 0.5, 4.0], dtype=F64).reshape(4, 1, 1, 1)

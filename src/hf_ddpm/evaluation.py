@@ -266,6 +266,17 @@ class BoundMixin:
 #: Images (of those given) a pipeline's ``bound_by_time`` splits the bound for, by default.
 BOUND_BY_TIME_IMAGES = 16
 
+#: Images per network call of a bound on a CUDA device (several timesteps or draws of a batch evaluated together:
+#: :func:`draws_per_forward`); small enough for any GPU at MNIST size (a 28x28 UNet's activations: a few GB).
+GPU_FORWARD_IMAGES = 4096
+
+
+def draws_per_forward(device: torch.device, batch: int) -> int:
+    """How many timesteps (or noise draws) of a batch of ``batch`` images a bound evaluates in one network call on
+    ``device``: about :data:`GPU_FORWARD_IMAGES` images on a CUDA device, one elsewhere (a CPU gains nothing from
+    wider calls). The draws are the same either way."""
+    return max(1, GPU_FORWARD_IMAGES // batch) if device.type == "cuda" else 1
+
 
 class BoundByTime(NamedTuple):
     """Where the bound goes along a diffusion's time axis, averaged over the images (it unpacks as

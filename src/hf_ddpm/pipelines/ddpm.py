@@ -15,7 +15,14 @@ from ..ddpm.chain import DiffusionChain
 from ..ddpm.elbo import full_elbo, stratified_elbo
 from ..ddpm.guidance import autoguided_output, check_guidance_scale
 from ..ddpm.scheduler import HFDDPMScheduler, scheduler_from_config
-from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
+from ..evaluation import (
+    BOUND_BY_TIME_IMAGES,
+    BatchBound,
+    BoundByTime,
+    BoundMixin,
+    BoundOptions,
+    draws_per_forward,
+)
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
@@ -30,10 +37,6 @@ DDPM_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,
 }
-
-#: Images per network call of the exact bound on a CUDA device (timesteps batched: ``full_elbo``'s
-#: ``timesteps_per_forward``); small enough for any GPU at MNIST size (a 28x28 UNet's activations: a few GB).
-GPU_FORWARD_IMAGES = 4096
 
 
 def network_layout(network: DenoisingUNet) -> dict:
@@ -212,11 +215,6 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         """The network's output at (x_t, t), x_t cast to the network's dtype: the ``model_fn`` of every bound."""
         return self.unet(x_t.to(self.unet.dtype), t).sample
 
-    def _timesteps_per_forward(self, batch: int) -> int:
-        """Timesteps of the exact bound evaluated in one network call: enough for about
-        :data:`GPU_FORWARD_IMAGES` images on a CUDA device, one elsewhere (a CPU gains nothing from wider calls)."""
-        return max(1, GPU_FORWARD_IMAGES // batch) if self._execution_device.type == "cuda" else 1
-
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on the execution device, once their size is checked against the network's."""
         check_image_size(images, self.unet.config.sample_size)
@@ -240,13 +238,19 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
                 x,
                 generator=generator,
                 clip_denoised=clip,
-                timesteps_per_forward=self._timesteps_per_forward(len(x)),
+                timesteps_per_forward=draws_per_forward(x.device, len(x)),
             )
             estimator = f"exact: all {T} terms"
         else:
             k = options.timesteps_per_image
             out = stratified_elbo(
-                chain, self._model_output, x, timesteps_per_image=k, generator=generator, clip_denoised=clip
+                chain,
+                self._model_output,
+                x,
+                timesteps_per_image=k,
+                generator=generator,
+                clip_denoised=clip,
+                timesteps_per_forward=draws_per_forward(x.device, len(x)),
             )
             estimator = (
                 f"unbiased stratified estimate of the full {T}-term bound, {k} timesteps per image "
@@ -288,7 +292,7 @@ class HFDDPMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
             generator=generator,
             keep_per_timestep=True,
             clip_denoised=clip_denoised,
-            timesteps_per_forward=self._timesteps_per_forward(len(x)),
+            timesteps_per_forward=draws_per_forward(x.device, len(x)),
         )
         terms = out.per_timestep.mean(dim=0).cpu()
         label = (

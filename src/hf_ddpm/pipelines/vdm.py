@@ -13,7 +13,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..distributions import nats_to_bits_per_dim
-from ..evaluation import BOUND_BY_TIME_IMAGES, BatchBound, BoundByTime, BoundMixin, BoundOptions
+from ..evaluation import (
+    BOUND_BY_TIME_IMAGES,
+    BatchBound,
+    BoundByTime,
+    BoundMixin,
+    BoundOptions,
+    draws_per_forward,
+)
 from ..hub.registration import HFDDPMRegistrationMixin
 from ..image_utils import ImageInput, check_image_size, check_output_type, images_to_tensor, model_range_to_output
 from ..models.unet import DenoisingUNet
@@ -245,14 +252,22 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         x = self._checked(images)
         model_fn = self._epsilon_model(options.clip_denoised)
         if options.exact:
-            terms = discrete_time_bound(self.noise_schedule, model_fn, x, VDM_EXACT_BOUND_STEPS, generator=generator)
+            terms = discrete_time_bound(
+                self.noise_schedule,
+                model_fn,
+                x,
+                VDM_EXACT_BOUND_STEPS,
+                generator=generator,
+                steps_per_forward=draws_per_forward(x.device, len(x)),
+            )
             estimator = (
                 f"discrete-time bound with all T={VDM_EXACT_BOUND_STEPS} steps summed (one noise draw per step) "
                 "+ exact prior and one-sample reconstruction terms"
             )
         else:
             k = options.timesteps_per_image
-            terms = continuous_time_bound_estimate(self.noise_schedule, model_fn, x, k, generator=generator).terms
+            width = draws_per_forward(x.device, len(x))
+            terms = continuous_time_bound_estimate(self.noise_schedule, model_fn, x, k, generator, width).terms
             estimator = (
                 f"unbiased estimate of the continuous-time bound from {k} low-discrepancy times per image "
                 "+ exact prior term"
@@ -300,12 +315,17 @@ class VDMPipeline(BoundMixin, HFDDPMRegistrationMixin, DiffusionPipeline):
         num_dims = x[0].numel()
         repeated = x.repeat(draws_per_time, *([1] * (x.dim() - 1)))  # (draws * N, ...): every image draws times
         times = (torch.arange(num_times, dtype=torch.float64) + 0.5) / num_times
-        density = torch.zeros(num_times, dtype=torch.float64)
-        for i, t in enumerate(times.tolist()):
-            noise = randn_tensor(repeated.shape, generator=generator, device=x.device, dtype=x.dtype)
-            t_batch = torch.full((repeated.shape[0],), t, dtype=x.dtype, device=x.device)
-            nats = continuous_diffusion_loss(schedule, model_fn, repeated, t_batch, noise)
-            density[i] = nats_to_bits_per_dim(nats, num_dims).mean().cpu()
+        density = []  # bits/dim per unit of t at each time, on the device until all are in
+        width = draws_per_forward(x.device, len(repeated))  # times per network call
+        for first in range(0, num_times, width):
+            chunk = times[first : first + width].tolist()
+            noise = torch.cat(
+                [randn_tensor(repeated.shape, generator=generator, device=x.device, dtype=x.dtype) for _ in chunk]
+            )
+            t_batch = torch.tensor(chunk, dtype=x.dtype, device=x.device).repeat_interleave(len(repeated))
+            nats = continuous_diffusion_loss(schedule, model_fn, repeated.repeat(len(chunk), 1, 1, 1), t_batch, noise)
+            density.extend(nats_to_bits_per_dim(nats, num_dims).view(len(chunk), -1).mean(dim=1))
+        density = torch.stack(density).to("cpu", torch.float64)
         reconstruction_noise = randn_tensor(repeated.shape, generator=generator, device=x.device, dtype=x.dtype)
         reconstruction = nats_to_bits_per_dim(reconstruction_loss(schedule, repeated, reconstruction_noise), num_dims)
         prior = nats_to_bits_per_dim(prior_loss(schedule, x), num_dims).mean().item()

@@ -273,19 +273,31 @@ def discrete_time_bound(
     x: torch.Tensor,
     num_steps: int,
     generator: torch.Generator | None = None,
+    steps_per_forward: int = 1,
 ) -> VDMLossTerms:
     """The T-step bound per image with every step summed, one z_t per step (no sampling of the step):
 
         L_T = sum_{i=1}^T 1/2 expm1(gamma(i/T) - gamma((i-1)/T)) ||eps_i - eps_hat(z_{i/T}, i/T)||^2,
 
-    with the exact prior term and a one-sample reconstruction term. Wrap it in ``torch.no_grad()`` to evaluate.
+    with the exact prior term and a one-sample reconstruction term. ``steps_per_forward``: m steps evaluated in one
+    network call on m x B images (a GPU's width; the noise drawn in the same order). Wrap it in ``torch.no_grad()``
+    to evaluate.
     """
-    diffusion = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for step in range(1, num_steps + 1):
-        t = torch.full((x.shape[0],), step / num_steps, dtype=x.dtype, device=x.device)
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        diffusion = diffusion + discrete_diffusion_loss(schedule, model_fn, x, t, noise, num_steps) / num_steps
+    batch = x.shape[0]
+    diffusion = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    for first in range(1, num_steps + 1, steps_per_forward):
+        steps = range(first, min(first + steps_per_forward, num_steps + 1))
+        t = torch.cat([torch.full((batch,), step / num_steps, dtype=x.dtype, device=x.device) for step in steps])
+        noise = torch.cat([randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype) for _ in steps])
+        losses = discrete_diffusion_loss(schedule, model_fn, _repeated(x, len(steps)), t, noise, num_steps)
+        for loss in losses.view(len(steps), batch):
+            diffusion = diffusion + loss / num_steps
     return _vdm_terms_around(schedule, x, diffusion, generator)
+
+
+def _repeated(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``times`` copies of the batch ``x`` one after another: (times * B, ...)."""
+    return x.repeat(times, *([1] * (x.dim() - 1)))
 
 
 def continuous_time_bound_estimate(
@@ -294,6 +306,7 @@ def continuous_time_bound_estimate(
     x: torch.Tensor,
     num_times: int,
     generator: torch.Generator | None = None,
+    draws_per_forward: int = 1,
 ) -> VDMBoundEstimate:
     """The continuous-time bound per image averaged over K = ``num_times`` draws, with its standard error.
 
@@ -301,18 +314,26 @@ def continuous_time_bound_estimate(
     the value prior + 1/2 gamma'(t_bk) ||eps_bk - eps_hat(z_{t_bk}, t_bk)||^2 - log p(x | z_0^(bk)) (fresh noise
     for both). The result is the mean over k and s / sqrt(K), s the sample standard deviation over k; that is
     the i.i.d. formula, which ignores the stratification of the times and so usually overstates the error.
-    Wrap it in ``torch.no_grad()`` to evaluate.
+    ``draws_per_forward``: m draws evaluated in one network call on m x B images (a GPU's width; the noise drawn
+    in the same order). Wrap it in ``torch.no_grad()`` to evaluate.
     """
     if num_times < 2:
         raise ValueError(f"num_times={num_times} must be at least 2 to estimate a standard error.")
-    offsets = _vdm_uniform((x.shape[0],), generator, x.device, x.dtype)
+    batch = x.shape[0]
+    offsets = _vdm_uniform((batch,), generator, x.device, x.dtype)
     diffusion, reconstruction = [], []
-    for draw in range(num_times):
-        t = torch.remainder(offsets + draw / num_times, 1.0)
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        diffusion.append(continuous_diffusion_loss(schedule, model_fn, x, t, noise))
-        reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        reconstruction.append(reconstruction_loss(schedule, x, reconstruction_noise))
+    for first in range(0, num_times, draws_per_forward):
+        draws = range(first, min(first + draws_per_forward, num_times))
+        times, noises = [], []
+        for draw in draws:
+            times.append(torch.remainder(offsets + draw / num_times, 1.0))
+            noises.append(randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+            reconstruction_noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            reconstruction.append(reconstruction_loss(schedule, x, reconstruction_noise))
+        losses = continuous_diffusion_loss(
+            schedule, model_fn, _repeated(x, len(draws)), torch.cat(times), torch.cat(noises)
+        )
+        diffusion.extend(losses.view(len(draws), batch))
     diffusion_draws, reconstruction_draws = torch.stack(diffusion), torch.stack(reconstruction)
     prior = prior_loss(schedule, x)
     totals = prior + diffusion_draws + reconstruction_draws
