@@ -35,9 +35,6 @@ def string_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-string_to_bool.__name__ = "boolean"  # argparse names the type in its message: "invalid boolean value: 'maybe'"
-
-
 def flag_type(hint: Any) -> tuple[Any, bool]:
     """The type of one value of a field annotated ``hint``, and whether the flag takes a list: ``int | None`` ->
     (int, False), ``list[float]`` -> (float, True). Raises TypeError for a union of two types other than None."""
