@@ -664,17 +664,18 @@ class StartupTimes:
     @classmethod
     def of_this_process(cls) -> StartupTimes:
         """From this process's start (``psutil.Process().create_time()``; psutil comes with accelerate), or from its
-        parent's where that is ``accelerate launch`` of one process."""
+        parent's where that is ``accelerate launch`` (or ``python -m accelerate.commands.launch``)."""
         import psutil
 
         process = psutil.Process()
-        parent = process.parent()
-        try:  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+        parent, launcher_start = process.parent(), None
+        try:
             command = parent.cmdline() if parent is not None else []
-            launched = "accelerate" in " ".join(command) and any(a.split(".")[-1] == "launch" for a in command)
+            if "accelerate" in " ".join(command) and any(a.split(".")[-1] == "launch" for a in command):
+                launcher_start = parent.create_time()
         except psutil.Error:  # a parent that has gone, or that we may not read
-            launched = False
-        return cls(process.create_time(), time.time, parent.create_time() if launched else None)
+            pass
+        return cls(process.create_time(), time.time, launcher_start)
 
     def mark(self, what: str) -> None:
         """``what`` has just finished."""
