@@ -35,7 +35,7 @@ except ImportError as _missing:  # the light install: loading, sampling and the 
         f"hf_ddpm's training needs the train extra ({_package} is not installed): pip install 'hf_ddpm[train]'"
     ) from None
 
-from .dataclass_flags import DataclassArgumentParser
+from .dataclass_flags import DataclassArgumentParser, flag_type
 from .ddpm.chain import PREDICTION_TYPES, VARIANCE_TYPES, check_decoder_min_std
 from .ddpm.elbo import LOSS_TYPES
 from .ddpm.guidance import check_guidance_scale
@@ -472,27 +472,24 @@ def read_config(path: Path) -> dict:
         raise SystemExit(f"--config {path}: unknown argument(s) {unknown}.")
     hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
     for name, value in values.items():
-        hint = hints[name]
-        kinds = typing.get_args(hint) or [hint]
-        kind = "list" if typing.get_origin(hint) is list else " | ".join(t.__name__ for t in kinds)
+        element, is_list = flag_type(hints[name])  # the type of one value, as the flag reads it
         if value is None:
-            if "None" not in kind:
+            if type(None) not in typing.get_args(hints[name]):
                 raise SystemExit(f"--config {path}: {name} cannot be null; remove it to keep its default.")
-        elif kind.startswith("list"):
-            element = typing.get_args(next(k for k in (hint, *kinds) if typing.get_origin(k) is list))[0]
+        elif is_list:
             numbers = (int, float) if element is float else (int,)
             if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, numbers) for v in value):
                 noun = "numbers" if element is float else "integers"
                 raise SystemExit(f"--config {path}: {name} must be a list of {noun}, got {value!r}.")
         elif isinstance(value, (list, dict)):
             raise SystemExit(f"--config {path}: {name} must be a single value, got {value!r}.")
-        elif kind.startswith("bool"):
+        elif element is bool:
             if not isinstance(value, bool):
                 raise SystemExit(f"--config {path}: {name} must be true or false, got {value!r}.")
-        elif kind.startswith("int"):
+        elif element is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SystemExit(f"--config {path}: {name} must be an integer, got {value!r}.")
-        elif kind.startswith("float"):
+        elif element is float:
             if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; argparse converts it, as on the command line
                 try:
                     values[name] = float(value)
@@ -501,7 +498,7 @@ def read_config(path: Path) -> dict:
                     pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SystemExit(f"--config {path}: {name} must be a number, got {value!r}.")
-        elif kind.startswith("str") and not isinstance(value, str):
+        elif element is str and not isinstance(value, str):
             raise SystemExit(f"--config {path}: {name} must be a string, got {value!r}.")
     return values
 
